@@ -1,0 +1,101 @@
+"""The ``sove`` command line: thin parsing around library functions.
+
+    sove pretrain --config fashion_mnist_tiny [--overwrite] [key=value ...]
+    sove eval knn --run runs/fashion_mnist_tiny [--random-init | --pixels] [key=value ...]
+    sove summary runs/fashion_mnist_tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from sove import __version__
+from sove.errors import SoveError
+
+
+def _pretrain(args: argparse.Namespace) -> None:
+    from sove.config import load_config
+    from sove.train.trainer import pretrain
+
+    cfg = load_config(args.config, args.overrides)
+    pretrain(cfg, overwrite=args.overwrite)
+
+
+def _eval_knn(args: argparse.Namespace) -> None:
+    from sove.eval.knn import evaluate_knn
+
+    mode = "random_init" if args.random_init else "pixels" if args.pixels else "trained"
+    result = evaluate_knn(args.run, mode, args.overrides, args.device)
+    ks = ", ".join(f"k={k}: {v:.2f}" for k, v in result["top1"].items())
+    print(f"k-NN top-1 ({mode}) {ks}; best {result['best_top1']:.2f}% at k={result['best_k']} "
+          f"({result['num_train']} train / {result['num_test']} test)")
+
+
+def summary_table(run_dir: str | Path) -> str:
+    """Markdown table of the k-NN results found in ``RUN_DIR/eval`` (trained, random init, pixels)."""
+    rows = []
+    for name, label in (("knn.json", "SOVE (trained teacher)"), ("knn_random_init.json", "random init (same ViT)"),
+                        ("knn_pixels.json", "raw pixels")):
+        path = Path(run_dir) / "eval" / name
+        if path.is_file():
+            r = json.loads(path.read_text())
+            rows.append(f"| {label} | " + " | ".join(f"{v:.2f}" for v in r["top1"].values())
+                        + f" | **{r['best_top1']:.2f}** |")
+            ks = list(r["top1"])
+    if not rows:
+        raise SoveError(f"no k-NN results in '{Path(run_dir) / 'eval'}'; run `sove eval knn --run {run_dir}` first")
+    head = "| features | " + " | ".join(f"k={k}" for k in ks) + " | best top-1 |"
+    return "\n".join([head, "|" + "---|" * (len(ks) + 2)] + rows)
+
+
+def _summary(args: argparse.Namespace) -> None:
+    print(f"k-NN top-1 (%) on the test split, {args.run}:\n{summary_table(args.run)}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sove", description="SOVE self-supervised pretraining of vision transformers.")
+    p.add_argument("--version", action="version", version=f"sove {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    pre = sub.add_parser("pretrain", help="pretrain a ViT with SOVE; writes trainer.out_dir/trainer.name/")
+    pre.add_argument("--config", default="fashion_mnist_tiny", help="YAML file or packaged preset name")
+    pre.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    pre.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.epochs=1")
+    pre.set_defaults(func=_pretrain)
+
+    ev = sub.add_parser("eval", help="evaluate a run's frozen teacher backbone")
+    evsub = ev.add_subparsers(dest="protocol", required=True)
+    knn = evsub.add_parser("knn", help="weighted k-NN (DINO protocol); writes RUN/eval/knn*.json")
+    knn.add_argument("--run", required=True, help="run directory written by `sove pretrain`")
+    group = knn.add_mutually_exclusive_group()
+    group.add_argument("--random-init", action="store_true", help="the same architecture, untrained")
+    group.add_argument("--pixels", action="store_true", help="raw pixels, mean-centred and L2-normalised")
+    knn.add_argument("--device", default="cpu", help="device for feature extraction (cpu, cuda)")
+    knn.add_argument("overrides", nargs="*", metavar="key=value")
+    knn.set_defaults(func=_eval_knn)
+
+    summ = sub.add_parser("summary", help="print the k-NN results of a run side by side")
+    summ.add_argument("run", help="run directory")
+    summ.set_defaults(func=_summary)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``sove`` console script; returns the exit status (2 on user errors)."""
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except SoveError as e:
+        print(f"sove: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sove: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

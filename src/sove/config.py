@@ -1,0 +1,248 @@
+"""Configuration: dataclass schema (defaults = SOVE_SPEC) ⊕ preset YAML ⊕ ``key=value`` overrides.
+
+``load_config("configs/fashion_mnist_tiny.yaml", ["optim.epochs=2"])`` returns a validated,
+read-only OmegaConf object. Unknown keys, wrong types and inconsistent values raise
+:class:`~sove.errors.ConfigError` naming the key, before any work starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from sove.errors import ConfigError
+
+PRESET_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass
+class DataConfig:
+    """Images, crops and augmentation (SOVE_SPEC §2)."""
+
+    source: str = "fashion_mnist"  # fashion_mnist | folder
+    root: Optional[str] = None  # None: search the usual Fashion-MNIST places
+    test_root: Optional[str] = None  # labelled test folder for ``source: folder`` evaluation
+    download: bool = False  # torchvision download of Fashion-MNIST when online
+    num_channels: int = 3
+    num_workers: int = 0  # 0 = augment in the main process (fastest on 2 cores)
+    global_crop_size: int = 224
+    local_crop_size: int = 96
+    num_local_crops: int = 10
+    global_crop_scale: list[float] = field(default_factory=lambda: [0.14, 1.0])
+    local_crop_scale: list[float] = field(default_factory=lambda: [0.05, 0.4])
+    color_jitter: float = 0.8
+    grayscale: float = 0.2
+    blur: bool = True
+    solarize: float = 0.2
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+
+
+@dataclass
+class MaskConfig:
+    """Student masking of the global views (SOVE_SPEC §2, Fig. B.1)."""
+
+    mode: str = "blockwise"  # blockwise | random
+    ratio: float = 0.3
+
+
+@dataclass
+class ModelConfig:
+    """Backbone and projection head (SOVE_SPEC §1)."""
+
+    arch: str = "vit_small"  # vit_tiny | vit_small | vit_base | vit_large | any timm ViT name
+    patch_size: int = 16
+    embed_dim: Optional[int] = None  # overrides of the preset's width/depth/heads
+    depth: Optional[int] = None
+    num_heads: Optional[int] = None
+    drop_path_rate: float = 0.1  # student only
+    head_hidden_dim: int = 2048
+    head_out_dim: int = 256
+
+
+@dataclass
+class ConceptConfig:
+    """Concepts of one loss (SOVE_SPEC §4; Tab. 8, 9, B.1, B.3, B.4)."""
+
+    num_anchors: int = 8192
+    num_judges: int = 9  # anchor + k nearest neighbours
+    label_mode: str = "soft"  # soft | onehot
+    smoothing: float = 0.1
+    anchor_keep_fraction: float = 1.0  # 0.5 = the authors' code
+    num_tasks: int = 4
+    student_temp: Optional[float] = None  # None: loss.student_temp
+    teacher_temp: Optional[float] = None  # None: the scheduled CLS teacher temperature
+
+
+@dataclass
+class LossConfig:
+    """Loss weights, temperatures and feature-set sizes (SOVE_SPEC §3, §5)."""
+
+    cls_weight: float = 1.0
+    patch_weight: float = 1.0
+    student_temp: float = 0.1
+    teacher_temp: float = 0.04
+    teacher_temp_final: Optional[float] = None  # None: constant teacher_temp
+    teacher_temp_warmup_epochs: float = 0.0
+    cls_feature_set_size: int = 65536
+    patch_feature_set_size: int = 8192
+    cls: ConceptConfig = field(default_factory=ConceptConfig)
+    patch: ConceptConfig = field(default_factory=lambda: ConceptConfig(num_anchors=512, num_judges=1, num_tasks=1))
+    chunk_size: int = 1024  # anchors per k-NN chunk
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and schedules (SOVE_SPEC §6)."""
+
+    epochs: float = 800
+    batch_size: int = 64  # per process
+    base_lr: float = 5e-4  # lr = base_lr * global batch / 256
+    min_lr: float = 1e-6
+    warmup_epochs: float = 10
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    clip_grad: float = 3.0  # per parameter tensor; 0 disables
+    momentum_teacher: float = 0.996
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+
+
+@dataclass
+class TrainerConfig:
+    """Devices, precision, logging and checkpoints."""
+
+    accelerator: str = "auto"
+    devices: Any = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "auto"  # auto: bf16-mixed on GPU, 32-true on CPU
+    seed: int = 0
+    out_dir: str = "runs"
+    name: Optional[str] = None  # None: the preset's file name
+    max_steps: Optional[int] = None  # stop early (tests, smoke runs)
+    log_every: int = 10
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 0  # also keep the N newest step-numbered checkpoints
+    num_threads: Optional[int] = None  # torch CPU threads; None = torch default
+    progress: bool = True
+
+
+@dataclass
+class EvalConfig:
+    """Frozen-feature evaluation (SOVE_SPEC §7)."""
+
+    knn_k: list[int] = field(default_factory=lambda: [10, 20, 100, 200])
+    knn_temperature: float = 0.07
+    batch_size: int = 256
+
+
+@dataclass
+class SOVEConfig:
+    """The whole configuration; see ``docs/configs.md``."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def resolve_preset(path_or_name: str) -> Path:
+    """A config file path, or the name of a packaged preset (``fashion_mnist_tiny``)."""
+    p = Path(path_or_name)
+    if p.is_file():
+        return p
+    packaged = PRESET_DIR / (p.name if p.suffix else p.name + ".yaml")
+    if packaged.is_file():
+        return packaged
+    names = ", ".join(sorted(x.stem for x in PRESET_DIR.glob("*.yaml")))
+    raise ConfigError(f"config file '{path_or_name}' not found (packaged presets: {names})")
+
+
+def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """Merge defaults ⊕ preset YAML ⊕ dotlist overrides, then validate.
+
+    Args:
+        preset: YAML path or packaged preset name; None = the schema defaults (paper ViT-S/16).
+        overrides: ``key=value`` strings, e.g. ``["loss.cls.num_judges=5"]``.
+
+    Returns:
+        A read-only DictConfig; ``trainer.name`` filled in from the preset's file name.
+
+    Raises:
+        ConfigError: unknown key, wrong type, malformed override, or invalid value.
+    """
+    cfg = OmegaConf.structured(SOVEConfig)
+    try:
+        if preset is not None:
+            path = resolve_preset(preset)
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+            if cfg.trainer.name is None:
+                cfg.trainer.name = path.stem
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"override '{bad[0]}' is not of the form key=value")
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or getattr(e, "key", None)
+        msg = str(e).splitlines()[0]
+        raise ConfigError(f"config key '{key}': {msg}" if key else f"config: {msg}") from None
+    if cfg.trainer.name is None:
+        cfg.trainer.name = "sove"
+    validate(cfg)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def _check(ok: bool, key: str, msg: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {msg}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check value ranges and cross-key consistency; raise ConfigError naming the key."""
+    d, m, lo = cfg.data, cfg.model, cfg.loss
+    _check(d.source in ("fashion_mnist", "folder"), "data.source", f"must be fashion_mnist or folder, got {d.source!r}")
+    _check(d.source != "folder" or d.root is not None, "data.root", "is required when data.source=folder")
+    _check(d.num_channels in (1, 3), "data.num_channels", f"must be 1 or 3, got {d.num_channels}")
+    _check(len(d.mean) == d.num_channels and len(d.std) == d.num_channels, "data.mean/data.std",
+           f"need {d.num_channels} values (data.num_channels)")
+    for key in ("global_crop_size", "local_crop_size"):
+        size = d[key]
+        _check(size > 0 and size % m.patch_size == 0, f"data.{key}",
+               f"{size} px is not divisible by model.patch_size ({m.patch_size})")
+    _check(d.num_local_crops >= 0, "data.num_local_crops", "must be >= 0")
+    _check(0.0 <= cfg.mask.ratio < 1.0, "mask.ratio", f"must be in [0, 1), got {cfg.mask.ratio}")
+    _check(cfg.mask.mode in ("blockwise", "random"), "mask.mode", f"must be blockwise or random, got {cfg.mask.mode!r}")
+    _check(lo.cls_weight >= 0 and lo.patch_weight >= 0, "loss.cls_weight/loss.patch_weight", "must be >= 0")
+    _check(lo.cls_weight > 0 or lo.patch_weight > 0, "loss.cls_weight/loss.patch_weight", "cannot both be 0")
+    for name, size_key in (("cls", "cls_feature_set_size"), ("patch", "patch_feature_set_size")):
+        c, n = lo[name], lo[size_key]
+        weight = lo[f"{name}_weight"]
+        p = f"loss.{name}"
+        _check(c.num_judges >= 1, f"{p}.num_judges", f"must be >= 1 (the anchor itself), got {c.num_judges}")
+        _check(c.num_anchors >= 2, f"{p}.num_anchors", f"must be >= 2, got {c.num_anchors}")
+        _check(c.num_tasks >= 1, f"{p}.num_tasks", f"must be >= 1, got {c.num_tasks}")
+        _check(c.label_mode in ("soft", "onehot"), f"{p}.label_mode", f"must be soft or onehot, got {c.label_mode!r}")
+        _check(0.0 <= c.smoothing < 1.0, f"{p}.smoothing", f"must be in [0, 1), got {c.smoothing}")
+        _check(0.0 < c.anchor_keep_fraction <= 1.0, f"{p}.anchor_keep_fraction", "must be in (0, 1]")
+        if weight > 0:
+            _check(c.num_anchors < n, f"{p}.num_anchors",
+                   f"({c.num_anchors}) must be smaller than the feature set loss.{size_key} ({n})")
+            _check(c.num_anchors + c.num_judges - 1 <= n, f"{p}.num_judges",
+                   f"({c.num_judges}) too large: the pool left after removing {c.num_anchors} anchors "
+                   f"from loss.{size_key} ({n}) has {n - c.num_anchors} rows")
+    _check(lo.student_temp > 0 and lo.teacher_temp > 0, "loss.student_temp/teacher_temp", "must be > 0")
+    o = cfg.optim
+    _check(o.batch_size >= 1, "optim.batch_size", "must be >= 1")
+    _check(o.epochs > 0, "optim.epochs", "must be > 0")
+    _check(0.0 <= o.momentum_teacher <= 1.0, "optim.momentum_teacher", "must be in [0, 1]")
+    _check(cfg.trainer.precision in ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true"),
+           "trainer.precision", f"unknown value {cfg.trainer.precision!r}")
+    _check(all(k >= 1 for k in cfg.eval.knn_k), "eval.knn_k", "every k must be >= 1")

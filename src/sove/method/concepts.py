@@ -1,0 +1,239 @@
+"""Concepts made of an anchor and its judges, their soft labels and concept probabilities.
+
+SOVE paper, Sec. 3 and Eq. 2 (CLS) / Eq. 4 (patches); every unstated detail is fixed in
+SOVE_SPEC §4. A *concept* is an anchor row of a feature set plus its ``num_judges - 1``
+nearest neighbours (spherical k-NN over the feature set with all anchors removed). Every
+judge ``j`` votes for its own concept with weight ``w_j`` and spreads ``1 - w_j`` uniformly
+over the other ``K - 1`` concepts. For a unit embedding ``u``::
+
+    pi = softmax_j(<u, D_j> / tau)          over all K * J judges jointly
+    P(u)_c = sum_{j in c} pi_j w_j + sum_{j not in c} pi_j (1 - w_j) / (K - 1)
+
+computed in the structured form ``P(u)_c = sum_{j in c} pi_j (w_j - o_j) + sum_j pi_j o_j`` with
+``o_j = (1 - w_j) / (K - 1)``; the dense (K*J, K) label matrix is never built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+LABEL_MODES = ("soft", "onehot")
+
+#: Probabilities are clamped to this value before the logarithm (only reached when soft
+#: weights are negative, i.e. a judge is anti-aligned with its anchor).
+MIN_PROB = 1e-12
+
+
+def anchor_generator(seed: int, step: int, task: int, stream: int = 0) -> torch.Generator:
+    """A CPU generator seeded from (seed, step, task, stream), identical on every rank.
+
+    Used for anchor draws and the anchor keep-fraction so all ranks select the same concepts
+    without a broadcast and without consuming the implicit global RNG (SOVE_SPEC §4.1).
+
+    Args:
+        seed: the run's seed (``trainer.seed``).
+        step: the optimizer step (iteration) index, >= 0.
+        task: the task index within the step, >= 0.
+        stream: 0 for CLS concepts, 1 for patch concepts (independent streams).
+    """
+    state = np.random.SeedSequence([seed, step, task, stream]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def draw_anchors(
+    num_rows: int, num_anchors: int, generator: torch.Generator, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """Draw ``num_anchors`` distinct row indices of a feature set uniformly without replacement.
+
+    Args:
+        num_rows: feature-set size N.
+        num_anchors: number of anchors K, 2 <= K <= N.
+        generator: explicit CPU generator (see :func:`anchor_generator`).
+        device: device of the returned indices.
+
+    Returns:
+        int64 tensor of shape (K,).
+
+    Raises:
+        ValueError: if K is out of range.
+    """
+    if not 2 <= num_anchors <= num_rows:
+        raise ValueError(f"num_anchors ({num_anchors}) must be in [2, feature set size {num_rows}]")
+    return torch.randperm(num_rows, generator=generator)[:num_anchors].to(device)
+
+
+@dataclass
+class Concepts:
+    """The judges of K concepts and their soft labels; ``probs`` gives P(u) (Eq. 2 / Eq. 4).
+
+    Attributes:
+        judges: float32 tensor of shape (concepts, judges_per_concept, dim); ``judges[:, 0]`` is
+            the anchor of each concept.
+        weights: float32 tensor of shape (concepts, judges_per_concept), the weight w_j of each
+            judge for its own concept.
+        judge_index: int64 tensor of shape (concepts, judges_per_concept), the feature-set row of
+            each judge (``judge_index[:, 0]`` are the anchors).
+    """
+
+    judges: torch.Tensor
+    weights: torch.Tensor
+    judge_index: torch.Tensor
+
+    @property
+    def num_concepts(self) -> int:
+        """Number of concepts K (after the keep fraction)."""
+        return self.judges.shape[0]
+
+    @property
+    def num_judges(self) -> int:
+        """Judges per concept, anchor included."""
+        return self.judges.shape[1]
+
+    def off_weights(self) -> torch.Tensor:
+        """o_j = (1 - w_j) / (K - 1): the mass a judge gives each other concept, shape (K, J)."""
+        return (1.0 - self.weights) / (self.num_concepts - 1)
+
+    def probs(self, u: torch.Tensor, temperature: float) -> torch.Tensor:
+        """Concept probabilities P_tau(u) in structured form (SOVE_SPEC §4.4), computed in fp32.
+
+        Args:
+            u: tensor of shape (n, dim), unit-norm embeddings (any float dtype; cast to fp32,
+                autocast disabled).
+            temperature: softmax temperature tau > 0 (tau_t for teacher targets, tau_s for
+                student predictions).
+
+        Returns:
+            float32 tensor of shape (n, concepts); each row sums to 1.
+        """
+        with torch.autocast(device_type=u.device.type, enabled=False):
+            k, j, d = self.judges.shape
+            logits = u.float() @ self.judges.reshape(k * j, d).T / temperature  # (n, K*J)
+            pi = logits.softmax(dim=-1)
+            off = self.off_weights()  # (K, J)
+            own = (pi.view(-1, k, j) * (self.weights - off)).sum(-1)  # (n, K)
+            return own + pi @ off.reshape(k * j, 1)
+
+    def log_probs(self, u: torch.Tensor, temperature: float) -> torch.Tensor:
+        """log P_tau(u), shape (n, concepts), float32; probabilities clamped at ``MIN_PROB``."""
+        return self.probs(u, temperature).clamp_min(MIN_PROB).log()
+
+
+def _validate(num_rows: int, num_anchors: int, num_judges: int, smoothing: float, label_mode: str,
+              keep_fraction: float) -> None:
+    if num_judges < 1:
+        raise ValueError(f"num_judges ({num_judges}) must be >= 1 (the anchor itself)")
+    if num_anchors < 2:
+        raise ValueError(f"num_anchors ({num_anchors}) must be >= 2")
+    if num_anchors + num_judges - 1 > num_rows:
+        raise ValueError(
+            f"num_anchors ({num_anchors}) + num_judges - 1 ({num_judges - 1}) exceeds the feature set "
+            f"({num_rows} rows): the pool left after removing the anchors is too small"
+        )
+    if label_mode not in LABEL_MODES:
+        raise ValueError(f"label_mode must be one of {LABEL_MODES}, got {label_mode!r}")
+    if not 0.0 <= smoothing < 1.0:
+        raise ValueError(f"smoothing ({smoothing}) must be in [0, 1)")
+    if not 0.0 < keep_fraction <= 1.0:
+        raise ValueError(f"anchor_keep_fraction ({keep_fraction}) must be in (0, 1]")
+
+
+@torch.no_grad()
+def nearest_judges(
+    features: torch.Tensor, anchor_idx: torch.Tensor, num_neighbours: int, chunk_size: int = 1024,
+    search_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Top-k cosine neighbours of each anchor over the feature set with every anchor removed.
+
+    Runs in row chunks: peak extra memory is O(chunk_size * N), never (K, N) (SOVE_SPEC §4.2).
+
+    Args:
+        features: float tensor of shape (N, dim), unit-norm rows.
+        anchor_idx: int64 tensor of shape (K,), distinct rows of ``features``.
+        num_neighbours: k >= 1.
+        chunk_size: anchors searched per chunk.
+        search_dtype: dtype of the similarity search (e.g. torch.bfloat16 on GPU); None = fp32.
+
+    Returns:
+        int64 tensor of shape (K, k): feature-set rows, most similar first; never an anchor.
+    """
+    search = features.to(search_dtype) if search_dtype is not None else features.float()
+    is_anchor = torch.zeros(features.shape[0], dtype=torch.bool, device=features.device)
+    is_anchor[anchor_idx] = True
+    out = torch.empty(anchor_idx.shape[0], num_neighbours, dtype=torch.long, device=features.device)
+    with torch.autocast(device_type=features.device.type, enabled=False):  # search_dtype decides, not autocast
+        for start in range(0, anchor_idx.shape[0], chunk_size):
+            rows = anchor_idx[start : start + chunk_size]
+            sim = search[rows] @ search.T  # (chunk, N)
+            sim.masked_fill_(is_anchor, float("-inf"))
+            out[start : start + rows.shape[0]] = sim.topk(num_neighbours, dim=1).indices
+    return out
+
+
+@torch.no_grad()
+def select_judges(
+    features: torch.Tensor,
+    anchor_idx: torch.Tensor,
+    num_judges: int = 9,
+    smoothing: float = 0.1,
+    label_mode: str = "soft",
+    keep_fraction: float = 1.0,
+    generator: torch.Generator | None = None,
+    chunk_size: int = 1024,
+    search_dtype: torch.dtype | None = None,
+) -> Concepts:
+    """Build concepts from explicit anchors: judges by spherical k-NN, then their soft labels.
+
+    ``select_judges(features, anchor_idx, num_judges=9, smoothing=0.1, label_mode="soft",
+    keep_fraction=1.0, generator=None, chunk_size=1024, search_dtype=None) -> Concepts``;
+    then ``concepts.probs(u, temperature)`` gives P(u). SOVE paper Eq. 2 / Eq. 4, SOVE_SPEC §4:
+
+    1. the pool is the feature set minus *all* K anchors (an anchor never judges itself or
+       another concept); the ``num_judges - 1`` nearest neighbours by cosine are its judges;
+    2. ``keep_fraction`` < 1 then keeps a random subset of the concepts (the authors' code keeps
+       half; a discarded anchor never becomes a judge);
+    3. weights: anchor ``1 - smoothing``; neighbour ``cos(judge, anchor)`` recomputed in fp32
+       (``label_mode="soft"``, not clamped) or ``1 - smoothing`` (``"onehot"``, Tab. 9).
+
+    A row that neighbours several anchors is a separate judge in each concept.
+
+    Args:
+        features: tensor of shape (N, dim), unit-norm rows (a ``FeatureSet.features`` buffer).
+        anchor_idx: int64 tensor of shape (K,), distinct row indices (see :func:`draw_anchors`).
+        num_judges: judges per concept including the anchor (k + 1); 1 skips the k-NN.
+        smoothing: epsilon, the mass an anchor gives the other concepts.
+        label_mode: "soft" or "onehot".
+        keep_fraction: fraction of concepts kept after the k-NN, in (0, 1].
+        generator: CPU generator for the keep-fraction draw (required when keep_fraction < 1).
+        chunk_size: anchors per similarity chunk.
+        search_dtype: dtype of the k-NN search only; weights are always fp32.
+
+    Returns:
+        :class:`Concepts` with K' = max(2, round(K * keep_fraction)) concepts.
+
+    Raises:
+        ValueError: on out-of-range arguments, with the offending value.
+    """
+    n_rows, num_anchors = features.shape[0], anchor_idx.shape[0]
+    _validate(n_rows, num_anchors, num_judges, smoothing, label_mode, keep_fraction)
+    anchor_idx = anchor_idx.to(features.device, torch.long)
+    if num_judges > 1:
+        nbrs = nearest_judges(features, anchor_idx, num_judges - 1, chunk_size, search_dtype)
+        judge_index = torch.cat([anchor_idx[:, None], nbrs], dim=1)  # (K, J)
+    else:
+        judge_index = anchor_idx[:, None]
+    if keep_fraction < 1.0:
+        if generator is None:
+            raise ValueError("select_judges needs a generator when keep_fraction < 1")
+        num_keep = max(2, round(num_anchors * keep_fraction))
+        keep = torch.randperm(num_anchors, generator=generator)[:num_keep].sort().values
+        judge_index = judge_index[keep.to(judge_index.device)]
+    judges = features[judge_index].float()  # (K', J, dim)
+    if label_mode == "soft":
+        weights = (judges * judges[:, :1]).sum(-1)  # cos(judge, anchor) in fp32
+        weights[:, 0] = 1.0 - smoothing
+    else:
+        weights = torch.full(judge_index.shape, 1.0 - smoothing, device=features.device)
+    return Concepts(judges=judges, weights=weights, judge_index=judge_index)

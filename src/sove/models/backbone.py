@@ -1,0 +1,116 @@
+"""timm Vision Transformer wrapped with SOVE's student mask token (SOVE_SPEC §1).
+
+The wrapper reuses timm's own modules (``patch_embed``, ``_pos_embed``, ``norm_pre``, ``blocks``,
+``norm``) and only inserts the mask token between the patch embedding and the position
+embedding, so masked tokens keep their position. ``dynamic_img_size=True`` lets one model take
+global and local crops of different sizes.
+"""
+
+from __future__ import annotations
+
+import timm
+import torch
+from torch import nn
+
+from sove.errors import ConfigError
+
+#: Short names accepted by ``model.arch``; any other name is passed to ``timm.create_model``.
+ARCH_ALIASES = {
+    "vit_tiny": "vit_tiny_patch16_224",
+    "vit_small": "vit_small_patch16_224",
+    "vit_base": "vit_base_patch16_224",
+    "vit_large": "vit_large_patch16_224",
+}
+
+
+def timm_name(arch: str) -> str:
+    """The timm model name for ``model.arch`` (aliases resolved)."""
+    return ARCH_ALIASES.get(arch, arch)
+
+
+def create_vit(
+    arch: str, img_size: int, patch_size: int, in_chans: int, drop_path_rate: float = 0.0,
+    embed_dim: int | None = None, depth: int | None = None, num_heads: int | None = None,
+) -> nn.Module:
+    """Create a randomly initialised timm ViT without classifier, with ``dynamic_img_size``.
+
+    Args:
+        arch: ``vit_tiny|vit_small|vit_base|vit_large`` or a timm ViT model name.
+        img_size: global crop size in pixels (position embeddings are made for this grid and
+            resampled for other crop sizes).
+        patch_size: patch size in pixels; must divide every crop size.
+        in_chans: input channels (1 for Fashion-MNIST, 3 for RGB).
+        drop_path_rate: stochastic depth (0.1 for the student, 0 for the teacher).
+        embed_dim, depth, num_heads: optional overrides of the preset's width/depth/heads.
+
+    Raises:
+        ConfigError: if timm does not know ``arch`` (names the key ``model.arch``).
+    """
+    overrides = {k: v for k, v in dict(embed_dim=embed_dim, depth=depth, num_heads=num_heads).items() if v}
+    name = timm_name(arch)
+    if not timm.is_model(name):
+        raise ConfigError(f"model.arch: timm has no model named {name!r} (try vit_tiny, vit_small, vit_base, vit_large)")
+    return timm.create_model(
+        name, pretrained=False, num_classes=0, img_size=img_size, patch_size=patch_size,
+        in_chans=in_chans, drop_path_rate=drop_path_rate, dynamic_img_size=True, **overrides,
+    )
+
+
+class MaskedViT(nn.Module):
+    """A timm ViT returning named token groups, with an optional learnable mask token.
+
+    Attributes:
+        vit: the timm ``VisionTransformer`` (its ``state_dict`` is a plain timm checkpoint).
+        mask_token: float parameter of shape (embed_dim,), zeros at init; only in the student.
+    """
+
+    def __init__(self, vit: nn.Module, with_mask_token: bool = True) -> None:
+        super().__init__()
+        self.vit = vit
+        self.embed_dim: int = vit.embed_dim
+        self.patch_size: int = vit.patch_embed.patch_size[0]
+        self.mask_token = nn.Parameter(torch.zeros(self.embed_dim)) if with_mask_token else None
+
+    def grid(self, img_size: int) -> tuple[int, int]:
+        """Patch grid (rows, cols) of a square crop of ``img_size`` pixels."""
+        return img_size // self.patch_size, img_size // self.patch_size
+
+    def embed(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Patch embedding, mask token, position embedding, prefix tokens.
+
+        Args:
+            images: float tensor of shape (batch, channels, height, width).
+            mask: optional bool tensor of shape (batch, rows * cols); True marks a masked patch.
+
+        Returns:
+            Tokens of shape (batch, prefix + rows * cols, embed_dim), before the blocks.
+
+        Raises:
+            ValueError: if a mask is given without a mask token or with the wrong shape.
+        """
+        x = self.vit.patch_embed(images)  # (batch, rows, cols, embed_dim) with dynamic_img_size
+        if mask is not None:
+            if self.mask_token is None:
+                raise ValueError("this network has no mask token (teacher); call it without a mask")
+            b, h, w, d = x.shape
+            if mask.shape != (b, h * w):
+                raise ValueError(f"mask shape {tuple(mask.shape)} does not match the patch grid ({b}, {h * w})")
+            x = torch.where(mask.view(b, h, w, 1), self.mask_token.to(x.dtype), x)
+        x = self.vit._pos_embed(x)
+        x = self.vit.patch_drop(x)
+        return self.vit.norm_pre(x)
+
+    def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Encode images; features after the final norm.
+
+        Args:
+            images: float tensor of shape (batch, channels, height, width).
+            mask: optional bool tensor of shape (batch, patches) (student global views only).
+
+        Returns:
+            dict with ``cls`` of shape (batch, embed_dim) and ``patches`` of shape
+            (batch, patches, embed_dim).
+        """
+        x = self.vit.norm(self.vit.blocks(self.embed(images, mask)))
+        prefix = self.vit.num_prefix_tokens
+        return {"cls": x[:, 0], "patches": x[:, prefix:]}

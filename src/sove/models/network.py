@@ -1,0 +1,91 @@
+"""Student and teacher networks: masked ViT backbone + shared projection head (SOVE_SPEC §1-2)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sove.models.backbone import MaskedViT, create_vit
+from sove.models.head import ProjectionHead
+
+
+class SOVENetwork(nn.Module):
+    """Backbone + projection head; one call encodes all crops of a step, grouped by resolution.
+
+    Attributes:
+        backbone: :class:`MaskedViT` (with a mask token in the student only).
+        head: :class:`ProjectionHead` applied to [CLS] and to selected patch tokens.
+    """
+
+    def __init__(self, backbone: MaskedViT, head: ProjectionHead) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(
+        self, global_crops: torch.Tensor, local_crops: torch.Tensor | None = None,
+        masks: torch.Tensor | None = None, patch_select: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Encode the global crops (optionally masked) and the local crops.
+
+        Args:
+            global_crops: (global_views * batch, channels, H, W), view-major.
+            local_crops: optional (local_views * batch, channels, h, w), view-major.
+            masks: optional bool (global_views * batch, patches): positions replaced by the mask
+                token (student only).
+            patch_select: optional bool (global_views * batch, patches): patch tokens to project
+                (e.g. the masked ones); defaults to ``masks``.
+
+        Returns:
+            dict with ``cls``: unit-norm projections of shape (views * batch, out_dim), globals
+            first; ``patches``: unit-norm projections of the selected patch tokens, shape
+            (selected, out_dim) in row-major (image, patch) order; ``patch_tokens``: the raw
+            backbone patch tokens of the globals, shape (global_views * batch, patches, D).
+        """
+        g = self.backbone(global_crops, masks)
+        cls = [g["cls"]]
+        if local_crops is not None and local_crops.shape[0] > 0:
+            cls.append(self.backbone(local_crops)["cls"])
+        select = masks if patch_select is None else patch_select
+        out = {"cls": self.head(torch.cat(cls)), "patch_tokens": g["patches"]}
+        if select is not None:
+            out["patches"] = self.head(g["patches"][select])
+        return out
+
+
+def build_networks(cfg, seed: int | None = None) -> tuple[SOVENetwork, SOVENetwork]:
+    """Student and teacher from the ``model``/``data`` config; teacher = student copy, no storage shared.
+
+    The teacher has no mask token and no drop path and never needs gradients.
+
+    Args:
+        cfg: the full config (``sove.config.SOVEConfig``).
+        seed: if given, ``torch.manual_seed(seed)`` before initialisation (reproducible weights).
+
+    Returns:
+        (student, teacher).
+    """
+    if seed is not None:
+        torch.manual_seed(seed)
+    m, d = cfg.model, cfg.data
+
+    def make(drop_path: float, mask_token: bool) -> SOVENetwork:
+        vit = create_vit(m.arch, d.global_crop_size, m.patch_size, d.num_channels, drop_path,
+                         m.embed_dim, m.depth, m.num_heads)
+        backbone = MaskedViT(vit, with_mask_token=mask_token)
+        return SOVENetwork(backbone, ProjectionHead(backbone.embed_dim, m.head_hidden_dim, m.head_out_dim))
+
+    student = make(m.drop_path_rate, True)
+    teacher = make(0.0, False)
+    state = {k: v for k, v in student.state_dict().items() if k != "backbone.mask_token"}
+    teacher.load_state_dict(state, strict=True)
+    teacher.requires_grad_(False)
+    teacher.eval()
+    return student, teacher
+
+
+def build_teacher_backbone(cfg) -> MaskedViT:
+    """An untrained teacher backbone of the configured architecture (for loading or baselines)."""
+    m, d = cfg.model, cfg.data
+    vit = create_vit(m.arch, d.global_crop_size, m.patch_size, d.num_channels, 0.0, m.embed_dim, m.depth, m.num_heads)
+    return MaskedViT(vit, with_mask_token=False)

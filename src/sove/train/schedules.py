@@ -1,0 +1,71 @@
+"""Per-iteration schedules, precomputed as arrays indexed by the optimizer step (SOVE_SPEC §6)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def cosine_schedule(start: float, end: float, total_iters: int, warmup_iters: int = 0,
+                    warmup_start: float = 0.0) -> np.ndarray:
+    """Linear warm-up from ``warmup_start`` to ``start``, then half-cosine from ``start`` to ``end``.
+
+    Args:
+        start: value reached at the end of the warm-up.
+        end: value at the last iteration.
+        total_iters: length of the returned array (>= 1).
+        warmup_iters: iterations of linear warm-up (clipped to ``total_iters``).
+        warmup_start: value at iteration 0 when there is a warm-up.
+
+    Returns:
+        float64 array of shape (total_iters,).
+    """
+    warmup_iters = min(warmup_iters, total_iters)
+    warm = np.linspace(warmup_start, start, warmup_iters, endpoint=False)
+    n = total_iters - warmup_iters
+    steps = np.arange(n)
+    denom = max(n - 1, 1)
+    cos = end + 0.5 * (start - end) * (1 + np.cos(math.pi * steps / denom))
+    return np.concatenate([warm, cos])
+
+
+@dataclass
+class Schedules:
+    """Arrays of shape (total_iters,): learning rate, weight decay, teacher momentum, teacher temperature."""
+
+    lr: np.ndarray
+    weight_decay: np.ndarray
+    momentum: np.ndarray
+    teacher_temp: np.ndarray
+
+    @property
+    def total_iters(self) -> int:
+        return len(self.lr)
+
+
+def build_schedules(optim, loss, iters_per_epoch: int, global_batch: int) -> Schedules:
+    """Schedules of SOVE_SPEC §6 from the ``optim`` and ``loss`` config sections.
+
+    * lr: ``base_lr * global_batch / 256``, linear warm-up over ``warmup_epochs`` from 0, cosine to
+      ``min_lr``;
+    * weight decay: cosine ``weight_decay`` -> ``weight_decay_end``;
+    * momentum: m(i) = 1 - (1 - m0)(1 + cos(pi i / I)) / 2, from m0 to 1;
+    * teacher temperature: linear ``teacher_temp`` -> ``teacher_temp_final`` over
+      ``teacher_temp_warmup_epochs``, then constant.
+
+    Args:
+        optim, loss: config sections (``sove.config.OptimConfig`` / ``LossConfig``).
+        iters_per_epoch: optimizer steps per epoch (>= 1).
+        global_batch: images per optimizer step over all processes.
+    """
+    total = max(1, round(optim.epochs * iters_per_epoch))
+    lr_peak = optim.base_lr * global_batch / 256
+    lr = cosine_schedule(lr_peak, optim.min_lr, total, round(optim.warmup_epochs * iters_per_epoch))
+    wd = cosine_schedule(optim.weight_decay, optim.weight_decay_end, total)
+    momentum = cosine_schedule(optim.momentum_teacher, 1.0, total)
+    final = loss.teacher_temp if loss.teacher_temp_final is None else loss.teacher_temp_final
+    warm = min(total, round(loss.teacher_temp_warmup_epochs * iters_per_epoch))
+    temp = np.concatenate([np.linspace(loss.teacher_temp, final, warm), np.full(total - warm, final)])
+    return Schedules(lr=lr, weight_decay=wd, momentum=momentum, teacher_temp=temp)

@@ -1,0 +1,47 @@
+"""Shared fixtures: generated image folders and a tiny config (depth 2, width 32, 16 px crops)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+TINY = [
+    "data.source=folder", "data.num_channels=3", "data.global_crop_size=16", "data.local_crop_size=8",
+    "data.num_local_crops=2", "data.mean=[0.5,0.5,0.5]", "data.std=[0.25,0.25,0.25]", "data.grayscale=0.0",
+    "model.arch=vit_tiny", "model.patch_size=4", "model.depth=2",
+    "model.embed_dim=32", "model.num_heads=2", "model.head_hidden_dim=32", "model.head_out_dim=16",
+    "loss.cls_feature_set_size=40", "loss.patch_feature_set_size=24", "loss.cls.num_anchors=8",
+    "loss.cls.num_judges=3", "loss.cls.num_tasks=2", "loss.patch.num_anchors=6", "loss.patch.num_tasks=1",
+    "optim.batch_size=8", "optim.epochs=2", "optim.warmup_epochs=0.5", "trainer.precision=32-true",
+    "trainer.progress=false", "trainer.log_every=1", "trainer.checkpoint_every=100", "eval.knn_k=[1,3]",
+    "eval.batch_size=16",
+]
+
+
+def make_image_folder(root: Path, num_per_class: int = 16, size: int = 20, classes: tuple[str, ...] = ("dark", "light"),
+                      seed: int = 0) -> Path:
+    """Write ``num_per_class`` PNGs per class sub-folder: class c has mean brightness 60 + 120 c (noise added)."""
+    rng = np.random.default_rng(seed)
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(num_per_class):
+            base = 60 + 120 * c
+            pixels = np.clip(base + rng.normal(0, 25, (size, size, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / name / f"img_{i:03d}.png")
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    """A labelled folder of 32 generated 20x20 RGB images in two classes."""
+    return make_image_folder(tmp_path / "images")
+
+
+@pytest.fixture(autouse=True)
+def _few_threads():
+    torch.set_num_threads(2)
+    yield

@@ -1,0 +1,71 @@
+"""Bad input stops with a one-line error naming the path or the config key (exit status 2)."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import TINY
+from sove.cli import main
+
+
+def run_cli(capsys, args):
+    status = main(args)
+    err = capsys.readouterr().err.strip()
+    return status, err
+
+
+def test_unknown_config_key_names_the_key(capsys):
+    status, err = run_cli(capsys, ["pretrain", "loss.cls.num_judgez=3"])
+    assert status == 2 and len(err.splitlines()) == 1
+    assert "num_judgez" in err
+
+
+def test_missing_data_root_names_the_path(tmp_path, capsys):
+    missing = tmp_path / "does_not_exist"
+    status, err = run_cli(capsys, ["pretrain", *TINY, f"data.root={missing}", f"trainer.out_dir={tmp_path}"])
+    assert status == 2 and len(err.splitlines()) == 1
+    assert str(missing) in err
+
+
+def test_empty_data_root_names_the_path(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    status, err = run_cli(capsys, ["pretrain", *TINY, f"data.root={empty}", f"trainer.out_dir={tmp_path / 'r'}"])
+    assert status == 2 and len(err.splitlines()) == 1
+    assert str(empty) in err and "no images" in err
+
+
+def test_folder_without_images_names_the_path(tmp_path, capsys):
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("not an image")
+    (folder / ".DS_Store").write_bytes(b"\0\0")
+    status, err = run_cli(capsys, ["pretrain", *TINY, f"data.root={folder}", f"trainer.out_dir={tmp_path / 'r'}"])
+    assert status == 2 and str(folder) in err and len(err.splitlines()) == 1
+
+
+def test_fewer_images_than_a_batch(tmp_path, capsys, image_folder):
+    status, err = run_cli(capsys, ["pretrain", *TINY, f"data.root={image_folder}", "optim.batch_size=64",
+                                   f"trainer.out_dir={tmp_path / 'r'}"])
+    assert status == 2 and "optim.batch_size" in err and "32 images" in err
+
+
+@pytest.mark.parametrize("override, key", [
+    ("loss.cls.num_anchors=40", "loss.cls.num_anchors"),  # not smaller than E_C (40)
+    ("loss.cls.num_judges=0", "loss.cls.num_judges"),
+    ("loss.cls.num_judges=40", "loss.cls.num_judges"),  # pool 40 - 8 anchors = 32 rows
+    ("data.global_crop_size=18", "data.global_crop_size"),  # not divisible by patch 4
+    ("mask.ratio=1.0", "mask.ratio"),
+    ("loss.cls.label_mode=hard", "loss.cls.label_mode"),
+    ("optim.batch_size=many", "optim.batch_size"),
+])
+def test_invalid_values_name_the_key_before_any_work(tmp_path, capsys, override, key):
+    status, err = run_cli(capsys, ["pretrain", *TINY, "data.root=/nonexistent", override,
+                                   f"trainer.out_dir={tmp_path}"])
+    assert status == 2 and key in err and len(err.splitlines()) == 1
+    assert not any(tmp_path.iterdir())  # failed before creating the run directory
+
+
+def test_unknown_preset_lists_the_packaged_ones(capsys):
+    status, err = run_cli(capsys, ["pretrain", "--config", "no_such_preset"])
+    assert status == 2 and "no_such_preset" in err and "fashion_mnist_tiny" in err

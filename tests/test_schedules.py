@@ -1,0 +1,34 @@
+"""Per-iteration schedules (SOVE_SPEC §6)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from sove.config import load_config
+from sove.train.schedules import build_schedules, cosine_schedule
+
+
+def test_cosine_schedule_endpoints_and_warmup():
+    s = cosine_schedule(1.0, 0.0, 10, warmup_iters=4)
+    assert len(s) == 10
+    np.testing.assert_allclose(s[:4], [0.0, 0.25, 0.5, 0.75])
+    assert s[4] == 1.0 and abs(s[-1]) < 1e-12
+    assert np.all(np.diff(s[4:]) <= 0)
+
+
+def test_paper_schedules():
+    cfg = load_config(None, ["optim.epochs=4", "optim.warmup_epochs=1", "loss.teacher_temp_final=0.07",
+                             "loss.teacher_temp_warmup_epochs=2"])
+    sch = build_schedules(cfg.optim, cfg.loss, iters_per_epoch=10, global_batch=512)
+    assert sch.total_iters == 40
+    assert math.isclose(sch.lr.max(), 5e-4 * 512 / 256)  # linear scaling rule
+    assert sch.lr[0] == 0.0 and math.isclose(sch.lr[10], 1e-3) and math.isclose(sch.lr[-1], 1e-6)
+    # momentum m(i) = 1 - (1 - m0)(1 + cos(pi i / I)) / 2 from 0.996 to 1
+    assert math.isclose(sch.momentum[0], 0.996) and math.isclose(sch.momentum[-1], 1.0)
+    i, n = 13, 39
+    assert math.isclose(sch.momentum[i], 1 - (1 - 0.996) * (1 + math.cos(math.pi * i / n)) / 2)
+    assert math.isclose(sch.weight_decay[0], 0.04) and math.isclose(sch.weight_decay[-1], 0.4)
+    assert math.isclose(sch.teacher_temp[0], 0.04) and math.isclose(sch.teacher_temp[19], 0.07)
+    assert np.all(sch.teacher_temp[20:] == 0.07)
