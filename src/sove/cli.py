@@ -2,6 +2,8 @@
 
     sove pretrain --config fashion_mnist_tiny [--overwrite] [key=value ...]
     sove eval knn --run runs/fashion_mnist_tiny [--random-init | --pixels] [key=value ...]
+    sove pretrain --resume runs/fashion_mnist_tiny [key=value ...]
+    sove export runs/fashion_mnist_tiny
     sove summary runs/fashion_mnist_tiny
 """
 
@@ -18,10 +20,19 @@ from sove.errors import SoveError
 
 def _pretrain(args: argparse.Namespace) -> None:
     from sove.config import load_config
-    from sove.train.trainer import pretrain
+    from sove.train.trainer import pretrain, resume
 
-    cfg = load_config(args.config, args.overrides)
-    pretrain(cfg, overwrite=args.overwrite)
+    if args.resume:
+        resume(args.resume, args.overrides)
+    else:
+        pretrain(load_config(args.config, args.overrides), overwrite=args.overwrite)
+
+
+def _export(args: argparse.Namespace) -> None:
+    from sove.export import export_backbone
+
+    weights, meta = export_backbone(args.run, args.checkpoint)
+    print(f"wrote {weights} and {meta}; load with sove.export.load_backbone('{meta}')")
 
 
 def _eval_knn(args: argparse.Namespace) -> None:
@@ -62,7 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     pre = sub.add_parser("pretrain", help="pretrain a ViT with SOVE; writes trainer.out_dir/trainer.name/")
     pre.add_argument("--config", default="fashion_mnist_tiny", help="YAML file or packaged preset name")
-    pre.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    mode = pre.add_mutually_exclusive_group()
+    mode.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    mode.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR exactly from checkpoints/last.pt")
     pre.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.epochs=1")
     pre.set_defaults(func=_pretrain)
 
@@ -76,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     knn.add_argument("--device", default="cpu", help="device for feature extraction (cpu, cuda)")
     knn.add_argument("overrides", nargs="*", metavar="key=value")
     knn.set_defaults(func=_eval_knn)
+
+    exp = sub.add_parser("export", help="write RUN/backbone.safetensors + backbone.json (timm-loadable)")
+    exp.add_argument("run", help="run directory")
+    exp.add_argument("--checkpoint", default="last.pt", help="file in RUN/checkpoints")
+    exp.set_defaults(func=_export)
 
     summ = sub.add_parser("summary", help="print the k-NN results of a run side by side")
     summ.add_argument("run", help="run directory")

@@ -29,6 +29,7 @@ class DataConfig:
     download: bool = False  # torchvision download of Fashion-MNIST when online
     num_channels: int = 3
     num_workers: int = 0  # 0 = augment in the main process (fastest on 2 cores)
+    on_error: str = "skip"  # unreadable image: skip (replaced by the next readable one, reported) | raise
     global_crop_size: int = 224
     local_crop_size: int = 96
     num_local_crops: int = 10
@@ -127,6 +128,8 @@ class TrainerConfig:
     log_every: int = 10
     checkpoint_every: int = 500
     keep_checkpoints: int = 0  # also keep the N newest step-numbered checkpoints
+    init_from: Optional[str] = None  # initialise student/teacher weights from a checkpoint (not a resume)
+    on_nonfinite: str = "stop"  # stop | skip: what a NaN/inf loss or gradient does (debug file either way)
     num_threads: Optional[int] = None  # torch CPU threads; None = torch default
     progress: bool = True
 
@@ -210,6 +213,7 @@ def validate(cfg: DictConfig) -> None:
     d, m, lo = cfg.data, cfg.model, cfg.loss
     _check(d.source in ("fashion_mnist", "folder"), "data.source", f"must be fashion_mnist or folder, got {d.source!r}")
     _check(d.source != "folder" or d.root is not None, "data.root", "is required when data.source=folder")
+    _check(d.on_error in ("skip", "raise"), "data.on_error", f"must be skip or raise, got {d.on_error!r}")
     _check(d.num_channels in (1, 3), "data.num_channels", f"must be 1 or 3, got {d.num_channels}")
     _check(len(d.mean) == d.num_channels and len(d.std) == d.num_channels, "data.mean/data.std",
            f"need {d.num_channels} values (data.num_channels)")
@@ -243,6 +247,7 @@ def validate(cfg: DictConfig) -> None:
     _check(o.batch_size >= 1, "optim.batch_size", "must be >= 1")
     _check(o.epochs > 0, "optim.epochs", "must be > 0")
     _check(0.0 <= o.momentum_teacher <= 1.0, "optim.momentum_teacher", "must be in [0, 1]")
+    _check(cfg.trainer.on_nonfinite in ("stop", "skip"), "trainer.on_nonfinite", "must be stop or skip")
     _check(cfg.trainer.precision in ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true"),
            "trainer.precision", f"unknown value {cfg.trainer.precision!r}")
     _check(all(k >= 1 for k in cfg.eval.knn_k), "eval.knn_k", "every k must be >= 1")

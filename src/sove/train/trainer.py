@@ -25,11 +25,17 @@ from tqdm.auto import tqdm
 
 from sove import __version__
 from sove.data import MultiCropAugmentation, SSLDataset, build_source, collate_views
+from sove.data.sampler import ResumableSampler
 from sove.errors import DataError, SoveError
 from sove.method import ConceptSettings, FeatureSet, SOVELoss
 from sove.models import build_networks
-from sove.train.checkpoint import atomic_save, rng_state
+from sove.train import checkpoint as ckpt
+from sove.train.optim import EMA, clip_per_tensor, param_groups
 from sove.train.schedules import Schedules, build_schedules
+
+
+class NonFiniteLossError(SoveError):
+    """A loss term or gradient was NaN/inf; the message names the term, step, lr and temperatures."""
 
 
 def build_train_dataset(cfg: DictConfig) -> SSLDataset:
@@ -45,7 +51,7 @@ def build_train_dataset(cfg: DictConfig) -> SSLDataset:
 
 
 def build_loss(cfg: DictConfig) -> SOVELoss:
-    """:class:`SOVELoss` from ``cfg.loss`` (search in bf16 on GPU only; weights stay fp32)."""
+    """:class:`SOVELoss` from ``cfg.loss`` (anchors seeded by ``trainer.seed``)."""
     lo = cfg.loss
 
     def settings(c) -> ConceptSettings:
@@ -53,40 +59,6 @@ def build_loss(cfg: DictConfig) -> SOVELoss:
 
     return SOVELoss(settings(lo.cls), settings(lo.patch), lo.cls_weight, lo.patch_weight,
                     lo.student_temp, cfg.trainer.seed, lo.chunk_size)
-
-
-def param_groups(model: torch.nn.Module) -> list[dict[str, Any]]:
-    """AdamW groups: weight decay on >= 2-D weights only; none on biases and 1-D parameters."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
-    return [{"params": decay, "apply_wd": True}, {"params": no_decay, "apply_wd": False, "weight_decay": 0.0}]
-
-
-@torch.no_grad()
-def clip_per_tensor(params: list[torch.nn.Parameter], max_norm: float) -> None:
-    """Scale each gradient tensor whose L2 norm exceeds ``max_norm`` down to that norm (DINO's rule)."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads or max_norm <= 0:
-        return
-    norms = torch._foreach_norm(grads)
-    scale = [torch.clamp(max_norm / (n + 1e-6), max=1.0) for n in norms]
-    torch._foreach_mul_(grads, scale)
-
-
-class EMA:
-    """Teacher <- m * teacher + (1 - m) * student over matching parameters, with fused foreach ops."""
-
-    def __init__(self, student: torch.nn.Module, teacher: torch.nn.Module) -> None:
-        s = dict(student.named_parameters())
-        self.pairs = [(t, s[name]) for name, t in teacher.named_parameters()]
-        self.teacher_params = [t for t, _ in self.pairs]
-        self.student_params = [p for _, p in self.pairs]
-
-    @torch.no_grad()
-    def update(self, momentum: float) -> None:
-        torch._foreach_lerp_(self.teacher_params, [p.detach() for p in self.student_params], 1.0 - momentum)
 
 
 def prepare_run_dir(cfg: DictConfig, overwrite: bool) -> Path:
@@ -98,8 +70,8 @@ def prepare_run_dir(cfg: DictConfig, overwrite: bool) -> Path:
     run_dir = Path(cfg.trainer.out_dir) / cfg.trainer.name
     if run_dir.exists() and any(run_dir.iterdir()):
         if not overwrite:
-            raise SoveError(f"run directory '{run_dir}' exists; pass --overwrite to replace it "
-                            "or trainer.name=NEW_NAME for a new run")
+            raise SoveError(f"run directory '{run_dir}' exists; pass --resume {run_dir} to continue it, "
+                            "--overwrite to replace it, or trainer.name=NEW_NAME for a new run")
         shutil.rmtree(run_dir)
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     return run_dir
@@ -127,36 +99,41 @@ class Trainer:
                              loggers=[CSVLogger(str(run_dir), name="", version=""),
                                       TensorBoardLogger(str(run_dir), name="tensorboard", version="")])
         self.fabric.launch()
+        if self.fabric.is_global_zero:
+            for logger in self.fabric.loggers:
+                logger.experiment  # create the writers now (the CSV writer clears metrics.csv here)
         self.fabric.seed_everything(t.seed, verbose=False)
         self.dataset = build_train_dataset(cfg)
-        if len(self.dataset) < cfg.optim.batch_size * self.fabric.world_size:
+        b, world = cfg.optim.batch_size, self.fabric.world_size
+        if len(self.dataset) < b * world:
             raise DataError(f"data.root: {len(self.dataset)} images is fewer than one global batch "
-                            f"({cfg.optim.batch_size} x {self.fabric.world_size}); lower optim.batch_size")
-        loader = DataLoader(self.dataset, batch_size=cfg.optim.batch_size, shuffle=True, drop_last=True,
+                            f"({b} x {world}); lower optim.batch_size")
+        self.sampler = ResumableSampler(len(self.dataset), b, world, self.fabric.global_rank, t.seed)
+        # A private generator keeps the loader from drawing on the global RNG at each epoch start.
+        loader = DataLoader(self.dataset, batch_size=b, sampler=self.sampler, drop_last=True,
                             num_workers=cfg.data.num_workers, collate_fn=collate_views,
-                            persistent_workers=cfg.data.num_workers > 0)
-        self.loader = self.fabric.setup_dataloaders(loader)
+                            generator=torch.Generator().manual_seed(t.seed))
+        self.loader = self.fabric.setup_dataloaders(loader, use_distributed_sampler=False)
         student, teacher = build_networks(cfg, seed=t.seed)
         self.student_module, self.teacher = student, self.fabric.to_device(teacher)
         self.optimizer = torch.optim.AdamW(param_groups(student), lr=0.0, betas=tuple(cfg.optim.betas))
         self.student, self.optimizer = self.fabric.setup(student, self.optimizer)
         self.ema = EMA(self.student_module, self.teacher)
         self.student_params = [p for p in self.student_module.parameters() if p.requires_grad]
-        lo = cfg.loss
-        self.cls_fs = FeatureSet(lo.cls_feature_set_size, cfg.model.head_out_dim, seed=t.seed) if lo.cls_weight > 0 else None
-        self.patch_fs = (FeatureSet(lo.patch_feature_set_size, cfg.model.head_out_dim, seed=t.seed + 1)
-                         if lo.patch_weight > 0 else None)
+        lo, dim = cfg.loss, cfg.model.head_out_dim
+        self.cls_fs = FeatureSet(lo.cls_feature_set_size, dim, seed=t.seed) if lo.cls_weight > 0 else None
+        self.patch_fs = FeatureSet(lo.patch_feature_set_size, dim, seed=t.seed + 1) if lo.patch_weight > 0 else None
         for fs in (self.cls_fs, self.patch_fs):
             if fs is not None:
                 fs.to(self.fabric.device)
         self.loss_fn = build_loss(cfg)
-        global_batch = cfg.optim.batch_size * self.fabric.world_size
-        self.schedules: Schedules = build_schedules(cfg.optim, cfg.loss, len(self.loader), global_batch)
+        self.schedules: Schedules = build_schedules(cfg.optim, lo, self.sampler.batches_per_epoch, b * world)
         self.total_steps = min(self.schedules.total_iters, t.max_steps or self.schedules.total_iters)
-        self.step = 0
-        self.fabric.print(f"sove {__version__}: {len(self.dataset)} images, global batch {global_batch}, "
-                          f"{len(self.loader)} steps/epoch, {self.total_steps} steps, "
-                          f"peak lr {self.schedules.lr.max():.2e} (= {cfg.optim.base_lr} x {global_batch}/256), "
+        self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
+        self.skipped: list[str] = []
+        self.fabric.print(f"sove {__version__}: {len(self.dataset)} images, global batch {b * world}, "
+                          f"{self.sampler.batches_per_epoch} steps/epoch, {self.total_steps} steps, "
+                          f"peak lr {self.schedules.lr.max():.2e} (= {cfg.optim.base_lr} x {b * world}/256), "
                           f"precision {self.fabric.strategy.precision.precision}, device {self.fabric.device}")
 
     # ----------------------------------------------------------------------------------- step
@@ -185,10 +162,15 @@ class Trainer:
             cls_feature_set=self.cls_fs, patch_feature_set=self.patch_fs, step=it,
             teacher_temp=float(sch.teacher_temp[it]),
         )
-        self.check_finite(terms)
+        stats = {"teacher_cls": t_cls.detach(), "student_cls": s_cls.detach()}
+        if not bool(torch.isfinite(terms["loss"])):
+            bad = [k for k, v in terms.items() if k != "loss" and not torch.isfinite(v)] or ["loss"]
+            return self.non_finite(bad, terms, batch, stats)
         self.optimizer.zero_grad(set_to_none=True)
         self.fabric.backward(terms["loss"])
-        clip_per_tensor(self.student_params, self.cfg.optim.clip_grad)
+        if not clip_per_tensor(self.student_params, self.cfg.optim.clip_grad):
+            self.optimizer.zero_grad(set_to_none=True)
+            return self.non_finite(["gradient"], terms, batch, stats)
         self.optimizer.step()
         self.ema.update(float(sch.momentum[it]))
         self.enqueue(t_cls, t_out["patch_tokens"], batch["index"], b)
@@ -206,73 +188,120 @@ class Trainer:
                 emb = self.teacher.head(tokens[torch.arange(b, device=tokens.device), pos])
             self.patch_fs.enqueue(emb.float(), index)
 
-    def check_finite(self, terms: dict[str, torch.Tensor]) -> None:
-        """Stop with the culprit term, the step, lr and temperatures when the loss is not finite."""
-        if torch.isfinite(terms["loss"]):
-            return
-        bad = [k for k, v in terms.items() if k != "loss" and not torch.isfinite(v)]
+    def non_finite(self, bad: list[str], terms: dict[str, torch.Tensor], batch: dict[str, Any],
+                   stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """NaN guard: write ``debug/nonfinite_step_<k>.json``, then stop (default) or skip the step.
+
+        Nothing is written to the checkpoints, so ``last.pt`` stays the last good state.
+
+        Raises:
+            NonFiniteLossError: with ``trainer.on_nonfinite=stop``.
+        """
+        import json
+
         sch, it = self.schedules, self.step
-        raise SoveError(f"non-finite loss term(s) {bad or ['loss']} at step {it} "
-                        f"(lr {sch.lr[it]:.3e}, teacher_temp {sch.teacher_temp[it]:.4f}, "
-                        f"student_temp {self.cfg.loss.student_temp}); the last checkpoint is intact")
+        where = (f"non-finite {', '.join(bad)} at step {it} (epoch {self.epoch}; lr {sch.lr[it]:.3e}, "
+                 f"teacher_temp {sch.teacher_temp[it]:.4f}, student_temp {self.cfg.loss.student_temp})")
+        report = {
+            "step": it, "epoch": self.epoch, "terms": {k: float(v.detach()) for k, v in terms.items()}, "culprits": bad,
+            "lr": float(sch.lr[it]), "teacher_temp": float(sch.teacher_temp[it]),
+            "student_temp": self.cfg.loss.student_temp, "batch_index": batch["index"].tolist(),
+            "stats": {k: {"finite_fraction": float(v.isfinite().float().mean()),
+                          "abs_max": float(v.nan_to_num(0, 0, 0).abs().max())} for k, v in stats.items()},
+        }
+        path = self.run_dir / "debug" / f"nonfinite_step_{it:07d}.json"
+        if self.fabric.is_global_zero:
+            path.parent.mkdir(exist_ok=True)
+            path.write_text(json.dumps(report, indent=2))
+        if self.cfg.trainer.on_nonfinite == "stop":
+            raise NonFiniteLossError(f"{where}; debug file {path}; last good checkpoint "
+                                     f"{self.run_dir / 'checkpoints' / 'last.pt'} is intact. Lower optim.base_lr "
+                                     f"or raise the temperatures, then --resume")
+        self.fabric.print(f"warning: skipped step: {where}; see {path}")
+        return {k: v.detach() for k, v in terms.items()}
 
     # ----------------------------------------------------------------------------------- loop
     def fit(self) -> Path:
-        """Train for ``optim.epochs`` (or ``trainer.max_steps``); returns the last checkpoint path."""
+        """Train until ``optim.epochs`` (or ``trainer.max_steps``); returns the last checkpoint path."""
         t = self.cfg.trainer
-        bar = tqdm(total=self.total_steps, disable=not (t.progress and self.fabric.is_global_zero),
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not (t.progress and self.fabric.is_global_zero),
                    desc="pretrain", unit="step", dynamic_ncols=True)
-        epoch, seen, t0 = 0, 0, time.perf_counter()
+        seen, t0 = 0, time.perf_counter()
         while self.step < self.total_steps:
-            if hasattr(self.loader.sampler, "set_epoch"):
-                self.loader.sampler.set_epoch(epoch)
+            self.sampler.set_position(self.epoch, self.batch_in_epoch)
             for batch in self.loader:
                 terms = self.training_step(batch)
                 self.step += 1
+                self.batch_in_epoch += 1
+                self.skipped += batch.get("skipped", [])
                 seen += batch["index"].shape[0] * self.fabric.world_size
                 if self.step % t.log_every == 0 or self.step == self.total_steps:
-                    self.log(terms, epoch, seen / (time.perf_counter() - t0))
+                    self.log(terms, seen / (time.perf_counter() - t0))
                     bar.set_postfix({k: f"{float(v):.3f}" for k, v in terms.items()}, refresh=False)
                 bar.update(1)
                 if self.step % t.checkpoint_every == 0:
-                    self.save(epoch)
+                    self.save()
                 if self.step >= self.total_steps:
                     break
-            epoch += 1
+            else:
+                self.end_epoch()
         bar.close()
-        path = self.save(epoch)
+        path = self.save()
         for logger in self.fabric.loggers:
             logger.finalize("success")
         return path
 
-    def log(self, terms: dict[str, torch.Tensor], epoch: int, img_per_s: float) -> None:
-        it = self.step - 1
-        sch = self.schedules
+    def end_epoch(self) -> None:
+        """Report unreadable images of the epoch, then move to the next epoch."""
+        if self.skipped:
+            shown = "; ".join(self.skipped[:5])
+            self.fabric.print(f"epoch {self.epoch}: skipped {len(self.skipped)} unreadable image(s): {shown}"
+                              + (" ..." if len(self.skipped) > 5 else ""))
+        self.skipped = []
+        self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+
+    def log(self, terms: dict[str, torch.Tensor], img_per_s: float) -> None:
+        it, sch = self.step - 1, self.schedules
         metrics = {f"loss/{k}": float(v) for k, v in terms.items()}
         metrics.update({"lr": float(sch.lr[it]), "weight_decay": float(sch.weight_decay[it]),
                         "momentum": float(sch.momentum[it]), "teacher_temp": float(sch.teacher_temp[it]),
-                        "epoch": epoch, "img_per_s": img_per_s})
+                        "epoch": self.epoch, "img_per_s": img_per_s})
         self.fabric.log_dict(metrics, step=self.step)
 
-    def save(self, epoch: int) -> Path:
-        """Atomically write ``checkpoints/last.pt`` (rank 0 only); returns its path."""
-        path = self.run_dir / "checkpoints" / "last.pt"
-        state = {
-            "student": self.student_module.state_dict(),
-            "teacher": self.teacher.state_dict(),
+    # ----------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """Everything an exact resume needs (SOVE_SPEC §3, DESIGN.md "Checkpoint")."""
+        return {
+            "student": self.student_module.state_dict(), "teacher": self.teacher.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "cls_feature_set": self.cls_fs.state_dict() if self.cls_fs is not None else None,
             "patch_feature_set": self.patch_fs.state_dict() if self.patch_fs is not None else None,
-            "step": self.step, "epoch": epoch,
-            "rng": rng_state(),
-            "config": OmegaConf.to_yaml(self.cfg),
-            "version": __version__,
+            "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+            "rng": ckpt.rng_state(), "config": OmegaConf.to_yaml(self.cfg), "version": __version__,
         }
+
+    def load_state_dict(self, state: dict[str, Any], source: str) -> None:
+        """Restore a :meth:`state_dict` (strict keys; ``source`` names the file in errors)."""
+        ckpt.load_state_strict(self.student_module, state["student"], f"student in {source}")
+        ckpt.load_state_strict(self.teacher, state["teacher"], f"teacher in {source}")
+        self.optimizer.load_state_dict(state["optimizer"])
+        for name, fs in (("cls_feature_set", self.cls_fs), ("patch_feature_set", self.patch_fs)):
+            if fs is not None:
+                if state.get(name) is None:
+                    raise SoveError(f"{source} has no {name}; it was saved with that loss disabled")
+                ckpt.load_state_strict(fs, state[name], f"{name} in {source}")
+        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        ckpt.set_rng_state(state["rng"])
+
+    def save(self) -> Path:
+        """Atomically write ``checkpoints/last.pt`` (+ a step copy, keep-N) on rank 0; returns its path."""
+        path = self.run_dir / "checkpoints" / "last.pt"
+        state = self.state_dict()
         if self.fabric.is_global_zero:
-            atomic_save(state, path)
+            ckpt.atomic_save(state, path)
             keep = self.cfg.trainer.keep_checkpoints
             if keep > 0:
-                atomic_save(state, path.with_name(f"step_{self.step:07d}.pt"))
+                ckpt.atomic_save(state, path.with_name(f"step_{self.step:07d}.pt"))
                 for old in sorted(path.parent.glob("step_*.pt"))[:-keep]:
                     old.unlink()
         self.fabric.barrier()
@@ -284,6 +313,8 @@ def pretrain(cfg: DictConfig, overwrite: bool = False) -> Path:
 
     Writes ``config.yaml`` (the resolved config), ``metrics.csv``, TensorBoard events and
     ``checkpoints/last.pt`` (atomic, every ``trainer.checkpoint_every`` steps and at the end).
+    ``trainer.init_from=CKPT`` initialises student and teacher weights from another run's
+    checkpoint (a fresh run: new optimizer, feature sets and step 0).
 
     Raises:
         SoveError: existing run directory without ``overwrite``; data or config problems.
@@ -291,9 +322,42 @@ def pretrain(cfg: DictConfig, overwrite: bool = False) -> Path:
     run_dir = prepare_run_dir(cfg, overwrite)
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     trainer = Trainer(cfg, run_dir)
+    if cfg.trainer.init_from:
+        state = ckpt.load_checkpoint(cfg.trainer.init_from)
+        ckpt.load_state_strict(trainer.student_module, state["student"], f"student in {cfg.trainer.init_from}")
+        ckpt.load_state_strict(trainer.teacher, state["teacher"], f"teacher in {cfg.trainer.init_from}")
+    return _fit(trainer, run_dir)
+
+
+def resume(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Path:
+    """Continue a run exactly where ``checkpoints/last.pt`` left it (mid-epoch included).
+
+    The run's own ``config.yaml`` is used; ``overrides`` may change e.g. ``trainer.max_steps``.
+
+    Raises:
+        SoveError: not a run directory or no checkpoint in it.
+    """
+    from sove.config import load_config
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise SoveError(f"--resume: '{run_dir}' is not a sove run directory (no config.yaml)")
+    cfg = load_config(str(run_dir / "config.yaml"), overrides)
+    path = run_dir / "checkpoints" / "last.pt"
+    state = ckpt.load_checkpoint(path)
+    metrics, kept = run_dir / "metrics.csv", run_dir / ".metrics.csv.resume"
+    if metrics.is_file():
+        metrics.replace(kept)  # the CSV logger deletes metrics.csv when it starts; keep the history
+    trainer = Trainer(cfg, run_dir)
+    if kept.is_file():
+        kept.replace(metrics)
+    trainer.load_state_dict(state, str(path))
+    trainer.fabric.print(f"resumed {path} at step {trainer.step} (epoch {trainer.epoch}, batch {trainer.batch_in_epoch})")
+    return _fit(trainer, run_dir)
+
+
+def _fit(trainer: Trainer, run_dir: Path) -> Path:
     start = time.perf_counter()
     trainer.fit()
     trainer.fabric.print(f"pretraining done in {(time.perf_counter() - start) / 60:.1f} min: {run_dir}")
     return run_dir
-
-

@@ -1,0 +1,107 @@
+"""Decode one image file into a uint8 tensor, whatever its mode, orientation or damage.
+
+Every image source that reads files goes through :func:`decode_image`, so odd images are
+handled in one place:
+
+* grayscale, bilevel ("1"), palette ("P"), RGB, CMYK and YCbCr images are converted with
+  Pillow; CMYK JPEGs are read with Adobe's inverted-CMYK convention and converted to RGB
+  without their ICC profile (colours close to, not exactly, what a colour-managed viewer shows);
+* transparency (RGBA, LA, PA, a palette or grayscale PNG with a ``tRNS`` chunk) is
+  composited over a white background, as a browser shows it on a blank page, instead of
+  keeping the undefined colour under transparent pixels;
+* 16-bit grayscale ("I;16", "I;16B", "I" from 16-bit PNG / TIFF / PGM) is scaled to 8 bit
+  by its bit depth (``value >> 8``), not clipped at 255 as ``Image.convert("L")`` does;
+  "I" images are assumed to hold 16-bit values and anything above 65535 saturates;
+* the EXIF orientation tag is applied (``ImageOps.exif_transpose``);
+* the first frame of an animated GIF / WebP or a multi-page TIFF is used.
+
+Very large images: Pillow's decompression-bomb guard is left as it is (a process-wide
+setting, ``PIL.Image.MAX_IMAGE_PIXELS``, default ~89 M pixels: Pillow warns above it and
+raises above twice it, ~179 M pixels). An image over the hard limit is reported as
+unreadable with that reason, so with ``SSLDataset(on_error="skip")`` pretraining passes it
+over: decoding it on every access would take seconds and gigabytes per worker. Raise
+``PIL.Image.MAX_IMAGE_PIXELS`` in your own code to accept such images.
+
+Truncated, empty and non-image files raise :class:`sove.errors.DataError` naming the path
+and the reason. Truncation is detected because the pixels are loaded inside the ``try``
+(``ImageFile.LOAD_TRUNCATED_IMAGES`` is never set).
+"""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from sove.errors import DataError
+
+CHANNEL_MODES = {1: "L", 3: "RGB"}
+BACKGROUND = (255, 255, 255, 255)  # white, opaque: what transparent pixels become
+_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+_HIGH_BIT_DEPTH_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
+# What Pillow raises on damaged or hostile files: OSError (truncated data, decoder errors,
+# UnidentifiedImageError, missing file), ValueError / SyntaxError / EOFError / struct.error /
+# KeyError / IndexError / TypeError from malformed headers or metadata, and the bomb guard.
+_DECODE_ERRORS = (
+    OSError, ValueError, SyntaxError, EOFError, struct.error, KeyError, IndexError, TypeError,
+    Image.DecompressionBombError,
+)
+
+
+def _to_mode(img: Image.Image, mode: str) -> Image.Image:
+    """``img`` converted to ``mode`` ("L" or "RGB"): 16 bit scaled, transparency on white."""
+    if img.mode in _HIGH_BIT_DEPTH_MODES:
+        gray = np.array(img).astype(np.int64)  # (H, W)
+        img = Image.fromarray((np.clip(gray, 0, 65535) >> 8).astype(np.uint8))
+    elif img.mode in _ALPHA_MODES or "transparency" in img.info:
+        background = Image.new("RGBA", img.size, BACKGROUND)
+        img = Image.alpha_composite(background, img.convert("RGBA"))
+    return img.convert(mode)
+
+
+def _failure_reason(path: Path, error: Exception) -> str:
+    """A short, human reason why ``path`` could not be decoded."""
+    if isinstance(error, OSError) and error.errno is not None:  # missing, no permission, ...
+        return f"cannot read the file ({error.strerror})"
+    if path.is_file() and path.stat().st_size == 0:
+        return "empty file (0 bytes)"
+    if isinstance(error, Image.DecompressionBombError):
+        return (f"too large for Pillow's decompression-bomb guard ({error}); downscale it or "
+                "raise PIL.Image.MAX_IMAGE_PIXELS")
+    if isinstance(error, UnidentifiedImageError):
+        return "not an image in a format Pillow can read"
+    return f"truncated or corrupt ({type(error).__name__}: {error})"
+
+
+def decode_image(path: str | Path, num_channels: int) -> torch.Tensor:
+    """Decode the image file ``path`` (see the module docstring for the odd cases handled).
+
+    Args:
+        path: image file (any format Pillow reads: JPEG, PNG, WebP, BMP, TIFF, GIF, ...).
+        num_channels: 1 decodes to grayscale ("L"), 3 to "RGB".
+
+    Returns:
+        uint8 tensor, shape (num_channels, height, width), height and width after the
+        EXIF rotation.
+
+    Raises:
+        ValueError: ``num_channels`` is not 1 or 3.
+        DataError: the file is missing, empty, not an image, truncated or corrupt, or over
+            Pillow's decompression-bomb limit; the one-line message names the path and the
+            reason: ``cannot decode image '<path>': <reason>``.
+    """
+    if num_channels not in CHANNEL_MODES:
+        raise ValueError(f"num_channels must be 1 or 3, got {num_channels}")
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            img.load()  # decode now, inside the try, so truncated data raise here
+            img = _to_mode(ImageOps.exif_transpose(img), CHANNEL_MODES[num_channels])
+            array = np.array(img, dtype=np.uint8)  # (H, W) or (H, W, 3), writable copy
+    except _DECODE_ERRORS as e:
+        raise DataError(f"cannot decode image '{path}': {_failure_reason(path, e)}") from e
+    image = torch.from_numpy(array)
+    return image.unsqueeze(0) if image.ndim == 2 else image.permute(2, 0, 1).contiguous()

@@ -1,0 +1,69 @@
+"""A resumable, rank-sharded epoch sampler: the data order is a pure function of (seed, epoch)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import Sampler
+
+
+class ResumableSampler(Sampler[int]):
+    """Shuffled indices of one epoch, sharded over ranks, able to start mid-epoch.
+
+    The permutation of epoch ``e`` is ``randperm(n)`` from a generator seeded with ``seed + e``
+    (no global RNG is consumed), so a resumed run sees exactly the indices the uninterrupted run
+    would have seen. The permutation is truncated to a
+    multiple of ``R * batch_size`` (the last, incomplete global batch is dropped, as with
+    ``drop_last=True``). Global batch ``k`` is ``perm[k*R*B : (k+1)*R*B]`` and rank ``r`` takes its
+    ``r``-th contiguous block of ``B``, so gathering the ranks' batches in rank order gives exactly
+    the batch a single process with batch ``R*B`` would see (identical feature-set contents).
+
+    Args:
+        num_samples: dataset size n.
+        batch_size: per-rank batch size (used to drop the incomplete last global batch and to
+            convert a resume position given in batches).
+        num_replicas: world size R.
+        rank: this rank r.
+        seed: the run's seed.
+        shuffle: False keeps dataset order (evaluation, debugging).
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, num_replicas: int = 1, rank: int = 0,
+                 seed: int = 0, shuffle: bool = True) -> None:
+        if num_samples < batch_size * num_replicas:
+            raise ValueError(f"{num_samples} samples are fewer than one global batch ({batch_size} x {num_replicas})")
+        self.num_samples, self.batch_size = num_samples, batch_size
+        self.num_replicas, self.rank, self.seed, self.shuffle = num_replicas, rank, seed, shuffle
+        self.epoch = 0
+        self.start_batch = 0
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Full per-rank batches in one epoch."""
+        return self.num_samples // (self.batch_size * self.num_replicas)
+
+    def set_position(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the epoch and the first batch to yield (``start_batch`` > 0 resumes mid-epoch).
+
+        Deliberately not named ``set_epoch``: Lightning Fabric calls ``set_epoch(n)`` with its own count
+        of ``iter()`` calls, which would undo a mid-epoch resume.
+        """
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def epoch_indices(self, epoch: int) -> torch.Tensor:
+        """All indices this rank sees in ``epoch``, in order (int64, shape (batches_per_epoch * batch_size,))."""
+        if self.shuffle:
+            order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed + epoch))
+        else:
+            order = torch.arange(self.num_samples)
+        b, world = self.batch_size, self.num_replicas
+        used = order[: self.batches_per_epoch * b * world].view(self.batches_per_epoch, world, b)
+        return used[:, self.rank].reshape(-1)
+
+    def __iter__(self) -> Iterator[int]:
+        indices = self.epoch_indices(self.epoch)[self.start_batch * self.batch_size :]
+        return iter(indices.tolist())
+
+    def __len__(self) -> int:
+        return (self.batches_per_epoch - self.start_batch) * self.batch_size

@@ -1,0 +1,339 @@
+"""Image sources: Fashion-MNIST from its IDX files and a generic folder of images.
+
+A *source* is a map-style :class:`torch.utils.data.Dataset` whose ``__getitem__`` returns
+``(image, label)`` with ``image`` a uint8 tensor of shape (channels, height, width) and
+``label`` a Python ``int`` (``-1`` when the source has no labels). Augmentation and masking
+(SOVE_SPEC §2) are applied on top of a source by :class:`sove.data.multicrop.SSLDataset`.
+
+Every failure a user can cause (missing folder, missing or corrupt file, bad config key)
+raises :class:`sove.errors.DataError` with a one-line message naming the path or key and
+what to do about it.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from sove.data.decode import decode_image
+from sove.errors import DataError
+
+FASHION_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+DEFAULT_FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist", "data/fashion-mnist", "data")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+SOURCES = ("fashion_mnist", "folder")
+
+_IDX_UINT8 = 0x08
+
+
+def read_idx(path: str | Path, ndim: int) -> np.ndarray:
+    """Read one IDX file (optionally gzip-compressed) holding unsigned bytes.
+
+    The header is two zero bytes, a type byte (``0x08`` = uint8), a byte giving the number
+    of dimensions, then one big-endian int32 per dimension; the data follow in C order.
+
+    Args:
+        path: file to read; a name ending in ``.gz`` is decompressed.
+        ndim: expected number of dimensions (3 for images, 1 for labels).
+
+    Returns:
+        uint8 array of the shape stored in the header, e.g. (images, height, width).
+
+    Raises:
+        DataError: the file cannot be read, its magic number is not an unsigned-byte IDX
+            magic with ``ndim`` dimensions, or its size disagrees with the header.
+    """
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:
+        raise DataError(f"cannot read IDX file '{path}': {e}") from e
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != _IDX_UINT8 or raw[3] != ndim:
+        magic = int.from_bytes(raw[:4], "big") if len(raw) >= 4 else None
+        expected = (_IDX_UINT8 << 8) | ndim
+        raise DataError(
+            f"bad IDX magic number {magic} in '{path}' (expected {expected}: uint8 data with "
+            f"{ndim} dims); the file is corrupt or not Fashion-MNIST, download it again"
+        )
+    header = 4 + 4 * ndim
+    dims = tuple(int(d) for d in np.frombuffer(raw[4:header], dtype=">i4"))
+    expected_bytes = header + int(np.prod(dims))
+    if len(raw) != expected_bytes:
+        raise DataError(
+            f"IDX file '{path}' holds {len(raw)} bytes but its header {dims} needs "
+            f"{expected_bytes}; the file is truncated or corrupt, download it again"
+        )
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def _find_file(folder: Path, stem: str) -> Path | None:
+    """The path of ``stem`` or ``stem.gz`` in ``folder`` (compressed preferred), or None."""
+    for name in (stem + ".gz", stem):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def _missing_files(folder: Path) -> list[str]:
+    """Names of the four Fashion-MNIST files absent from ``folder`` (``.gz`` or not)."""
+    stems = [s for pair in FASHION_MNIST_FILES.values() for s in pair]
+    return [s + ".gz" for s in stems if _find_file(folder, s) is None]
+
+
+def _fashion_mnist_dir(folder: Path) -> Path | None:
+    """``folder`` or its torchvision layout ``folder/FashionMNIST/raw``, whichever is complete."""
+    for candidate in (folder, folder / "FashionMNIST" / "raw"):
+        if candidate.is_dir() and not _missing_files(candidate):
+            return candidate
+    return None
+
+
+def find_fashion_mnist(root: str | Path | None, download: bool = False) -> Path:
+    """Locate the folder holding the four Fashion-MNIST IDX files.
+
+    Search order: ``root`` if given (the files directly in it or in ``root/FashionMNIST/raw``,
+    torchvision's layout); otherwise ``/usr/share/datasets/fashion-mnist``, then
+    ``./data/fashion-mnist``, then ``./data`` (where ``download`` puts them), each also with
+    the ``FashionMNIST/raw`` sub-folder. If nothing is found and ``download`` is True, the
+    files are fetched with ``torchvision.datasets.FashionMNIST(root="./data", download=True)``.
+
+    Args:
+        root: the ``data.root`` config value, or None to search the default places.
+        download: fetch the dataset into ``./data`` when it is not found.
+
+    Returns:
+        The folder containing the files (``.gz`` or uncompressed).
+
+    Raises:
+        DataError: ``root`` does not exist; ``root`` lacks some files (the message names
+            them); or nothing was found and ``download`` is False (the message names every
+            path tried and the fixes).
+    """
+    if root is not None:
+        root = Path(root).expanduser()
+        if not root.exists():
+            raise DataError(f"data.root '{root}' does not exist")
+        found = _fashion_mnist_dir(root)
+        if found is None:
+            missing = _missing_files(root)
+            raise DataError(
+                f"data.root '{root}' is missing Fashion-MNIST file(s) {', '.join(missing)} "
+                f"(also looked in '{root / 'FashionMNIST' / 'raw'}')"
+            )
+        return found
+    tried = []
+    for folder in map(Path, DEFAULT_FASHION_MNIST_DIRS):
+        tried += [str(folder), str(folder / "FashionMNIST" / "raw")]
+        found = _fashion_mnist_dir(folder)
+        if found is not None:
+            return found.resolve()
+    if download:
+        import torchvision
+
+        try:
+            torchvision.datasets.FashionMNIST(root="data", train=True, download=True)
+            torchvision.datasets.FashionMNIST(root="data", train=False, download=True)
+        except Exception as e:  # network errors come in many types
+            raise DataError(f"downloading Fashion-MNIST into './data' failed: {e}") from e
+        return (Path("data") / "FashionMNIST" / "raw").resolve()
+    raise DataError(
+        f"Fashion-MNIST not found (tried {', '.join(tried)}); fix: "
+        "`apt-get install dataset-fashion-mnist`, or set data.root=PATH to a folder with the "
+        "IDX files, or set data.download=true when online"
+    )
+
+
+class FashionMNIST(Dataset):
+    """Fashion-MNIST read from its IDX files into memory once.
+
+    Args:
+        root: folder with the IDX files (``.gz`` or uncompressed), directly or in
+            ``root/FashionMNIST/raw``; see :func:`find_fashion_mnist`.
+        split: ``"train"`` (60000 images) or ``"test"`` (10000 images).
+
+    Attributes:
+        images: uint8 tensor, shape (images, 1, 28, 28).
+        labels: int64 numpy array, shape (images,), values in 0..9.
+        classes: the 10 class names, indexed by label.
+        num_channels: 1.
+
+    Raises:
+        DataError: unknown split, missing files, or a corrupt / non-IDX file.
+    """
+
+    num_channels = 1
+    classes = FASHION_MNIST_CLASSES
+
+    def __init__(self, root: str | Path, split: str = "train") -> None:
+        if split not in FASHION_MNIST_FILES:
+            raise DataError(f"data split '{split}' is unknown; use 'train' or 'test'")
+        root = Path(root)
+        folder = _fashion_mnist_dir(root) or root
+        paths = []
+        for stem in FASHION_MNIST_FILES[split]:
+            path = _find_file(folder, stem)
+            if path is None:
+                raise DataError(f"Fashion-MNIST file '{folder / (stem + '.gz')}' not found")
+            paths.append(path)
+        images = read_idx(paths[0], ndim=3)  # (images, height, width)
+        labels = read_idx(paths[1], ndim=1)  # (images,)
+        if len(images) != len(labels):
+            raise DataError(
+                f"'{paths[0]}' holds {len(images)} images but '{paths[1]}' holds "
+                f"{len(labels)} labels; download the dataset again"
+            )
+        self.images = torch.from_numpy(images.copy()).unsqueeze(1)  # (images, 1, H, W)
+        self.labels = labels.astype(np.int64)
+        self.root = folder
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        """Image ``index`` as a uint8 tensor of shape (1, 28, 28) and its label."""
+        return self.images[index], int(self.labels[index])
+
+
+def _list_images(root: Path, extensions: Sequence[str]) -> list[Path]:
+    """Image files under ``root`` (recursive, hidden files and folders skipped), sorted."""
+    extensions = tuple(e.lower() for e in extensions)
+    files = []
+    for folder, subdirs, names in os.walk(root, followlinks=True):
+        subdirs[:] = [d for d in subdirs if not d.startswith(".")]
+        files += [
+            Path(folder) / n for n in names
+            if not n.startswith(".") and n.lower().endswith(extensions)
+        ]
+    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+class ImageFolder(Dataset):
+    """All images under a folder, decoded on each access with :func:`decode_image`.
+
+    A flat folder (or any tree where some image is not exactly one level deep) has no
+    labels; a folder whose images all lie in immediate sub-folders is labelled by
+    sub-folder name, classes sorted alphabetically. Files are listed recursively in sorted
+    order; names starting with ``.`` (files or folders, e.g. ``.DS_Store``, macOS ``._x.jpg``)
+    are skipped; extensions are matched case-insensitively (``.JPG``, ``.webp``).
+
+    Args:
+        root: the folder (``data.root``).
+        num_channels: 1 decodes to grayscale ("L"), 3 to "RGB".
+        extensions: accepted file name endings.
+
+    Attributes:
+        files: the image paths, sorted.
+        labels: int64 numpy array of shape (images,), or None when unlabelled.
+        classes: sorted sub-folder names, or None when unlabelled.
+        num_channels: channels of every returned image.
+
+    Raises:
+        DataError: ``root`` does not exist, holds no image file, ``num_channels`` is not 1
+            or 3, or (on access) an image cannot be decoded.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        num_channels: int = 3,
+        extensions: Sequence[str] = IMAGE_EXTENSIONS,
+    ) -> None:
+        root = Path(root).expanduser()
+        if not root.is_dir():
+            raise DataError(f"data.root '{root}' does not exist")
+        if num_channels not in (1, 3):
+            raise DataError(f"data.num_channels must be 1 or 3, got {num_channels}")
+        self.files = _list_images(root, extensions)
+        if not self.files:
+            raise DataError(f"no images found under '{root}' (extensions: {' '.join(extensions)})")
+        self.root = root
+        self.num_channels = num_channels
+        parts = [f.relative_to(root).parts for f in self.files]
+        if all(len(p) == 2 for p in parts):
+            self.classes = sorted({p[0] for p in parts})
+            to_label = {name: i for i, name in enumerate(self.classes)}
+            self.labels = np.array([to_label[p[0]] for p in parts], dtype=np.int64)
+        else:
+            self.classes = None
+            self.labels = None
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def path(self, index: int) -> Path:
+        """The file of image ``index``."""
+        return self.files[index]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        """Image ``index`` and its label.
+
+        Returns:
+            uint8 tensor of shape (num_channels, height, width) from :func:`decode_image`
+            and the int label (-1 when unlabelled).
+
+        Raises:
+            DataError: the file cannot be decoded; the message names the path and reason.
+        """
+        label = -1 if self.labels is None else int(self.labels[index])
+        return decode_image(self.files[index], self.num_channels), label
+
+
+def build_source(
+    source: str,
+    root: str | Path | None,
+    split: str = "train",
+    download: bool = False,
+    num_channels: int = 1,
+    test_root: str | Path | None = None,
+) -> Dataset:
+    """Build the image source named by the ``data.*`` config keys.
+
+    Args:
+        source: ``data.source``, one of ``"fashion_mnist"`` or ``"folder"``.
+        root: ``data.root``; for ``"fashion_mnist"`` None searches the default places
+            (:func:`find_fashion_mnist`); for ``"folder"`` it is the train images folder.
+        split: ``"train"`` or ``"test"``.
+        download: ``data.download``, Fashion-MNIST only.
+        num_channels: ``data.num_channels``; must be 1 for Fashion-MNIST.
+        test_root: ``data.test_root``, the test images folder for ``"folder"``.
+
+    Returns:
+        A dataset returning ``(uint8 image (channels, height, width), int label)``.
+
+    Raises:
+        DataError: unknown ``data.source`` or split, missing ``data.root`` /
+            ``data.test_root`` for a folder source, or any error of the source itself.
+    """
+    if split not in ("train", "test"):
+        raise DataError(f"data split '{split}' is unknown; use 'train' or 'test'")
+    if source == "fashion_mnist":
+        if num_channels != 1:
+            raise DataError(
+                f"data.num_channels must be 1 for data.source=fashion_mnist, got {num_channels}"
+            )
+        return FashionMNIST(find_fashion_mnist(root, download=download), split=split)
+    if source == "folder":
+        if split == "test":
+            if test_root is None:
+                raise DataError("data.test_root is needed for the test split of data.source=folder")
+            return ImageFolder(test_root, num_channels=num_channels)
+        if root is None:
+            raise DataError("data.root is needed for data.source=folder")
+        return ImageFolder(root, num_channels=num_channels)
+    raise DataError(f"data.source '{source}' is unknown; allowed: {', '.join(SOURCES)}")

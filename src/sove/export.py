@@ -1,0 +1,86 @@
+"""Export a run's teacher backbone as a plain timm checkpoint (safetensors + JSON config).
+
+``sove export RUN_DIR`` writes ``RUN_DIR/backbone.safetensors`` and ``RUN_DIR/backbone.json``;
+timm then loads it offline with strict keys::
+
+    import json, timm
+    cfg = json.load(open("runs/x/backbone.json"))
+    model = timm.create_model(cfg["architecture"], pretrained=True,
+                              pretrained_cfg_overlay=dict(file="runs/x/backbone.safetensors", num_classes=0),
+                              **cfg["model_kwargs"])
+
+or simply ``sove.export.load_backbone("runs/x/backbone.json")``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from safetensors.torch import save_file
+
+from sove.errors import SoveError
+
+
+def export_backbone(run_dir: str | Path, checkpoint: str = "last.pt") -> tuple[Path, Path]:
+    """Write the teacher backbone of ``run_dir/checkpoints/<checkpoint>`` for timm.
+
+    Returns:
+        (path of ``backbone.safetensors``, path of ``backbone.json``).
+
+    Raises:
+        SoveError: not a run directory, missing checkpoint, or key mismatch.
+    """
+    from sove.eval.features import load_run_config, teacher_backbone
+    from sove.models import timm_name
+
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir)
+    backbone = teacher_backbone(run_dir, cfg, checkpoint)
+    vit = backbone.vit
+    weights = {k: v.detach().contiguous().cpu() for k, v in vit.state_dict().items()}
+    out = run_dir / "backbone.safetensors"
+    save_file(weights, str(out), metadata={"format": "pt", "producer": "sove"})
+    meta: dict[str, Any] = {
+        "architecture": timm_name(cfg.model.arch),
+        "model_kwargs": {"img_size": cfg.data.global_crop_size, "patch_size": cfg.model.patch_size,
+                         "in_chans": cfg.data.num_channels, "embed_dim": vit.embed_dim,
+                         "depth": len(vit.blocks), "num_heads": vit.blocks[0].attn.num_heads,
+                         "num_classes": 0, "dynamic_img_size": True},
+        "mean": list(cfg.data.mean), "std": list(cfg.data.std),
+        "weights": out.name, "source": str(run_dir / "checkpoints" / checkpoint),
+        "features": "CLS token after the final norm: model.forward_features(x)[:, 0]",
+    }
+    meta_path = run_dir / "backbone.json"
+    meta_path.write_text(json.dumps(meta, indent=2))
+    return out, meta_path
+
+
+def load_backbone(path: str | Path) -> torch.nn.Module:
+    """Load an exported backbone with timm (strict keys, offline) from its ``backbone.json``.
+
+    Args:
+        path: the JSON written by :func:`export_backbone` (or its run directory).
+
+    Returns:
+        A timm ``VisionTransformer`` in eval mode; ``forward_features(x)[:, 0]`` is the CLS
+        feature used by ``sove eval``.
+
+    Raises:
+        SoveError: the JSON or the weights file is missing.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "backbone.json"
+    if not path.is_file():
+        raise SoveError(f"'{path}' not found; run `sove export RUN_DIR` first")
+    meta = json.loads(path.read_text())
+    weights = path.parent / meta["weights"]
+    if not weights.is_file():
+        raise SoveError(f"weights file '{weights}' named in '{path}' not found")
+    model = timm.create_model(meta["architecture"], pretrained=True,
+                              pretrained_cfg_overlay=dict(file=str(weights), num_classes=0), **meta["model_kwargs"])
+    return model.eval()

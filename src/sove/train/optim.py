@@ -1,0 +1,61 @@
+"""Optimizer pieces of SOVE_SPEC §6: parameter groups, per-tensor clipping, the EMA teacher update."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def param_groups(model: torch.nn.Module) -> list[dict[str, Any]]:
+    """AdamW groups: weight decay on >= 2-D weights only; none on biases and 1-D parameters.
+
+    The ``apply_wd`` flag tells the trainer which group follows the weight-decay schedule.
+    """
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    return [{"params": decay, "apply_wd": True}, {"params": no_decay, "apply_wd": False, "weight_decay": 0.0}]
+
+
+@torch.no_grad()
+def clip_per_tensor(params: list[torch.nn.Parameter], max_norm: float) -> bool:
+    """Scale each gradient tensor whose L2 norm exceeds ``max_norm`` down to that norm (DINO's rule).
+
+    Args:
+        params: parameters whose ``.grad`` is clipped in place (None grads are ignored).
+        max_norm: per-tensor norm limit; <= 0 disables clipping (the finiteness check still runs).
+
+    Returns:
+        True when every gradient norm is finite.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return True
+    norms = torch._foreach_norm(grads)
+    finite = bool(torch.stack(norms).isfinite().all())
+    if max_norm > 0 and finite:
+        torch._foreach_mul_(grads, [torch.clamp(max_norm / (n + 1e-6), max=1.0) for n in norms])
+    return finite
+
+
+class EMA:
+    """Teacher <- m * teacher + (1 - m) * student over parameters of the same name (fused foreach lerp).
+
+    The student's mask token has no teacher counterpart and is skipped.
+    """
+
+    def __init__(self, student: torch.nn.Module, teacher: torch.nn.Module) -> None:
+        s = dict(student.named_parameters())
+        names = [name for name, _ in teacher.named_parameters()]
+        missing = [n for n in names if n not in s]
+        if missing:
+            raise ValueError(f"teacher parameters without a student counterpart: {missing[:5]}")
+        self.teacher_params = [p for _, p in teacher.named_parameters()]
+        self.student_params = [s[n] for n in names]
+
+    @torch.no_grad()
+    def update(self, momentum: float) -> None:
+        """One EMA step with momentum m in [0, 1] (m = 1 leaves the teacher unchanged)."""
+        torch._foreach_lerp_(self.teacher_params, [p.detach() for p in self.student_params], 1.0 - momentum)
