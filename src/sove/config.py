@@ -129,6 +129,7 @@ class TrainerConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 0  # also keep the N newest step-numbered checkpoints
     init_from: Optional[str] = None  # initialise student/teacher weights from a checkpoint (not a resume)
+    check_sync: bool = False  # DDP: assert all ranks hold identical feature sets and anchors each step
     on_nonfinite: str = "stop"  # stop | skip: what a NaN/inf loss or gradient does (debug file either way)
     num_threads: Optional[int] = None  # torch CPU threads; None = torch default
     progress: bool = True

@@ -19,6 +19,7 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 import torchvision.transforms.v2.functional as F
 from torch.utils.data import Dataset
@@ -214,7 +215,7 @@ class MultiCropAugmentation:
             view = F.solarize_image(view, 0.5)
         return view.sub(self.mean).div_(self.std)  # `view` may be an expanded grayscale
 
-    def __call__(self, image: torch.Tensor) -> list[torch.Tensor]:
+    def __call__(self, image: torch.Tensor, generator: torch.Generator | None = None) -> list[torch.Tensor]:
         """Make all views of one image.
 
         Args:
@@ -235,7 +236,7 @@ class MultiCropAugmentation:
                 f"{image.dtype} {tuple(image.shape)}"
             )
         image = F.to_dtype_image(image, torch.float32, scale=True)  # (channels, H, W) in [0, 1]
-        draws = torch.rand(len(self.views), _DRAWS).tolist()  # (views, draws)
+        draws = torch.rand(len(self.views), _DRAWS, generator=generator).tolist()  # (views, draws)
         return [self._view(image, spec, u) for spec, u in zip(self.views, draws)]
 
 
@@ -243,10 +244,10 @@ class SSLDataset(Dataset):
     """Self-supervised dataset: multi-crop views and student masks of each source image.
 
     Each item holds the crops of :class:`MultiCropAugmentation` and one patch mask per
-    global view (SOVE_SPEC §2: both student global views are masked, locals never). The
-    masks use a fresh ``torch.Generator`` seeded per item from torch's global RNG, so with
-    ``num_workers=0`` every draw follows ``torch.manual_seed`` (and DataLoader workers get
-    distinct streams from their per-worker seeds).
+    global view (SOVE_SPEC §2: both student global views are masked, locals never). Crops
+    and masks draw from a generator seeded by :func:`sample_seed` (seed, epoch, index): a
+    sample's views depend neither on the global RNG, the number of DataLoader workers, the
+    number of ranks, nor on where a resumed run restarted. Call :meth:`set_epoch` each epoch.
 
     Unreadable images: when the source raises :class:`DataError` for an index (a truncated,
     empty or non-image file), ``on_error="skip"`` uses the next readable index instead
@@ -262,6 +263,7 @@ class SSLDataset(Dataset):
         mask_mode: ``mask.mode``, ``"blockwise"`` or ``"random"``.
         mask_ratio: ``mask.ratio`` in [0, 1).
         on_error: ``"skip"`` (default) or ``"raise"``, what to do with unreadable images.
+        seed: the run's seed (``trainer.seed``).
 
     Attributes:
         grid: (height, width) patch grid of a global crop.
@@ -282,6 +284,7 @@ class SSLDataset(Dataset):
         mask_mode: str = "blockwise",
         mask_ratio: float = 0.3,
         on_error: str = "skip",
+        seed: int = 0,
     ) -> None:
         size = augmentation.global_crop_size
         if patch_size < 1 or size % patch_size != 0:
@@ -296,6 +299,11 @@ class SSLDataset(Dataset):
         self.grid = (size // patch_size, size // patch_size)
         self.num_patches = self.grid[0] * self.grid[1]
         self.mask_generator = build_mask_generator(mask_mode, self.grid, mask_ratio)
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose augmentation randomness ``__getitem__`` uses."""
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.source)
@@ -342,11 +350,17 @@ class SSLDataset(Dataset):
             DataError: see :meth:`_read`.
         """
         image, label, used, skipped = self._read(index)
-        crops = self.augmentation(image)
-        generator = torch.Generator().manual_seed(int(torch.randint(2**62, ())))
+        generator = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, used))
+        crops = self.augmentation(image, generator)
         masks = torch.stack([self.mask_generator(generator) for _ in range(NUM_GLOBAL_CROPS)])
         return {"crops": crops, "masks": masks, "index": used, "label": int(label),
                 "skipped": skipped}
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """64-bit seed of one sample's augmentation and masks, a pure function of (seed, epoch, index)."""
+    state = np.random.SeedSequence([seed, epoch, index]).generate_state(2, dtype=np.uint32)
+    return int(state[0]) << 32 | int(state[1])
 
 
 def collate_views(samples: Sequence[dict]) -> dict:

@@ -134,12 +134,18 @@ class SOVELoss(nn.Module):
         self.cls_weight, self.patch_weight = cls_weight, patch_weight
         self.student_temp, self.seed = student_temp, seed
         self.chunk_size, self.search_dtype = chunk_size, search_dtype
+        self._anchors: dict[tuple[int, int], torch.Tensor] = {}
+
+    def last_anchors(self) -> torch.Tensor:
+        """Anchor indices drawn at the last step, all tasks concatenated (int64, for diagnostics)."""
+        return torch.cat([self._anchors[k] for k in sorted(self._anchors)]) if self._anchors else torch.zeros(0)
 
     def concepts(self, settings: ConceptSettings, features: torch.Tensor, step: int, task: int,
                  stream: int) -> Concepts:
         """The concepts of one task at one step (deterministic in seed, step, task, stream)."""
         g = anchor_generator(self.seed, step, task, stream)
         anchors = draw_anchors(features.shape[0], settings.num_anchors, g, features.device)
+        self._anchors[(stream, task)] = anchors
         return select_judges(
             features, anchors, num_judges=settings.num_judges, smoothing=settings.smoothing,
             label_mode=settings.label_mode, keep_fraction=settings.anchor_keep_fraction,

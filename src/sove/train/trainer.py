@@ -47,7 +47,8 @@ def build_train_dataset(cfg: DictConfig) -> SSLDataset:
         tuple(d.local_crop_scale), tuple(d.mean), tuple(d.std), d.num_channels, d.color_jitter,
         d.grayscale, d.blur, d.solarize,
     )
-    return SSLDataset(source, aug, cfg.model.patch_size, cfg.mask.mode, cfg.mask.ratio)
+    return SSLDataset(source, aug, cfg.model.patch_size, cfg.mask.mode, cfg.mask.ratio, d.on_error,
+                      cfg.trainer.seed)
 
 
 def build_loss(cfg: DictConfig) -> SOVELoss:
@@ -174,7 +175,26 @@ class Trainer:
         self.optimizer.step()
         self.ema.update(float(sch.momentum[it]))
         self.enqueue(t_cls, t_out["patch_tokens"], batch["index"], b)
+        if self.cfg.trainer.check_sync and self.fabric.world_size > 1:
+            self.check_sync()
         return {k: v.detach() for k, v in terms.items()}
+
+    @torch.no_grad()
+    def check_sync(self) -> None:
+        """Assert every rank holds bit-identical E_C/E_P, pointers and anchors (``trainer.check_sync``).
+
+        Raises:
+            SoveError: naming the step and the first quantity that differs between ranks.
+        """
+        state = {"anchors": self.loss_fn.last_anchors()}
+        for name, fs in (("E_C", self.cls_fs), ("E_P", self.patch_fs)):
+            if fs is not None:
+                state[name], state[name + " pointer"] = fs.features, fs.ptr.view(1).double()
+        for name, value in state.items():
+            flat = value.detach().double().flatten()
+            gathered = self.fabric.all_gather(flat)  # (world, n)
+            if not bool((gathered == gathered[0]).all()):
+                raise SoveError(f"ranks disagree on {name} after step {self.step}: distributed state is out of sync")
 
     @torch.no_grad()
     def enqueue(self, t_cls: torch.Tensor, t_patch_tokens: torch.Tensor, index: torch.Tensor, b: int) -> None:
@@ -183,7 +203,11 @@ class Trainer:
             self.cls_fs.enqueue(t_cls[1], index)
         if self.patch_fs is not None:
             tokens = t_patch_tokens[b:]  # (B, L, D) of view 2
-            pos = torch.randint(tokens.shape[1], (b,), device=tokens.device)
+            # Positions for the whole global batch from a (seed, step) generator, this rank's slice:
+            # the same rows as a single process with the global batch would pick.
+            g = torch.Generator().manual_seed(self.cfg.trainer.seed * 1_000_003 + self.step)
+            rank, world = self.fabric.global_rank, self.fabric.world_size
+            pos = torch.randint(tokens.shape[1], (world * b,), generator=g)[rank * b:(rank + 1) * b].to(tokens.device)
             with self.fabric.autocast():
                 emb = self.teacher.head(tokens[torch.arange(b, device=tokens.device), pos])
             self.patch_fs.enqueue(emb.float(), index)
@@ -229,6 +253,7 @@ class Trainer:
         seen, t0 = 0, time.perf_counter()
         while self.step < self.total_steps:
             self.sampler.set_position(self.epoch, self.batch_in_epoch)
+            self.dataset.set_epoch(self.epoch)
             for batch in self.loader:
                 terms = self.training_step(batch)
                 self.step += 1
@@ -236,6 +261,8 @@ class Trainer:
                 self.skipped += batch.get("skipped", [])
                 seen += batch["index"].shape[0] * self.fabric.world_size
                 if self.step % t.log_every == 0 or self.step == self.total_steps:
+                    if self.fabric.world_size > 1:  # the global-batch loss: mean over ranks
+                        terms = self.fabric.all_reduce(terms, reduce_op="mean")
                     self.log(terms, seen / (time.perf_counter() - t0))
                     bar.set_postfix({k: f"{float(v):.3f}" for k, v in terms.items()}, refresh=False)
                 bar.update(1)
