@@ -215,3 +215,33 @@ def test_skip_gives_up_after_consecutive_failures(tmp_path, monkeypatch):
 def test_on_error_is_validated(folder):
     with pytest.raises(ValueError, match="on_error must be one of skip, raise, got 'ignore'"):
         _ssl(folder, "ignore")
+
+
+def test_pretraining_on_the_odd_folder_skips_and_reports(folder, tmp_path, capsys):
+    """One training epoch over every odd kind: good files train, the 3 bad ones are named."""
+    from conftest import TINY
+    from sove.config import load_config
+    from sove.train.trainer import pretrain
+
+    # 10 good + 3 bad files, batch 8: one step per epoch over 13 listed files.
+    cfg = load_config(None, TINY + [f"data.root={folder}", f"trainer.out_dir={tmp_path}", "trainer.name=odd",
+                                    "optim.epochs=1", "data.local_crop_size=8"])
+    pretrain(cfg)
+    out = capsys.readouterr().out
+    report = [line for line in out.splitlines() if "unreadable image" in line]
+    assert len(report) == 1
+    named = {name for name in BAD if name in report[0]}
+    # The shuffled first batch of 8 holds some of the bad files; each one it met is named.
+    assert named and "skipped" in report[0] and report[0].count("cannot decode image") == len(named)
+
+
+def test_pretraining_with_on_error_raise_stops_at_a_bad_file(folder, tmp_path):
+    from conftest import TINY
+    from sove.config import load_config
+    from sove.errors import DataError
+    from sove.train.trainer import pretrain
+
+    cfg = load_config(None, TINY + [f"data.root={folder}", f"trainer.out_dir={tmp_path}", "trainer.name=raise",
+                                    "optim.epochs=2", "data.on_error=raise"])
+    with pytest.raises(DataError, match="|".join(BAD)):
+        pretrain(cfg)

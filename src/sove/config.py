@@ -101,7 +101,8 @@ class OptimConfig:
     """AdamW and schedules (SOVE_SPEC §6)."""
 
     epochs: float = 800
-    batch_size: int = 64  # per process
+    batch_size: int = 64  # per process and optimizer step
+    accumulate_grad_batches: int = 1  # split each batch into this many micro-batches (memory), same gradient
     base_lr: float = 5e-4  # lr = base_lr * global batch / 256
     min_lr: float = 1e-6
     warmup_epochs: float = 10
@@ -246,6 +247,8 @@ def validate(cfg: DictConfig) -> None:
     _check(lo.student_temp > 0 and lo.teacher_temp > 0, "loss.student_temp/teacher_temp", "must be > 0")
     o = cfg.optim
     _check(o.batch_size >= 1, "optim.batch_size", "must be >= 1")
+    _check(o.accumulate_grad_batches >= 1 and o.batch_size % o.accumulate_grad_batches == 0,
+           "optim.accumulate_grad_batches", f"must be >= 1 and divide optim.batch_size ({o.batch_size})")
     _check(o.epochs > 0, "optim.epochs", "must be > 0")
     _check(0.0 <= o.momentum_teacher <= 1.0, "optim.momentum_teacher", "must be in [0, 1]")
     _check(cfg.trainer.on_nonfinite in ("stop", "skip"), "trainer.on_nonfinite", "must be stop or skip")

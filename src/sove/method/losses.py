@@ -135,6 +135,7 @@ class SOVELoss(nn.Module):
         self.student_temp, self.seed = student_temp, seed
         self.chunk_size, self.search_dtype = chunk_size, search_dtype
         self._anchors: dict[tuple[int, int], torch.Tensor] = {}
+        self._cache: dict[tuple, Concepts] = {}
 
     def last_anchors(self) -> torch.Tensor:
         """Anchor indices drawn at the last step, all tasks concatenated (int64, for diagnostics)."""
@@ -142,15 +143,25 @@ class SOVELoss(nn.Module):
 
     def concepts(self, settings: ConceptSettings, features: torch.Tensor, step: int, task: int,
                  stream: int) -> Concepts:
-        """The concepts of one task at one step (deterministic in seed, step, task, stream)."""
+        """The concepts of one task at one step (deterministic in seed, step, task, stream).
+
+        Cached while the feature set is unchanged (same tensor, same in-place version), so the
+        micro-batches of gradient accumulation share one judge search per task.
+        """
+        key = (step, task, stream, settings.num_anchors, settings.num_judges, features.data_ptr(), features._version)
+        if key in self._cache:
+            return self._cache[key]
+        if any(k[0] != step for k in self._cache):
+            self._cache.clear()
         g = anchor_generator(self.seed, step, task, stream)
         anchors = draw_anchors(features.shape[0], settings.num_anchors, g, features.device)
         self._anchors[(stream, task)] = anchors
-        return select_judges(
+        self._cache[key] = select_judges(
             features, anchors, num_judges=settings.num_judges, smoothing=settings.smoothing,
             label_mode=settings.label_mode, keep_fraction=settings.anchor_keep_fraction,
             generator=g, chunk_size=self.chunk_size, search_dtype=self.search_dtype,
         )
+        return self._cache[key]
 
     def forward(
         self, *, student_cls: torch.Tensor, teacher_cls: torch.Tensor,

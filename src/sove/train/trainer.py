@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from lightning.fabric import Fabric
 from lightning.fabric.loggers import CSVLogger, TensorBoardLogger
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -139,19 +140,64 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------- step
     def training_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """One optimizer step on one batch; returns the loss terms (detached)."""
+        """One optimizer step on one batch (split into ``optim.accumulate_grad_batches`` micro-batches).
+
+        Every micro-batch uses the same concepts (the feature sets change only after the optimizer
+        step) and its loss is divided by the number of micro-batches, so the gradient equals the
+        full batch's. The feature sets are written once, after the optimizer step.
+
+        Returns:
+            The loss terms (detached), averaged over micro-batches.
+        """
         it, sch = self.step, self.schedules
         for group in self.optimizer.param_groups:
             group["lr"] = float(sch.lr[it])
             if group["apply_wd"]:
                 group["weight_decay"] = float(sch.weight_decay[it])
-        crops, masks = batch["crops"], batch["masks"]  # masks: (2, B, L)
-        b = crops[0].shape[0]
-        global_crops = torch.cat(crops[:2])  # (2B, C, H, W), view-major
-        local_crops = torch.cat(crops[2:]) if len(crops) > 2 else None
-        flat_masks = masks.flatten(0, 1)  # (2B, L)
-        owner = flat_masks.nonzero()[:, 0]  # image index of each masked token, row-major order
+        b, parts = batch["index"].shape[0], self.cfg.optim.accumulate_grad_batches
+        # E_P rows: one random view-2 patch per image, positions for the whole global batch drawn
+        # from a (seed, step) generator and sliced for this rank (= a single process's choice).
+        num_patches = batch["masks"].shape[-1]
+        g = torch.Generator().manual_seed(self.cfg.trainer.seed * 1_000_003 + it)
+        rank = self.fabric.global_rank
+        positions = torch.randint(num_patches, (self.fabric.world_size * b,), generator=g)[rank * b:(rank + 1) * b]
+        self.optimizer.zero_grad(set_to_none=True)
+        totals: dict[str, torch.Tensor] = {}
+        enqueue_cls, enqueue_tokens = [], []
+        for k, lo in enumerate(range(0, b, b // parts)):
+            micro = slice(lo, lo + b // parts)
+            with self.fabric.no_backward_sync(self.student, enabled=k < parts - 1):
+                terms, t_cls, tokens = self.micro_step(batch, micro, positions[micro], 1.0 / parts)
+            if terms is None:
+                return t_cls  # the NaN guard's report (skip mode)
+            for name, value in terms.items():
+                totals[name] = totals.get(name, 0.0) + value / parts
+            enqueue_cls.append(t_cls[1])
+            enqueue_tokens.append(tokens)
+        if not clip_per_tensor(self.student_params, self.cfg.optim.clip_grad):
+            self.optimizer.zero_grad(set_to_none=True)
+            return self.non_finite(["gradient"], totals, batch, {})
+        self.optimizer.step()
+        self.ema.update(float(sch.momentum[it]))
+        self.enqueue(torch.cat(enqueue_cls), torch.cat(enqueue_tokens), batch["index"])
+        if self.cfg.trainer.check_sync and self.fabric.world_size > 1:
+            self.check_sync()
+        return totals
 
+    def micro_step(self, batch: dict[str, Any], micro: slice, positions: torch.Tensor, scale: float):
+        """Forward, loss and backward of one micro-batch.
+
+        Returns:
+            (detached loss terms, teacher CLS (2, b, d), teacher view-2 patch tokens at ``positions``
+            (b, D)); on a non-finite loss ``(None, nan-guard result, None)``.
+        """
+        crops = [c[micro] for c in batch["crops"]]
+        masks = batch["masks"][:, micro]  # (2, b, L)
+        b = crops[0].shape[0]
+        global_crops = torch.cat(crops[:2])  # (2b, C, H, W), view-major
+        local_crops = torch.cat(crops[2:]) if len(crops) > 2 else None
+        flat_masks = masks.flatten(0, 1)  # (2b, L)
+        owner = flat_masks.nonzero()[:, 0]  # image index of each masked token, row-major order
         with torch.no_grad(), self.fabric.autocast():
             t_out = self.teacher(global_crops, masks=None, patch_select=flat_masks)
         t_cls = t_out["cls"].float().view(2, b, -1)
@@ -160,24 +206,16 @@ class Trainer:
         terms = self.loss_fn(
             student_cls=s_cls, teacher_cls=t_cls, student_patches=out["patches"].float(),
             teacher_patches=t_out["patches"].float(), patch_owner=owner, num_images=2 * b,
-            cls_feature_set=self.cls_fs, patch_feature_set=self.patch_fs, step=it,
-            teacher_temp=float(sch.teacher_temp[it]),
+            cls_feature_set=self.cls_fs, patch_feature_set=self.patch_fs, step=self.step,
+            teacher_temp=float(self.schedules.teacher_temp[self.step]),
         )
-        stats = {"teacher_cls": t_cls.detach(), "student_cls": s_cls.detach()}
         if not bool(torch.isfinite(terms["loss"])):
             bad = [k for k, v in terms.items() if k != "loss" and not torch.isfinite(v)] or ["loss"]
-            return self.non_finite(bad, terms, batch, stats)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.fabric.backward(terms["loss"])
-        if not clip_per_tensor(self.student_params, self.cfg.optim.clip_grad):
-            self.optimizer.zero_grad(set_to_none=True)
-            return self.non_finite(["gradient"], terms, batch, stats)
-        self.optimizer.step()
-        self.ema.update(float(sch.momentum[it]))
-        self.enqueue(t_cls, t_out["patch_tokens"], batch["index"], b)
-        if self.cfg.trainer.check_sync and self.fabric.world_size > 1:
-            self.check_sync()
-        return {k: v.detach() for k, v in terms.items()}
+            stats = {"teacher_cls": t_cls.detach(), "student_cls": s_cls.detach()}
+            return None, self.non_finite(bad, terms, batch, stats), None
+        self.fabric.backward(terms["loss"] * scale)
+        tokens = t_out["patch_tokens"][b:][torch.arange(b, device=positions.device), positions.to(t_cls.device)]
+        return {k: v.detach() for k, v in terms.items()}, t_cls, tokens
 
     @torch.no_grad()
     def check_sync(self) -> None:
@@ -197,19 +235,13 @@ class Trainer:
                 raise SoveError(f"ranks disagree on {name} after step {self.step}: distributed state is out of sync")
 
     @torch.no_grad()
-    def enqueue(self, t_cls: torch.Tensor, t_patch_tokens: torch.Tensor, index: torch.Tensor, b: int) -> None:
-        """E_C <- teacher CLS of global view 2; E_P <- one random teacher patch of view 2 per image."""
+    def enqueue(self, t_cls_view2: torch.Tensor, patch_tokens: torch.Tensor, index: torch.Tensor) -> None:
+        """E_C <- teacher CLS of global view 2 (B, d); E_P <- projected teacher patch tokens (B, D) of view 2."""
         if self.cls_fs is not None:
-            self.cls_fs.enqueue(t_cls[1], index)
+            self.cls_fs.enqueue(t_cls_view2, index)
         if self.patch_fs is not None:
-            tokens = t_patch_tokens[b:]  # (B, L, D) of view 2
-            # Positions for the whole global batch from a (seed, step) generator, this rank's slice:
-            # the same rows as a single process with the global batch would pick.
-            g = torch.Generator().manual_seed(self.cfg.trainer.seed * 1_000_003 + self.step)
-            rank, world = self.fabric.global_rank, self.fabric.world_size
-            pos = torch.randint(tokens.shape[1], (world * b,), generator=g)[rank * b:(rank + 1) * b].to(tokens.device)
             with self.fabric.autocast():
-                emb = self.teacher.head(tokens[torch.arange(b, device=tokens.device), pos])
+                emb = self.teacher.head(patch_tokens)
             self.patch_fs.enqueue(emb.float(), index)
 
     def non_finite(self, bad: list[str], terms: dict[str, torch.Tensor], batch: dict[str, Any],
@@ -273,6 +305,7 @@ class Trainer:
             else:
                 self.end_epoch()
         bar.close()
+        self.report_skipped()
         path = self.save()
         for logger in self.fabric.loggers:
             logger.finalize("success")
@@ -280,12 +313,16 @@ class Trainer:
 
     def end_epoch(self) -> None:
         """Report unreadable images of the epoch, then move to the next epoch."""
+        self.report_skipped()
+        self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+
+    def report_skipped(self) -> None:
+        """Print how many unreadable images were skipped since the last report, and the first five."""
         if self.skipped:
             shown = "; ".join(self.skipped[:5])
-            self.fabric.print(f"epoch {self.epoch}: skipped {len(self.skipped)} unreadable image(s): {shown}"
-                              + (" ..." if len(self.skipped) > 5 else ""))
+            self.fabric.print(f"epoch {self.epoch}: skipped {len(self.skipped)} unreadable image(s) "
+                              f"(data.on_error=skip): {shown}" + (" ..." if len(self.skipped) > 5 else ""))
         self.skipped = []
-        self.epoch, self.batch_in_epoch = self.epoch + 1, 0
 
     def log(self, terms: dict[str, torch.Tensor], img_per_s: float) -> None:
         it, sch = self.step - 1, self.schedules
@@ -346,8 +383,10 @@ def pretrain(cfg: DictConfig, overwrite: bool = False) -> Path:
     Raises:
         SoveError: existing run directory without ``overwrite``; data or config problems.
     """
-    run_dir = prepare_run_dir(cfg, overwrite)
-    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    run_dir = Path(cfg.trainer.out_dir) / cfg.trainer.name
+    if rank_zero_only.rank == 0:  # before the launch: the processes Fabric spawns skip this
+        prepare_run_dir(cfg, overwrite)
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     trainer = Trainer(cfg, run_dir)
     if cfg.trainer.init_from:
         state = ckpt.load_checkpoint(cfg.trainer.init_from)
@@ -373,10 +412,10 @@ def resume(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
     path = run_dir / "checkpoints" / "last.pt"
     state = ckpt.load_checkpoint(path)
     metrics, kept = run_dir / "metrics.csv", run_dir / ".metrics.csv.resume"
-    if metrics.is_file():
+    if rank_zero_only.rank == 0 and metrics.is_file():
         metrics.replace(kept)  # the CSV logger deletes metrics.csv when it starts; keep the history
     trainer = Trainer(cfg, run_dir)
-    if kept.is_file():
+    if rank_zero_only.rank == 0 and kept.is_file():
         kept.replace(metrics)
     trainer.load_state_dict(state, str(path))
     trainer.fabric.print(f"resumed {path} at step {trainer.step} (epoch {trainer.epoch}, batch {trainer.batch_in_epoch})")

@@ -1,0 +1,43 @@
+"""Gradient accumulation: 2 micro-batches of 4 give the gradient of one batch of 8; feature sets written once."""
+
+from __future__ import annotations
+
+import torch
+
+from conftest import TINY
+from sove.config import load_config
+from sove.train.trainer import Trainer, prepare_run_dir
+
+
+def one_step(tmp_path, image_folder, name, extra):
+    cfg = load_config(None, TINY + [f"data.root={image_folder}", f"trainer.out_dir={tmp_path}", f"trainer.name={name}",
+                                    "model.drop_path_rate=0"] + extra)
+    trainer = Trainer(cfg, prepare_run_dir(cfg, overwrite=False))
+    trainer.dataset.set_epoch(0)
+    batch = next(iter(trainer.loader))
+    terms = trainer.training_step(batch)
+    grads = {n: p.grad.clone() for n, p in trainer.student_module.named_parameters() if p.grad is not None}
+    return trainer, terms, grads
+
+
+def test_two_half_batches_equal_one_full_batch(tmp_path, image_folder):
+    full, terms_full, g_full = one_step(tmp_path, image_folder, "full", [])
+    acc, terms_acc, g_acc = one_step(tmp_path, image_folder, "acc", ["optim.accumulate_grad_batches=2"])
+    assert g_full.keys() == g_acc.keys() and len(g_full) > 10
+    for name in g_full:
+        torch.testing.assert_close(g_acc[name], g_full[name], atol=1e-5, rtol=0, msg=name)
+    torch.testing.assert_close(terms_acc["loss"], terms_full["loss"], atol=1e-5, rtol=0)
+    # E_C / E_P were written once, with the 8 images of the step in batch order.
+    for fs_full, fs_acc in ((full.cls_fs, acc.cls_fs), (full.patch_fs, acc.patch_fs)):
+        assert int(fs_acc.ptr) == int(fs_full.ptr) == 8
+        assert torch.equal(fs_acc.indices, fs_full.indices)
+        torch.testing.assert_close(fs_acc.features, fs_full.features, atol=1e-5, rtol=0)
+
+
+def test_accumulation_must_divide_the_batch():
+    import pytest
+
+    from sove.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="optim.accumulate_grad_batches"):
+        load_config(None, ["optim.batch_size=8", "optim.accumulate_grad_batches=3"])
