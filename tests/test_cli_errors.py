@@ -69,3 +69,14 @@ def test_invalid_values_name_the_key_before_any_work(tmp_path, capsys, override,
 def test_unknown_preset_lists_the_packaged_ones(capsys):
     status, err = run_cli(capsys, ["pretrain", "--config", "no_such_preset"])
     assert status == 2 and "no_such_preset" in err and "fashion_mnist_tiny" in err
+
+
+def test_bad_data_root_leaves_no_run_directory(tmp_path, capsys):
+    """Regression: a failed data check used to leave runs/<name>/ behind, and the retry then
+    complained that the run directory exists instead of naming the bad path."""
+    missing = tmp_path / "typo"
+    args = ["pretrain", *TINY, f"data.root={missing}", f"trainer.out_dir={tmp_path / 'runs'}"]
+    for _ in range(2):
+        status, err = run_cli(capsys, args)
+        assert status == 2 and str(missing) in err and "exists" not in err.replace("does not exist", "")
+    assert not (tmp_path / "runs").exists()

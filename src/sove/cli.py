@@ -45,6 +45,41 @@ def _eval_knn(args: argparse.Namespace) -> None:
           f"({result['num_train']} train / {result['num_test']} test)")
 
 
+def _concepts(args: argparse.Namespace) -> None:
+    from sove.viz.concepts import browse_concepts
+
+    r = browse_concepts(args.run, args.num, args.checkpoint)
+    purity = (f"concept purity {r['purity']:.3f} (random-init feature set: {r['purity_random_init']:.3f})"
+              if r["purity"] is not None else "no labels: purity not computed")
+    print(f"{r['num_concepts']} concepts x {r['num_judges']} judges at step {r['step']}; {purity}; "
+          f"wrote {r['png']} and {Path(args.run) / 'eval' / 'concepts.json'}")
+
+
+def _plot(args: argparse.Namespace) -> None:
+    from sove.viz.curves import plot_curves
+
+    print(f"wrote {plot_curves(args.run)}")
+    if args.embedding:
+        from sove.eval.features import eval_split, extract_features, labels_of, load_run_config, teacher_backbone
+        from sove.viz.curves import plot_embedding
+
+        cfg = load_run_config(args.run)
+        test = eval_split(cfg, "test")
+        feats = extract_features(teacher_backbone(args.run, cfg), test, cfg.eval.batch_size, "cpu", "test features")
+        path = plot_embedding(feats.numpy(), labels_of(test).numpy(), getattr(test.source, "classes", None),
+                              Path(args.run) / "plots" / "embedding.png", f"teacher CLS features, PCA ({args.run})")
+        print(f"wrote {path}")
+
+
+def _embed(args: argparse.Namespace) -> None:
+    from sove.eval.embed import embed
+
+    r = embed(args.out, args.run, args.backbone, args.images, args.split, args.batch_size)
+    print(f"wrote {r['npy']} {tuple(r['shape'])} and {r['csv']}")
+    if r["skipped"]:
+        print(f"skipped {len(r['skipped'])} unreadable file(s): " + "; ".join(r["skipped"][:5]))
+
+
 def summary_table(run_dir: str | Path) -> str:
     """Markdown table of the k-NN results found in ``RUN_DIR/eval`` (trained, random init, pixels)."""
     rows = []
@@ -87,13 +122,35 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--random-init", action="store_true", help="the same architecture, untrained")
     group.add_argument("--pixels", action="store_true", help="raw pixels, mean-centred and L2-normalised")
     knn.add_argument("--device", default="cpu", help="device for feature extraction (cpu, cuda)")
-    knn.add_argument("overrides", nargs="*", metavar="key=value")
+    knn.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. eval.knn_k=[10,20]")
     knn.set_defaults(func=_eval_knn)
 
     exp = sub.add_parser("export", help="write RUN/backbone.safetensors + backbone.json (timm-loadable)")
     exp.add_argument("run", help="run directory")
     exp.add_argument("--checkpoint", default="last.pt", help="file in RUN/checkpoints")
     exp.set_defaults(func=_export)
+
+    con = sub.add_parser("concepts", help="draw concepts (anchor + judges + weights): RUN/plots/concepts.png + JSON")
+    con.add_argument("run", help="run directory")
+    con.add_argument("--num", type=int, default=16, help="concepts to draw")
+    con.add_argument("--checkpoint", default="last.pt", help="file in RUN/checkpoints (e.g. step_0000500.pt)")
+    con.set_defaults(func=_concepts)
+
+    plot = sub.add_parser("plot", help="training curves (RUN/plots/curves.png), optionally the embedding map")
+    plot.add_argument("run", help="run directory")
+    plot.add_argument("--embedding", action="store_true", help="also a PCA map of test features (plots/embedding.png)")
+    plot.set_defaults(func=_plot)
+
+    emb = sub.add_parser("embed", help="teacher embeddings of images -> OUT.npy + OUT.csv")
+    src = emb.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", help="run directory (its teacher backbone)")
+    src.add_argument("--backbone", help="backbone.json written by `sove export`")
+    what = emb.add_mutually_exclusive_group(required=True)
+    what.add_argument("--images", help="folder of images (flat or one sub-folder per class)")
+    what.add_argument("--split", choices=["train", "test"], help="the run's own train/test data")
+    emb.add_argument("--out", required=True, help="output prefix, e.g. embeddings/test")
+    emb.add_argument("--batch-size", type=int, default=256)
+    emb.set_defaults(func=_embed)
 
     summ = sub.add_parser("summary", help="print the k-NN results of a run side by side")
     summ.add_argument("run", help="run directory")

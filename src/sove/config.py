@@ -133,6 +133,7 @@ class TrainerConfig:
     check_sync: bool = False  # DDP: assert all ranks hold identical feature sets and anchors each step
     on_nonfinite: str = "stop"  # stop | skip: what a NaN/inf loss or gradient does (debug file either way)
     num_threads: Optional[int] = None  # torch CPU threads; None = torch default
+    compile: bool = False  # torch.compile the student (measured: no gain on the 2-core CPU demo)
     progress: bool = True
 
 
@@ -143,6 +144,9 @@ class EvalConfig:
     knn_k: list[int] = field(default_factory=lambda: [10, 20, 100, 200])
     knn_temperature: float = 0.07
     batch_size: int = 256
+    knn_every_epochs: int = 0  # periodic k-NN during pretraining (0 = off); needs labelled train/test data
+    knn_train_subset: int = 10000  # periodic k-NN: first N train images as the bank ...
+    knn_test_subset: int = 2000  # ... and the first N test images as queries
 
 
 @dataclass

@@ -10,7 +10,6 @@ One step (DESIGN.md, "Data flow of one step")::
 
 from __future__ import annotations
 
-import shutil
 import time
 import warnings
 from pathlib import Path
@@ -25,12 +24,13 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from sove import __version__
-from sove.data import MultiCropAugmentation, SSLDataset, build_source, collate_views
+from sove.data import SSLDataset, collate_views
 from sove.data.sampler import ResumableSampler
 from sove.errors import DataError, SoveError
-from sove.method import ConceptSettings, FeatureSet, SOVELoss
+from sove.method import FeatureSet
 from sove.models import build_networks
 from sove.train import checkpoint as ckpt
+from sove.train.builders import build_loss, build_train_dataset, prepare_run_dir, resolve_precision
 from sove.train.optim import EMA, clip_per_tensor, param_groups
 from sove.train.schedules import Schedules, build_schedules
 
@@ -39,57 +39,10 @@ class NonFiniteLossError(SoveError):
     """A loss term or gradient was NaN/inf; the message names the term, step, lr and temperatures."""
 
 
-def build_train_dataset(cfg: DictConfig) -> SSLDataset:
-    """The multi-crop, masked training dataset of ``cfg.data`` / ``cfg.mask``."""
-    d = cfg.data
-    source = build_source(d.source, d.root, "train", d.download, d.num_channels, d.test_root)
-    aug = MultiCropAugmentation(
-        d.global_crop_size, d.local_crop_size, d.num_local_crops, tuple(d.global_crop_scale),
-        tuple(d.local_crop_scale), tuple(d.mean), tuple(d.std), d.num_channels, d.color_jitter,
-        d.grayscale, d.blur, d.solarize,
-    )
-    return SSLDataset(source, aug, cfg.model.patch_size, cfg.mask.mode, cfg.mask.ratio, d.on_error,
-                      cfg.trainer.seed)
-
-
-def build_loss(cfg: DictConfig) -> SOVELoss:
-    """:class:`SOVELoss` from ``cfg.loss`` (anchors seeded by ``trainer.seed``)."""
-    lo = cfg.loss
-
-    def settings(c) -> ConceptSettings:
-        return ConceptSettings(**OmegaConf.to_container(c))
-
-    return SOVELoss(settings(lo.cls), settings(lo.patch), lo.cls_weight, lo.patch_weight,
-                    lo.student_temp, cfg.trainer.seed, lo.chunk_size)
-
-
-def prepare_run_dir(cfg: DictConfig, overwrite: bool) -> Path:
-    """Create ``out_dir/name``; refuse an existing run unless ``overwrite``.
-
-    Raises:
-        SoveError: the run directory exists and ``overwrite`` is False.
-    """
-    run_dir = Path(cfg.trainer.out_dir) / cfg.trainer.name
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not overwrite:
-            raise SoveError(f"run directory '{run_dir}' exists; pass --resume {run_dir} to continue it, "
-                            "--overwrite to replace it, or trainer.name=NEW_NAME for a new run")
-        shutil.rmtree(run_dir)
-    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    return run_dir
-
-
-def resolve_precision(cfg: DictConfig) -> str:
-    """``trainer.precision``; ``auto`` = bf16-mixed on GPU, 32-true elsewhere (SOVE_SPEC §6)."""
-    if cfg.trainer.precision != "auto":
-        return cfg.trainer.precision
-    return "bf16-mixed" if torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda") else "32-true"
-
-
 class Trainer:
     """Owns the networks, feature sets, optimizer and loop of one pretraining run."""
 
-    def __init__(self, cfg: DictConfig, run_dir: Path) -> None:
+    def __init__(self, cfg: DictConfig, run_dir: Path, dataset: SSLDataset | None = None) -> None:
         self.cfg, self.run_dir = cfg, run_dir
         t = cfg.trainer
         # run_dir already holds config.yaml and checkpoints/: the CSV logger's warning is moot.
@@ -105,7 +58,7 @@ class Trainer:
             for logger in self.fabric.loggers:
                 logger.experiment  # create the writers now (the CSV writer clears metrics.csv here)
         self.fabric.seed_everything(t.seed, verbose=False)
-        self.dataset = build_train_dataset(cfg)
+        self.dataset = dataset if dataset is not None else build_train_dataset(cfg)
         b, world = cfg.optim.batch_size, self.fabric.world_size
         if len(self.dataset) < b * world:
             raise DataError(f"data.root: {len(self.dataset)} images is fewer than one global batch "
@@ -119,7 +72,8 @@ class Trainer:
         student, teacher = build_networks(cfg, seed=t.seed)
         self.student_module, self.teacher = student, self.fabric.to_device(teacher)
         self.optimizer = torch.optim.AdamW(param_groups(student), lr=0.0, betas=tuple(cfg.optim.betas))
-        self.student, self.optimizer = self.fabric.setup(student, self.optimizer)
+        self.student, self.optimizer = self.fabric.setup(
+            torch.compile(student) if t.compile else student, self.optimizer)
         self.ema = EMA(self.student_module, self.teacher)
         self.student_params = [p for p in self.student_module.parameters() if p.requires_grad]
         lo, dim = cfg.loss, cfg.model.head_out_dim
@@ -133,6 +87,8 @@ class Trainer:
         self.total_steps = min(self.schedules.total_iters, t.max_steps or self.schedules.total_iters)
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.skipped: list[str] = []
+        labels = getattr(self.dataset.source, "labels", None)
+        self.labels = torch.as_tensor(labels, dtype=torch.long) if labels is not None else None
         self.fabric.print(f"sove {__version__}: {len(self.dataset)} images, global batch {b * world}, "
                           f"{self.sampler.batches_per_epoch} steps/epoch, {self.total_steps} steps, "
                           f"peak lr {self.schedules.lr.max():.2e} (= {cfg.optim.base_lr} x {b * world}/256), "
@@ -284,6 +240,8 @@ class Trainer:
                    desc="pretrain", unit="step", dynamic_ncols=True)
         seen, t0 = 0, time.perf_counter()
         while self.step < self.total_steps:
+            if self.batch_in_epoch >= self.sampler.batches_per_epoch:
+                self.end_epoch()
             self.sampler.set_position(self.epoch, self.batch_in_epoch)
             self.dataset.set_epoch(self.epoch)
             for batch in self.loader:
@@ -298,12 +256,12 @@ class Trainer:
                     self.log(terms, seen / (time.perf_counter() - t0))
                     bar.set_postfix({k: f"{float(v):.3f}" for k, v in terms.items()}, refresh=False)
                 bar.update(1)
+                if self.batch_in_epoch == self.sampler.batches_per_epoch:
+                    self.end_epoch()  # before saving: a checkpoint never sits at an epoch's end
                 if self.step % t.checkpoint_every == 0:
                     self.save()
                 if self.step >= self.total_steps:
                     break
-            else:
-                self.end_epoch()
         bar.close()
         self.report_skipped()
         path = self.save()
@@ -312,9 +270,41 @@ class Trainer:
         return path
 
     def end_epoch(self) -> None:
-        """Report unreadable images of the epoch, then move to the next epoch."""
+        """Report unreadable images of the epoch, run the periodic k-NN if due, move to the next epoch."""
         self.report_skipped()
         self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+        every = self.cfg.eval.knn_every_epochs
+        if every > 0 and self.epoch % every == 0 and self.fabric.is_global_zero:
+            self.periodic_knn()
+
+    @torch.no_grad()
+    def periodic_knn(self) -> None:
+        """k-NN top-1 of the current teacher on labelled subsets, logged as ``knn_top1`` (rank 0).
+
+        Skipped with a warning when the data has no labels or no test split. Features are freed
+        right after.
+        """
+        from torch.utils.data import Subset
+
+        from sove.eval.features import eval_split, extract_features, labels_of
+        from sove.eval.knn import knn_classify
+
+        try:
+            train, test = eval_split(self.cfg, "train"), eval_split(self.cfg, "test")
+        except DataError as e:
+            self.fabric.print(f"warning: periodic k-NN skipped ({e})")
+            return
+        e = self.cfg.eval
+        n_train, n_test = min(e.knn_train_subset, len(train)), min(e.knn_test_subset, len(test))
+        backbone = self.teacher.backbone
+        feats = [extract_features(backbone, Subset(ds, range(n)), e.batch_size, self.fabric.device, "k-NN")
+                 for ds, n in ((train, n_train), (test, n_test))]
+        result = knn_classify(feats[0], labels_of(train)[:n_train], feats[1], labels_of(test)[:n_test],
+                              list(e.knn_k), e.knn_temperature)
+        del feats
+        self.fabric.log_dict({"knn_top1": result["best_top1"]}, step=self.step)
+        self.fabric.print(f"epoch {self.epoch}: k-NN top-1 {result['best_top1']:.2f}% "
+                          f"({n_train} train / {n_test} test images, best k={result['best_k']})")
 
     def report_skipped(self) -> None:
         """Print how many unreadable images were skipped since the last report, and the first five."""
@@ -327,10 +317,27 @@ class Trainer:
     def log(self, terms: dict[str, torch.Tensor], img_per_s: float) -> None:
         it, sch = self.step - 1, self.schedules
         metrics = {f"loss/{k}": float(v) for k, v in terms.items()}
+        purity = self.concept_purity()
+        if purity is not None:
+            metrics["concept_purity"] = purity
         metrics.update({"lr": float(sch.lr[it]), "weight_decay": float(sch.weight_decay[it]),
                         "momentum": float(sch.momentum[it]), "teacher_temp": float(sch.teacher_temp[it]),
                         "epoch": self.epoch, "img_per_s": img_per_s})
         self.fabric.log_dict(metrics, step=self.step)
+
+    def concept_purity(self) -> float | None:
+        """Purity of the next step's task-0 CLS concepts (a diagnostic; labels are never used by the loss).
+
+        The concepts are cached by the loss, so the next training step reuses them: no extra search.
+        """
+        if self.labels is None or self.cls_fs is None or self.cfg.loss.cls.num_judges < 2:
+            return None
+        from sove.viz.concepts import concept_purity
+
+        concepts = self.loss_fn.concepts(self.loss_fn.cls, self.cls_fs.features, self.step, 0, stream=0)
+        idx = self.cls_fs.indices
+        row_labels = torch.where(idx >= 0, self.labels.to(idx.device)[idx.clamp_min(0)], torch.full_like(idx, -1))
+        return concept_purity(concepts, row_labels)
 
     # ----------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -384,10 +391,14 @@ def pretrain(cfg: DictConfig, overwrite: bool = False) -> Path:
         SoveError: existing run directory without ``overwrite``; data or config problems.
     """
     run_dir = Path(cfg.trainer.out_dir) / cfg.trainer.name
+    dataset = build_train_dataset(cfg)  # bad data stops here, before the run directory exists
+    if len(dataset) < cfg.optim.batch_size:
+        raise DataError(f"data.root: {len(dataset)} images is fewer than one batch "
+                        f"(optim.batch_size={cfg.optim.batch_size}); lower optim.batch_size")
     if rank_zero_only.rank == 0:  # before the launch: the processes Fabric spawns skip this
         prepare_run_dir(cfg, overwrite)
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-    trainer = Trainer(cfg, run_dir)
+    trainer = Trainer(cfg, run_dir, dataset)
     if cfg.trainer.init_from:
         state = ckpt.load_checkpoint(cfg.trainer.init_from)
         ckpt.load_state_strict(trainer.student_module, state["student"], f"student in {cfg.trainer.init_from}")
@@ -425,5 +436,9 @@ def resume(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
 def _fit(trainer: Trainer, run_dir: Path) -> Path:
     start = time.perf_counter()
     trainer.fit()
+    if trainer.fabric.is_global_zero:
+        from sove.viz.curves import plot_curves
+
+        trainer.fabric.print(f"training curves: {plot_curves(run_dir)}")
     trainer.fabric.print(f"pretraining done in {(time.perf_counter() - start) / 60:.1f} min: {run_dir}")
     return run_dir

@@ -1,0 +1,1 @@
+"""Frozen-feature evaluation protocols (SOVE_SPEC §7)."""

@@ -1,0 +1,111 @@
+"""``sove embed``: teacher-backbone embeddings of any image folder (or a run's split) to .npy + .csv."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from sove.errors import DataError, SoveError
+
+
+def _encoder(run_dir: str | Path | None, backbone: str | Path | None) -> tuple[Callable, dict[str, Any]]:
+    """A function images (B, C, S, S) -> CLS (B, D), and the preprocessing (size, mean, std, channels)."""
+    if backbone is not None:
+        import json
+
+        from sove.export import load_backbone
+
+        meta_path = Path(backbone)
+        meta_path = meta_path / "backbone.json" if meta_path.is_dir() else meta_path
+        model = load_backbone(meta_path)
+        meta = json.loads(meta_path.read_text())
+        prep = {"size": meta["model_kwargs"]["img_size"], "mean": meta["mean"], "std": meta["std"],
+                "channels": meta["model_kwargs"]["in_chans"]}
+        return (lambda x: model.forward_features(x)[:, 0]), prep
+    from sove.eval.features import load_run_config, teacher_backbone
+
+    cfg = load_run_config(run_dir)
+    model = teacher_backbone(run_dir, cfg).eval()
+    prep = {"size": cfg.data.global_crop_size, "mean": list(cfg.data.mean), "std": list(cfg.data.std),
+            "channels": cfg.data.num_channels, "cfg": cfg}
+    return (lambda x: model(x)["cls"]), prep
+
+
+@torch.no_grad()
+def embed(out: str | Path, run_dir: str | Path | None = None, backbone: str | Path | None = None,
+          images: str | Path | None = None, split: str | None = None, batch_size: int = 256) -> dict[str, Any]:
+    """Embed images with a trained teacher backbone; L2-normalised CLS after the final norm.
+
+    Exactly the features ``sove eval knn`` uses, so a k-NN on them reproduces its numbers.
+
+    Args:
+        out: output prefix: writes ``<out>.npy`` (float32, shape (N, D)) and ``<out>.csv``
+            (columns ``row, item, label``: ``item`` is the file path or the dataset index).
+        run_dir: a run directory (its teacher backbone and preprocessing), or
+        backbone: an exported ``backbone.json`` (``sove export``).
+        images: a folder of images (flat or one sub-folder per class), or
+        split: ``train`` / ``test`` of the run's own data (needs ``run_dir``).
+        batch_size: images per forward.
+
+    Returns:
+        dict with ``npy``, ``csv``, ``shape``, ``skipped`` (messages of unreadable files).
+
+    Raises:
+        SoveError: neither or both of run_dir/backbone, or of images/split; an empty folder.
+    """
+    from sove.data import ImageFolder, build_source
+    from sove.eval.features import EvalImages
+
+    if (run_dir is None) == (backbone is None):
+        raise SoveError("sove embed: give exactly one of --run RUN_DIR or --backbone backbone.json")
+    if (images is None) == (split is None):
+        raise SoveError("sove embed: give exactly one of --images DIR or --split train|test")
+    encode, prep = _encoder(run_dir, backbone)
+    if images is not None:
+        source = ImageFolder(images, num_channels=prep["channels"])
+        names = [str(source.path(i)) for i in range(len(source))]
+    else:
+        if run_dir is None:
+            raise SoveError("sove embed --split needs --run RUN_DIR (the run's data)")
+        d = prep["cfg"].data
+        source = build_source(d.source, d.root, split, d.download, d.num_channels, d.test_root)
+        names = [str(i) for i in range(len(source))]
+    dataset = EvalImages(source, prep["size"], prep["mean"], prep["std"])
+    feats, rows, skipped = [], [], []
+    batch, meta = [], []
+
+    def flush() -> None:
+        if batch:
+            feats.append(torch.nn.functional.normalize(encode(torch.stack(batch)).float(), dim=1).numpy())
+            rows.extend(meta)
+            batch.clear()
+            meta.clear()
+
+    for i in tqdm(range(len(dataset)), desc="embed", unit="img", leave=False):
+        try:
+            image, label = dataset[i]
+        except DataError as e:
+            skipped.append(str(e))
+            continue
+        batch.append(image)
+        meta.append((names[i], label))
+        if len(batch) == batch_size:
+            flush()
+    flush()
+    if not rows:
+        raise SoveError(f"sove embed: no readable image ({len(skipped)} unreadable)")
+    array = np.concatenate(feats)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.save(out.with_suffix(".npy"), array)
+    with open(out.with_suffix(".csv"), "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["row", "item", "label"])
+        writer.writerows((r, name, label) for r, (name, label) in enumerate(rows))
+    return {"npy": str(out.with_suffix(".npy")), "csv": str(out.with_suffix(".csv")), "shape": array.shape,
+            "skipped": skipped}

@@ -1,0 +1,1 @@
+"""Pretraining: schedules, optimizer pieces, checkpoints, the Fabric training loop."""

@@ -1,0 +1,1 @@
+"""Visualisation: concept browser, training curves, embedding map."""

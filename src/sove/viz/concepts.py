@@ -1,0 +1,183 @@
+"""Concept browser: the concepts SOVE's loss builds (anchor + judges + soft-label weights), as PNG + JSON.
+
+The feature set E_C keeps, beside each embedding, the dataset index of the image it came from
+(-1 for the random initial rows), so each judge can be shown as its image. Concepts are drawn
+exactly as the loss draws them (:meth:`sove.method.SOVELoss.concepts`, CLS stream, at the
+checkpoint's step), so the JSON's judges and weights equal ``select_judges``'s for those anchors.
+
+*Concept purity* (a diagnostic, never used by the loss): over concepts whose rows all come from
+labelled images, the share of neighbour judges with the anchor's label.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from sove.errors import SoveError
+from sove.method import Concepts
+
+
+def concept_purity(concepts: Concepts, row_labels: torch.Tensor) -> float | None:
+    """Share of neighbour judges (anchor excluded) whose label equals their anchor's.
+
+    Args:
+        concepts: concepts with ``judge_index`` of shape (K, J), J >= 2.
+        row_labels: int64 (N,), the label of each feature-set row (-1 = unknown: random initial
+            row or unlabelled image).
+
+    Returns:
+        Purity in [0, 1] over concepts whose rows are all labelled; None when there is none.
+    """
+    if concepts.num_judges < 2:
+        return None
+    labels = row_labels[concepts.judge_index]  # (K, J)
+    known = (labels >= 0).all(dim=1)
+    if not bool(known.any()):
+        return None
+    same = labels[known, 1:] == labels[known, :1]
+    return float(same.float().mean())
+
+
+def run_concepts(run_dir: str | Path, cfg: DictConfig, checkpoint: str = "last.pt", task: int = 0
+                 ) -> tuple[Concepts, torch.Tensor, int]:
+    """The CLS concepts of task ``task`` that the loss would build at the checkpoint's step.
+
+    Returns:
+        (concepts, dataset index of every E_C row (N,), step).
+
+    Raises:
+        SoveError: the checkpoint has no E_C (``loss.cls_weight`` was 0).
+    """
+    from sove.train.builders import build_loss
+    from sove.train.checkpoint import load_checkpoint
+
+    state = load_checkpoint(Path(run_dir) / "checkpoints" / checkpoint)
+    fs = state.get("cls_feature_set")
+    if fs is None:
+        raise SoveError(f"{run_dir}: this run has no CLS feature set (loss.cls_weight=0); nothing to browse")
+    loss = build_loss(cfg)
+    concepts = loss.concepts(loss.cls, fs["features"], state["step"], task, stream=0)
+    return concepts, fs["indices"], int(state["step"])
+
+
+def describe(concepts: Concepts, row_index: torch.Tensor, labels: torch.Tensor | None,
+             num: int) -> list[dict[str, Any]]:
+    """JSON-ready description of the first ``num`` concepts: judges sorted by weight (anchor first)."""
+    out = []
+    for c in range(min(num, concepts.num_concepts)):
+        rows, weights = concepts.judge_index[c], concepts.weights[c]
+        order = [0] + sorted(range(1, len(rows)), key=lambda j: -float(weights[j]))
+        judges = []
+        for j in order:
+            idx = int(row_index[rows[j]])
+            judges.append({"row": int(rows[j]), "dataset_index": idx, "weight": float(weights[j]),
+                           "label": int(labels[idx]) if labels is not None and idx >= 0 else None,
+                           "anchor": j == 0})
+        out.append({"concept": c, "judges": judges})
+    return out
+
+
+def draw_grid(described: list[dict[str, Any]], images, class_names: list[str] | None, path: Path) -> None:
+    """One row per concept: anchor first, then judges by weight, weight (and class) under each image."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, cols = len(described), max(len(d["judges"]) for d in described)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.25 * cols, 1.45 * rows), squeeze=False)
+    for r, concept in enumerate(described):
+        anchor_label = concept["judges"][0]["label"]
+        for c in range(cols):
+            ax = axes[r][c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c >= len(concept["judges"]):
+                ax.axis("off")
+                continue
+            judge = concept["judges"][c]
+            if judge["dataset_index"] >= 0:
+                img = images[judge["dataset_index"]][0]
+                ax.imshow(img.permute(1, 2, 0).squeeze(-1).numpy(), cmap="gray" if img.shape[0] == 1 else None)
+            text = ("anchor " if judge["anchor"] else "") + f"{judge['weight']:.2f}"
+            if judge["label"] is not None and class_names:
+                text += f"\n{class_names[judge['label']][:10]}"
+                colour = "tab:green" if judge["label"] == anchor_label else "tab:red"
+                for spine in ax.spines.values():
+                    spine.set_edgecolor(colour)
+                    spine.set_linewidth(2.5)
+            ax.set_xlabel(text, fontsize=7)
+    fig.suptitle("SOVE concepts: anchor + judges (soft-label weight; green = anchor's class)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+@torch.no_grad()
+def random_init_rows(cfg: DictConfig, features: torch.Tensor, row_index: torch.Tensor, dataset) -> torch.Tensor:
+    """E_C as a random-init teacher would have filled it: the same images, embedded untrained.
+
+    Rows whose dataset index is -1 keep their random initial vectors. Returns (N, d) float32.
+    """
+    from sove.eval.features import EvalImages
+    from sove.models import build_networks
+
+    teacher = build_networks(cfg, seed=cfg.trainer.seed)[1].eval()
+    images = EvalImages(dataset, cfg.data.global_crop_size, cfg.data.mean, cfg.data.std)
+    out = features.clone()
+    rows = (row_index >= 0).nonzero()[:, 0]
+    for start in range(0, rows.shape[0], 512):
+        chunk = rows[start:start + 512]
+        batch = torch.stack([images[int(row_index[r])][0] for r in chunk])
+        out[chunk] = teacher(batch)["cls"].float()
+    return out
+
+
+def browse_concepts(run_dir: str | Path, num: int = 16, checkpoint: str = "last.pt") -> dict[str, Any]:
+    """``sove concepts``: write ``plots/concepts.png`` and ``eval/concepts.json`` for a run.
+
+    Args:
+        run_dir: a run directory.
+        num: concepts to draw (the first ``num`` of task 0).
+        checkpoint: file in ``run_dir/checkpoints``.
+
+    Returns:
+        The JSON dict: ``step``, ``num_concepts``, ``num_judges``, ``purity`` (trained E_C, all K
+        concepts), ``purity_random_init`` (E_C re-filled by the untrained teacher, same anchors),
+        ``concepts`` (the drawn ones, see :func:`describe`), ``png``.
+    """
+    from sove.data import build_source
+    from sove.eval.features import load_run_config
+    from sove.train.builders import build_loss
+    from sove.train.checkpoint import load_checkpoint
+
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir)
+    concepts, row_index, step = run_concepts(run_dir, cfg, checkpoint)
+    d = cfg.data
+    source = build_source(d.source, d.root, "train", d.download, d.num_channels, d.test_root)
+    labels = torch.as_tensor(source.labels, dtype=torch.long) if getattr(source, "labels", None) is not None else None
+    described = describe(concepts, row_index, labels, num)
+    result: dict[str, Any] = {"step": step, "num_concepts": concepts.num_concepts, "num_judges": concepts.num_judges,
+                              "purity": None, "purity_random_init": None}
+    if labels is not None:
+        row_labels = torch.where(row_index >= 0, labels[row_index.clamp_min(0)], torch.full_like(row_index, -1))
+        result["purity"] = concept_purity(concepts, row_labels)
+        state = load_checkpoint(run_dir / "checkpoints" / checkpoint)
+        random_rows = random_init_rows(cfg, state["cls_feature_set"]["features"], row_index, source)
+        loss = build_loss(cfg)
+        random_concepts = loss.concepts(loss.cls, random_rows, step, 0, stream=0)
+        result["purity_random_init"] = concept_purity(random_concepts, row_labels)
+    png = run_dir / "plots" / "concepts.png"
+    png.parent.mkdir(exist_ok=True)
+    draw_grid(described, source, getattr(source, "classes", None), png)
+    result.update(concepts=described, png=str(png))
+    out = run_dir / "eval" / "concepts.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    return result

@@ -1,0 +1,119 @@
+"""Concept browser, purity, curves, `sove embed` (issue: see what SOVE learned)."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY
+from sove.cli import main
+from sove.config import load_config
+from sove.eval.knn import knn_classify
+from sove.method import select_judges
+from sove.train.checkpoint import load_checkpoint
+from sove.train.trainer import pretrain
+from sove.viz.concepts import concept_purity
+
+
+@pytest.fixture
+def run(tmp_path, image_folder):
+    cfg = load_config(None, TINY + [f"data.root={image_folder}", f"data.test_root={image_folder}",
+                                    f"trainer.out_dir={tmp_path}", "trainer.name=v"])
+    return pretrain(cfg)
+
+
+def test_purity_by_hand():
+    # Feature set of 6 rows on a circle; anchors 0 and 3; 2 neighbours each.
+    angles = torch.tensor([0.0, 0.1, 0.2, 3.0, 3.05, 2.9])
+    features = torch.stack([angles.cos(), angles.sin()], dim=1)
+    concepts = select_judges(features, torch.tensor([0, 3]), num_judges=3)
+    assert concepts.judge_index.tolist() == [[0, 1, 2], [3, 4, 5]]
+    labels = torch.tensor([7, 7, 8, 5, 5, 5])
+    # concept 0: judges 1 (7 = 7) and 2 (8 != 7) -> 1/2; concept 1: both match -> 2/2; mean 3/4.
+    assert concept_purity(concepts, labels) == 0.75
+    # a concept touching an unknown row (-1: random initial row) is left out: only concept 1 counts.
+    assert concept_purity(concepts, torch.tensor([7, -1, 8, 5, 5, 5])) == 1.0
+    assert concept_purity(concepts, torch.full((6,), -1)) is None
+
+
+def test_concepts_json_equals_the_loss_concepts(run, capsys):
+    assert main(["concepts", str(run), "--num", "4"]) == 0
+    out = json.loads((run / "eval" / "concepts.json").read_text())
+    assert (run / "plots" / "concepts.png").stat().st_size > 1000
+    state = load_checkpoint(run / "checkpoints" / "last.pt")
+    fs = state["cls_feature_set"]
+    cfg = load_config(str(run / "config.yaml"))
+    # The same anchors as the loss at that step (explicit generator), then select_judges directly.
+    from sove.method import anchor_generator, draw_anchors
+
+    g = anchor_generator(cfg.trainer.seed, state["step"], 0, 0)
+    anchors = draw_anchors(fs["features"].shape[0], cfg.loss.cls.num_anchors, g)
+    ref = select_judges(fs["features"], anchors, num_judges=cfg.loss.cls.num_judges,
+                        smoothing=cfg.loss.cls.smoothing, label_mode=cfg.loss.cls.label_mode)
+    for c, concept in enumerate(out["concepts"]):
+        judges = concept["judges"]
+        assert judges[0]["anchor"] and judges[0]["row"] == int(anchors[c])
+        expected = {int(r): float(w) for r, w in zip(ref.judge_index[c], ref.weights[c])}
+        assert {j["row"]: j["weight"] for j in judges} == pytest.approx(expected, abs=1e-7)
+        assert [j["dataset_index"] for j in judges] == [int(fs["indices"][j["row"]]) for j in judges]
+        weights = [j["weight"] for j in judges[1:]]
+        assert weights == sorted(weights, reverse=True)  # judges shown by weight
+    assert 0.0 <= out["purity"] <= 1.0 and 0.0 <= out["purity_random_init"] <= 1.0
+    assert "concept purity" in capsys.readouterr().out
+
+
+def test_purity_and_curves_are_logged(run):
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    purities = [float(r["concept_purity"]) for r in rows if r.get("concept_purity")]
+    assert purities and all(0.0 <= p <= 1.0 for p in purities)
+    assert (run / "plots" / "curves.png").stat().st_size > 1000  # drawn at the end of pretraining
+
+
+def test_embed_split_matches_eval_knn(run):
+    assert main(["eval", "knn", "--run", str(run)]) == 0
+    knn = json.loads((run / "eval" / "knn.json").read_text())
+    assert main(["embed", "--run", str(run), "--split", "train", "--out", str(run / "emb" / "train")]) == 0
+    assert main(["embed", "--run", str(run), "--split", "test", "--out", str(run / "emb" / "test")]) == 0
+    train, test = np.load(run / "emb" / "train.npy"), np.load(run / "emb" / "test.npy")
+    assert train.shape == (32, 32) and test.shape == (32, 32)
+    labels = lambda p: torch.tensor([int(r["label"]) for r in csv.DictReader(open(p))])  # noqa: E731
+    r = knn_classify(torch.from_numpy(train), labels(run / "emb" / "train.csv"), torch.from_numpy(test),
+                     labels(run / "emb" / "test.csv"), ks=[1, 3])
+    assert r["top1"] == knn["top1"]
+
+
+def test_embed_folder_with_an_unreadable_file(run, tmp_path, image_folder, capsys):
+    (image_folder / "dark" / "broken.png").write_bytes(b"not a png")
+    assert main(["embed", "--run", str(run), "--images", str(image_folder), "--out", str(tmp_path / "e")]) == 0
+    out = capsys.readouterr().out
+    assert "skipped 1 unreadable" in out and "broken.png" in out
+    assert np.load(tmp_path / "e.npy").shape == (32, 32)
+    items = [r["item"] for r in csv.DictReader(open(tmp_path / "e.csv"))]
+    assert len(items) == 32 and not any("broken" in i for i in items)
+
+
+def test_periodic_knn_is_logged_each_epoch(tmp_path, image_folder):
+    cfg = load_config(None, TINY + [f"data.root={image_folder}", f"data.test_root={image_folder}",
+                                    f"trainer.out_dir={tmp_path}", "trainer.name=p", "eval.knn_every_epochs=1"])
+    run = pretrain(cfg)
+    rows = [r for r in csv.DictReader(open(run / "metrics.csv")) if r.get("knn_top1")]
+    assert [int(r["step"]) for r in rows] == [4, 8]  # after each of the 2 epochs
+    assert all(0.0 <= float(r["knn_top1"]) <= 100.0 for r in rows)
+
+
+def test_periodic_knn_without_labels_warns(tmp_path, capsys):
+    from conftest import make_image_folder
+
+    flat = tmp_path / "flat"
+    make_image_folder(tmp_path / "nested")
+    flat.mkdir()
+    for i, p in enumerate(sorted((tmp_path / "nested").rglob("*.png"))):
+        p.rename(flat / f"{i}.png")
+    cfg = load_config(None, TINY + [f"data.root={flat}", f"trainer.out_dir={tmp_path}", "trainer.name=w",
+                                    "eval.knn_every_epochs=1", "trainer.max_steps=4"])
+    pretrain(cfg)
+    assert "periodic k-NN skipped" in capsys.readouterr().out
