@@ -9,7 +9,6 @@ FMNIST := /usr/share/datasets/fashion-mnist
 
 $(BIN)/sove: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --upgrade --quiet pip
 	$(BIN)/pip install --quiet -e '.[dev]'
 	@touch $@
 

@@ -49,7 +49,8 @@ def _concepts(args: argparse.Namespace) -> None:
     from sove.viz.concepts import browse_concepts
 
     r = browse_concepts(args.run, args.num, args.checkpoint)
-    purity = (f"concept purity {r['purity']:.3f} (random-init feature set: {r['purity_random_init']:.3f})"
+    purity = (f"concept purity {r['purity']:.3f} as trained; same images re-embedded (clean view): "
+              f"trained teacher {r['purity_clean']:.3f}, random-init teacher {r['purity_random_init']:.3f}"
               if r["purity"] is not None else "no labels: purity not computed")
     print(f"{r['num_concepts']} concepts x {r['num_judges']} judges at step {r['step']}; {purity}; "
           f"wrote {r['png']} and {Path(args.run) / 'eval' / 'concepts.json'}")

@@ -112,22 +112,25 @@ def draw_grid(described: list[dict[str, Any]], images, class_names: list[str] | 
                     spine.set_edgecolor(colour)
                     spine.set_linewidth(2.5)
             ax.set_xlabel(text, fontsize=7)
-    fig.suptitle("SOVE concepts: anchor + judges (soft-label weight; green = anchor's class)", fontsize=9)
-    fig.tight_layout()
+    fig.suptitle("SOVE concepts: anchor + judges sorted by soft-label weight (green = anchor's class; "
+                 "images shown uncropped)", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.985))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 @torch.no_grad()
-def random_init_rows(cfg: DictConfig, features: torch.Tensor, row_index: torch.Tensor, dataset) -> torch.Tensor:
-    """E_C as a random-init teacher would have filled it: the same images, embedded untrained.
+def reembed_rows(cfg: DictConfig, teacher: torch.nn.Module, features: torch.Tensor, row_index: torch.Tensor,
+                 dataset) -> torch.Tensor:
+    """E_C re-filled with ``teacher``'s projected CLS of the same images, in the clean evaluation view.
 
-    Rows whose dataset index is -1 keep their random initial vectors. Returns (N, d) float32.
+    Used to compare a trained and an untrained teacher on equal terms (the stored rows are
+    augmented global-view-2 crops embedded by past teachers). Rows whose dataset index is -1 keep
+    their random initial vectors. Returns (N, d) float32.
     """
     from sove.eval.features import EvalImages
-    from sove.models import build_networks
 
-    teacher = build_networks(cfg, seed=cfg.trainer.seed)[1].eval()
+    teacher = teacher.eval()
     images = EvalImages(dataset, cfg.data.global_crop_size, cfg.data.mean, cfg.data.std)
     out = features.clone()
     rows = (row_index >= 0).nonzero()[:, 0]
@@ -147,14 +150,17 @@ def browse_concepts(run_dir: str | Path, num: int = 16, checkpoint: str = "last.
         checkpoint: file in ``run_dir/checkpoints``.
 
     Returns:
-        The JSON dict: ``step``, ``num_concepts``, ``num_judges``, ``purity`` (trained E_C, all K
-        concepts), ``purity_random_init`` (E_C re-filled by the untrained teacher, same anchors),
+        The JSON dict: ``step``, ``num_concepts``, ``num_judges``, ``purity`` (the concepts as the
+        loss builds them from the stored E_C, all K concepts), ``purity_clean`` (the same images
+        re-embedded in the clean view by the trained teacher, same anchors) and
+        ``purity_random_init`` (re-embedded likewise by the untrained teacher),
         ``concepts`` (the drawn ones, see :func:`describe`), ``png``.
     """
     from sove.data import build_source
     from sove.eval.features import load_run_config
     from sove.train.builders import build_loss
-    from sove.train.checkpoint import load_checkpoint
+    from sove.models import build_networks
+    from sove.train.checkpoint import load_checkpoint, load_state_strict
 
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
@@ -164,15 +170,17 @@ def browse_concepts(run_dir: str | Path, num: int = 16, checkpoint: str = "last.
     labels = torch.as_tensor(source.labels, dtype=torch.long) if getattr(source, "labels", None) is not None else None
     described = describe(concepts, row_index, labels, num)
     result: dict[str, Any] = {"step": step, "num_concepts": concepts.num_concepts, "num_judges": concepts.num_judges,
-                              "purity": None, "purity_random_init": None}
+                              "purity": None, "purity_clean": None, "purity_random_init": None}
     if labels is not None:
         row_labels = torch.where(row_index >= 0, labels[row_index.clamp_min(0)], torch.full_like(row_index, -1))
         result["purity"] = concept_purity(concepts, row_labels)
         state = load_checkpoint(run_dir / "checkpoints" / checkpoint)
-        random_rows = random_init_rows(cfg, state["cls_feature_set"]["features"], row_index, source)
+        trained, untrained = build_networks(cfg)[1], build_networks(cfg, seed=cfg.trainer.seed)[1]
+        load_state_strict(trained, state["teacher"], f"teacher in {checkpoint}")
         loss = build_loss(cfg)
-        random_concepts = loss.concepts(loss.cls, random_rows, step, 0, stream=0)
-        result["purity_random_init"] = concept_purity(random_concepts, row_labels)
+        for key, teacher in (("purity_clean", trained), ("purity_random_init", untrained)):
+            rows = reembed_rows(cfg, teacher, state["cls_feature_set"]["features"], row_index, source)
+            result[key] = concept_purity(loss.concepts(loss.cls, rows, step, 0, stream=0), row_labels)
     png = run_dir / "plots" / "concepts.png"
     png.parent.mkdir(exist_ok=True)
     draw_grid(described, source, getattr(source, "classes", None), png)
