@@ -31,15 +31,12 @@ from sove.method import FeatureSet
 from sove.models import build_networks
 from sove.train import checkpoint as ckpt
 from sove.train.builders import build_loss, build_train_dataset, prepare_run_dir, resolve_precision
+from sove.train.diagnostics import Diagnostics, NonFiniteLossError  # noqa: F401 (re-exported)
 from sove.train.optim import EMA, clip_per_tensor, param_groups
 from sove.train.schedules import Schedules, build_schedules
 
 
-class NonFiniteLossError(SoveError):
-    """A loss term or gradient was NaN/inf; the message names the term, step, lr and temperatures."""
-
-
-class Trainer:
+class Trainer(Diagnostics):
     """Owns the networks, feature sets, optimizer and loop of one pretraining run."""
 
     def __init__(self, cfg: DictConfig, run_dir: Path, dataset: SSLDataset | None = None) -> None:
@@ -174,23 +171,6 @@ class Trainer:
         return {k: v.detach() for k, v in terms.items()}, t_cls, tokens
 
     @torch.no_grad()
-    def check_sync(self) -> None:
-        """Assert every rank holds bit-identical E_C/E_P, pointers and anchors (``trainer.check_sync``).
-
-        Raises:
-            SoveError: naming the step and the first quantity that differs between ranks.
-        """
-        state = {"anchors": self.loss_fn.last_anchors()}
-        for name, fs in (("E_C", self.cls_fs), ("E_P", self.patch_fs)):
-            if fs is not None:
-                state[name], state[name + " pointer"] = fs.features, fs.ptr.view(1).double()
-        for name, value in state.items():
-            flat = value.detach().double().flatten()
-            gathered = self.fabric.all_gather(flat)  # (world, n)
-            if not bool((gathered == gathered[0]).all()):
-                raise SoveError(f"ranks disagree on {name} after step {self.step}: distributed state is out of sync")
-
-    @torch.no_grad()
     def enqueue(self, t_cls_view2: torch.Tensor, patch_tokens: torch.Tensor, index: torch.Tensor) -> None:
         """E_C <- teacher CLS of global view 2 (B, d); E_P <- projected teacher patch tokens (B, D) of view 2."""
         if self.cls_fs is not None:
@@ -199,38 +179,6 @@ class Trainer:
             with self.fabric.autocast():
                 emb = self.teacher.head(patch_tokens)
             self.patch_fs.enqueue(emb.float(), index)
-
-    def non_finite(self, bad: list[str], terms: dict[str, torch.Tensor], batch: dict[str, Any],
-                   stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """NaN guard: write ``debug/nonfinite_step_<k>.json``, then stop (default) or skip the step.
-
-        Nothing is written to the checkpoints, so ``last.pt`` stays the last good state.
-
-        Raises:
-            NonFiniteLossError: with ``trainer.on_nonfinite=stop``.
-        """
-        import json
-
-        sch, it = self.schedules, self.step
-        where = (f"non-finite {', '.join(bad)} at step {it} (epoch {self.epoch}; lr {sch.lr[it]:.3e}, "
-                 f"teacher_temp {sch.teacher_temp[it]:.4f}, student_temp {self.cfg.loss.student_temp})")
-        report = {
-            "step": it, "epoch": self.epoch, "terms": {k: float(v.detach()) for k, v in terms.items()}, "culprits": bad,
-            "lr": float(sch.lr[it]), "teacher_temp": float(sch.teacher_temp[it]),
-            "student_temp": self.cfg.loss.student_temp, "batch_index": batch["index"].tolist(),
-            "stats": {k: {"finite_fraction": float(v.isfinite().float().mean()),
-                          "abs_max": float(v.nan_to_num(0, 0, 0).abs().max())} for k, v in stats.items()},
-        }
-        path = self.run_dir / "debug" / f"nonfinite_step_{it:07d}.json"
-        if self.fabric.is_global_zero:
-            path.parent.mkdir(exist_ok=True)
-            path.write_text(json.dumps(report, indent=2))
-        if self.cfg.trainer.on_nonfinite == "stop":
-            raise NonFiniteLossError(f"{where}; debug file {path}; last good checkpoint "
-                                     f"{self.run_dir / 'checkpoints' / 'last.pt'} is intact. Lower optim.base_lr "
-                                     f"or raise the temperatures, then --resume")
-        self.fabric.print(f"warning: skipped step: {where}; see {path}")
-        return {k: v.detach() for k, v in terms.items()}
 
     # ----------------------------------------------------------------------------------- loop
     def fit(self) -> Path:
@@ -277,35 +225,6 @@ class Trainer:
         if every > 0 and self.epoch % every == 0 and self.fabric.is_global_zero:
             self.periodic_knn()
 
-    @torch.no_grad()
-    def periodic_knn(self) -> None:
-        """k-NN top-1 of the current teacher on labelled subsets, logged as ``knn_top1`` (rank 0).
-
-        Skipped with a warning when the data has no labels or no test split. Features are freed
-        right after.
-        """
-        from torch.utils.data import Subset
-
-        from sove.eval.features import eval_split, extract_features, labels_of
-        from sove.eval.knn import knn_classify
-
-        try:
-            train, test = eval_split(self.cfg, "train"), eval_split(self.cfg, "test")
-        except DataError as e:
-            self.fabric.print(f"warning: periodic k-NN skipped ({e})")
-            return
-        e = self.cfg.eval
-        n_train, n_test = min(e.knn_train_subset, len(train)), min(e.knn_test_subset, len(test))
-        backbone = self.teacher.backbone
-        feats = [extract_features(backbone, Subset(ds, range(n)), e.batch_size, self.fabric.device, "k-NN")
-                 for ds, n in ((train, n_train), (test, n_test))]
-        result = knn_classify(feats[0], labels_of(train)[:n_train], feats[1], labels_of(test)[:n_test],
-                              list(e.knn_k), e.knn_temperature)
-        del feats
-        self.fabric.log_dict({"knn_top1": result["best_top1"]}, step=self.step)
-        self.fabric.print(f"epoch {self.epoch}: k-NN top-1 {result['best_top1']:.2f}% "
-                          f"({n_train} train / {n_test} test images, best k={result['best_k']})")
-
     def report_skipped(self) -> None:
         """Print how many unreadable images were skipped since the last report, and the first five."""
         if self.skipped:
@@ -324,20 +243,6 @@ class Trainer:
                         "momentum": float(sch.momentum[it]), "teacher_temp": float(sch.teacher_temp[it]),
                         "epoch": self.epoch, "img_per_s": img_per_s})
         self.fabric.log_dict(metrics, step=self.step)
-
-    def concept_purity(self) -> float | None:
-        """Purity of the next step's task-0 CLS concepts (a diagnostic; labels are never used by the loss).
-
-        The concepts are cached by the loss, so the next training step reuses them: no extra search.
-        """
-        if self.labels is None or self.cls_fs is None or self.cfg.loss.cls.num_judges < 2:
-            return None
-        from sove.viz.concepts import concept_purity
-
-        concepts = self.loss_fn.concepts(self.loss_fn.cls, self.cls_fs.features, self.step, 0, stream=0)
-        idx = self.cls_fs.indices
-        row_labels = torch.where(idx >= 0, self.labels.to(idx.device)[idx.clamp_min(0)], torch.full_like(idx, -1))
-        return concept_purity(concepts, row_labels)
 
     # ----------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
