@@ -49,6 +49,7 @@ class MaskConfig:
 
     mode: str = "blockwise"  # blockwise | random
     ratio: float = 0.3
+    views: list[int] = field(default_factory=lambda: [0, 1])  # which global views the student sees masked
 
 
 @dataclass
@@ -61,6 +62,7 @@ class ModelConfig:
     depth: Optional[int] = None
     num_heads: Optional[int] = None
     drop_path_rate: float = 0.1  # student only
+    global_pool: str = "cls"  # cls | mean_patch: image representation for the CLS loss and evaluation (Tab. B.2)
     head_hidden_dim: int = 2048
     head_out_dim: int = 256
 
@@ -229,6 +231,8 @@ def validate(cfg: DictConfig) -> None:
                f"{size} px is not divisible by model.patch_size ({m.patch_size})")
     _check(d.num_local_crops >= 0, "data.num_local_crops", "must be >= 0")
     _check(0.0 <= cfg.mask.ratio < 1.0, "mask.ratio", f"must be in [0, 1), got {cfg.mask.ratio}")
+    _check(all(v in (0, 1) for v in cfg.mask.views), "mask.views", f"global view indices are 0 and 1, got {list(cfg.mask.views)}")
+    _check(m.global_pool in ("cls", "mean_patch"), "model.global_pool", f"must be cls or mean_patch, got {m.global_pool!r}")
     _check(cfg.mask.mode in ("blockwise", "random"), "mask.mode", f"must be blockwise or random, got {cfg.mask.mode!r}")
     _check(lo.cls_weight >= 0 and lo.patch_weight >= 0, "loss.cls_weight/loss.patch_weight", "must be >= 0")
     _check(lo.cls_weight > 0 or lo.patch_weight > 0, "loss.cls_weight/loss.patch_weight", "cannot both be 0")

@@ -33,7 +33,7 @@ def _encoder(run_dir: str | Path | None, backbone: str | Path | None) -> tuple[C
     model = teacher_backbone(run_dir, cfg).eval()
     prep = {"size": cfg.data.global_crop_size, "mean": list(cfg.data.mean), "std": list(cfg.data.std),
             "channels": cfg.data.num_channels, "cfg": cfg}
-    return (lambda x: model(x)["cls"]), prep
+    return (lambda x: model(x)["global"]), prep
 
 
 @torch.no_grad()

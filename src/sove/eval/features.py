@@ -61,7 +61,8 @@ def labels_of(dataset: EvalImages) -> torch.Tensor:
 @torch.no_grad()
 def extract_features(backbone: MaskedViT, dataset: Dataset, batch_size: int = 256,
                      device: str | torch.device = "cpu", desc: str = "features") -> torch.Tensor:
-    """[CLS] features after the final norm, L2-normalised, in dataset order.
+    """Global features after the final norm ([CLS], or the mean patch token with
+    ``model.global_pool=mean_patch``), L2-normalised, in dataset order.
 
     Args:
         backbone: a teacher backbone (no mask token); put in eval mode here.
@@ -76,7 +77,7 @@ def extract_features(backbone: MaskedViT, dataset: Dataset, batch_size: int = 25
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
     out = []
     for images, _ in tqdm(loader, desc=desc, unit="batch", leave=False):
-        out.append(torch.nn.functional.normalize(backbone(images.to(device))["cls"].float(), dim=1).cpu())
+        out.append(torch.nn.functional.normalize(backbone(images.to(device))["global"].float(), dim=1).cpu())
     return torch.cat(out)
 
 

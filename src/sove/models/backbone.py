@@ -14,6 +14,9 @@ from torch import nn
 
 from sove.errors import ConfigError
 
+#: Image representations for the CLS loss and evaluation (``model.global_pool``, Tab. B.2).
+GLOBAL_POOLS = ("cls", "mean_patch")
+
 #: Short names accepted by ``model.arch``; any other name is passed to ``timm.create_model``.
 ARCH_ALIASES = {
     "vit_tiny": "vit_tiny_patch16_224",
@@ -64,9 +67,12 @@ class MaskedViT(nn.Module):
         mask_token: float parameter of shape (embed_dim,), zeros at init; only in the student.
     """
 
-    def __init__(self, vit: nn.Module, with_mask_token: bool = True) -> None:
+    def __init__(self, vit: nn.Module, with_mask_token: bool = True, global_pool: str = "cls") -> None:
         super().__init__()
+        if global_pool not in GLOBAL_POOLS:
+            raise ValueError(f"global_pool must be one of {GLOBAL_POOLS}, got {global_pool!r}")
         self.vit = vit
+        self.global_pool = global_pool
         self.embed_dim: int = vit.embed_dim
         self.patch_size: int = vit.patch_embed.patch_size[0]
         self.mask_token = nn.Parameter(torch.zeros(self.embed_dim)) if with_mask_token else None
@@ -108,9 +114,13 @@ class MaskedViT(nn.Module):
             mask: optional bool tensor of shape (batch, patches) (student global views only).
 
         Returns:
-            dict with ``cls`` of shape (batch, embed_dim) and ``patches`` of shape
-            (batch, patches, embed_dim).
+            dict with ``cls`` (the [CLS] token) and ``global`` (the image representation used by the
+            CLS loss and by evaluation: the [CLS] token, or the mean patch token when
+            ``global_pool="mean_patch"``, paper Tab. B.2), both (batch, embed_dim), and ``patches``
+            of shape (batch, patches, embed_dim).
         """
         x = self.vit.norm(self.vit.blocks(self.embed(images, mask)))
         prefix = self.vit.num_prefix_tokens
-        return {"cls": x[:, 0], "patches": x[:, prefix:]}
+        patches = x[:, prefix:]
+        pooled = x[:, 0] if self.global_pool == "cls" else patches.mean(dim=1)
+        return {"cls": x[:, 0], "global": pooled, "patches": patches}

@@ -43,9 +43,9 @@ class SOVENetwork(nn.Module):
             backbone patch tokens of the globals, shape (global_views * batch, patches, D).
         """
         g = self.backbone(global_crops, masks)
-        cls = [g["cls"]]
+        cls = [g["global"]]
         if local_crops is not None and local_crops.shape[0] > 0:
-            cls.append(self.backbone(local_crops)["cls"])
+            cls.append(self.backbone(local_crops)["global"])
         select = masks if patch_select is None else patch_select
         out = {"cls": self.head(torch.cat(cls)), "patch_tokens": g["patches"]}
         if select is not None:
@@ -72,7 +72,7 @@ def build_networks(cfg, seed: int | None = None) -> tuple[SOVENetwork, SOVENetwo
     def make(drop_path: float, mask_token: bool) -> SOVENetwork:
         vit = create_vit(m.arch, d.global_crop_size, m.patch_size, d.num_channels, drop_path,
                          m.embed_dim, m.depth, m.num_heads)
-        backbone = MaskedViT(vit, with_mask_token=mask_token)
+        backbone = MaskedViT(vit, with_mask_token=mask_token, global_pool=m.global_pool)
         return SOVENetwork(backbone, ProjectionHead(backbone.embed_dim, m.head_hidden_dim, m.head_out_dim))
 
     student = make(m.drop_path_rate, True)
@@ -88,4 +88,4 @@ def build_teacher_backbone(cfg) -> MaskedViT:
     """An untrained teacher backbone of the configured architecture (for loading or baselines)."""
     m, d = cfg.model, cfg.data
     vit = create_vit(m.arch, d.global_crop_size, m.patch_size, d.num_channels, 0.0, m.embed_dim, m.depth, m.num_heads)
-    return MaskedViT(vit, with_mask_token=False)
+    return MaskedViT(vit, with_mask_token=False, global_pool=m.global_pool)

@@ -146,15 +146,20 @@ class Trainer(Diagnostics):
         """
         crops = [c[micro] for c in batch["crops"]]
         masks = batch["masks"][:, micro]  # (2, b, L)
+        if len(self.cfg.mask.views) < 2:  # mask.views: the other global view stays unmasked
+            masks = masks.clone()
+            masks[[v for v in (0, 1) if v not in self.cfg.mask.views]] = False
         b = crops[0].shape[0]
         global_crops = torch.cat(crops[:2])  # (2b, C, H, W), view-major
         local_crops = torch.cat(crops[2:]) if len(crops) > 2 else None
         flat_masks = masks.flatten(0, 1)  # (2b, L)
         owner = flat_masks.nonzero()[:, 0]  # image index of each masked token, row-major order
+        # Patch projections are needed only for the patch loss (lambda2 = 0: none computed).
+        select = flat_masks if self.patch_fs is not None else torch.zeros_like(flat_masks)
         with torch.no_grad(), self.fabric.autocast():
-            t_out = self.teacher(global_crops, masks=None, patch_select=flat_masks)
+            t_out = self.teacher(global_crops, masks=None, patch_select=select)
         t_cls = t_out["cls"].float().view(2, b, -1)
-        out = self.student(global_crops, local_crops, masks=flat_masks)
+        out = self.student(global_crops, local_crops, masks=flat_masks, patch_select=select)
         s_cls = out["cls"].float().view(-1, b, out["cls"].shape[-1])
         terms = self.loss_fn(
             student_cls=s_cls, teacher_cls=t_cls, student_patches=out["patches"].float(),
