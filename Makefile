@@ -9,7 +9,7 @@ FMNIST := /usr/share/datasets/fashion-mnist
 
 $(BIN)/sove: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
 	@touch $@
 
 setup: $(BIN)/sove  ## virtual environment with sove and its dependencies (torch 2.14.1 pinned)

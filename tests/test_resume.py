@@ -85,3 +85,28 @@ def test_init_from_loads_weights_but_starts_fresh(tmp_path, image_folder):
     assert b["step"] == 1  # a new run, not a resume
     # lr 0 and momentum 1: the initialised weights pass through one step unchanged.
     assert torch.equal(a["teacher"]["head.mlp.0.weight"], b["teacher"]["head.mlp.0.weight"])
+
+
+def test_fit_with_deadlines_equals_one_straight_fit(tmp_path, image_folder, record_indices):
+    """``Trainer.fit(deadline)`` stops after the step that passes the deadline; calling it again
+    continues exactly (the method-comparison benchmark alternates methods this way)."""
+    from sove.train.builders import prepare_run_dir
+
+    base = TINY + [f"data.root={image_folder}", f"trainer.out_dir={tmp_path}"]
+    pretrain(load_config(None, base + ["trainer.name=straight"]))
+    straight_seen = list(record_indices)
+    record_indices.clear()
+
+    cfg = load_config(None, base + ["trainer.name=sliced"])
+    trainer = trainer_mod.Trainer(cfg, prepare_run_dir(cfg, overwrite=False))
+    calls = 0
+    while trainer.fit(deadline=0.0) is None:  # a deadline in the past: one step per call
+        calls += 1
+        assert trainer.step == calls
+    assert calls == 7 and trainer.step == 8  # the eighth call finishes the schedule and saves
+    assert record_indices == straight_seen
+    a = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")
+    b = load_checkpoint(tmp_path / "sliced" / "checkpoints" / "last.pt")
+    for part in ("student", "teacher", "cls_feature_set", "patch_feature_set"):
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), f"{part}.{key} differs with deadlines"

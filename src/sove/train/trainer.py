@@ -10,10 +10,11 @@ One step (DESIGN.md, "Data flow of one step")::
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, ContextManager
 
 import torch
 from lightning.fabric import Fabric
@@ -39,8 +40,20 @@ from sove.train.schedules import Schedules, build_schedules
 class Trainer(Diagnostics):
     """Owns the networks, feature sets, optimizer and loop of one pretraining run."""
 
-    def __init__(self, cfg: DictConfig, run_dir: Path, dataset: SSLDataset | None = None) -> None:
+    def __init__(self, cfg: DictConfig, run_dir: Path, dataset: SSLDataset | None = None,
+                 networks: tuple[torch.nn.Module, torch.nn.Module] | None = None) -> None:
+        """Set up Fabric, data, networks, optimizer, feature sets, loss and schedules.
+
+        Args:
+            cfg: the full config.
+            run_dir: the run directory (exists; rank 0 made it).
+            dataset: the training dataset (default: built from ``cfg.data``).
+            networks: (student, teacher) to train instead of :func:`build_networks` ones (the
+                method-comparison benchmark swaps heads this way).
+        """
         self.cfg, self.run_dir = cfg, run_dir
+        # Optional phase timer (benchmarks): a callable name -> context manager; None = no timing.
+        self.timer: Callable[[str], ContextManager] | None = None
         t = cfg.trainer
         # run_dir already holds config.yaml and checkpoints/: the CSV logger's warning is moot.
         warnings.filterwarnings("ignore", message=".*Experiment logs directory.*")
@@ -66,7 +79,7 @@ class Trainer(Diagnostics):
                             num_workers=cfg.data.num_workers, collate_fn=collate_views,
                             generator=torch.Generator().manual_seed(t.seed))
         self.loader = self.fabric.setup_dataloaders(loader, use_distributed_sampler=False)
-        student, teacher = build_networks(cfg, seed=t.seed)
+        student, teacher = networks if networks is not None else build_networks(cfg, seed=t.seed)
         self.student_module, self.teacher = student, self.fabric.to_device(teacher)
         self.optimizer = torch.optim.AdamW(param_groups(student), lr=0.0, betas=tuple(cfg.optim.betas))
         self.student, self.optimizer = self.fabric.setup(
@@ -90,6 +103,11 @@ class Trainer(Diagnostics):
                           f"{self.sampler.batches_per_epoch} steps/epoch, {self.total_steps} steps, "
                           f"peak lr {self.schedules.lr.max():.2e} (= {cfg.optim.base_lr} x {b * world}/256), "
                           f"precision {self.fabric.strategy.precision.precision}, device {self.fabric.device}")
+
+    def phase(self, name: str) -> ContextManager:
+        """Context timing one phase of a step (``forward``, ``objective``, ``backward``, ``optimizer``,
+        ``enqueue``, ``data``) with :attr:`timer`; a no-op when no timer is set."""
+        return contextlib.nullcontext() if self.timer is None else self.timer(name)
 
     # ----------------------------------------------------------------------------------- step
     def training_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -127,12 +145,14 @@ class Trainer(Diagnostics):
                 totals[name] = totals.get(name, 0.0) + value / parts
             enqueue_cls.append(t_cls[1])
             enqueue_tokens.append(tokens)
-        if not clip_per_tensor(self.student_params, self.cfg.optim.clip_grad):
-            self.optimizer.zero_grad(set_to_none=True)
-            return self.non_finite(["gradient"], totals, batch, {})
-        self.optimizer.step()
-        self.ema.update(float(sch.momentum[it]))
-        self.enqueue(torch.cat(enqueue_cls), torch.cat(enqueue_tokens), batch["index"])
+        with self.phase("optimizer"):
+            if not clip_per_tensor(self.student_params, self.cfg.optim.clip_grad):
+                self.optimizer.zero_grad(set_to_none=True)
+                return self.non_finite(["gradient"], totals, batch, {})
+            self.optimizer.step()
+            self.ema.update(float(sch.momentum[it]))
+        with self.phase("enqueue"):
+            self.enqueue(torch.cat(enqueue_cls), torch.cat(enqueue_tokens), batch["index"])
         if self.cfg.trainer.check_sync and self.fabric.world_size > 1:
             self.check_sync()
         return totals
@@ -156,22 +176,25 @@ class Trainer(Diagnostics):
         owner = flat_masks.nonzero()[:, 0]  # image index of each masked token, row-major order
         # Patch projections are needed only for the patch loss (lambda2 = 0: none computed).
         select = flat_masks if self.patch_fs is not None else torch.zeros_like(flat_masks)
-        with torch.no_grad(), self.fabric.autocast():
-            t_out = self.teacher(global_crops, masks=None, patch_select=select)
+        with self.phase("forward"):
+            with torch.no_grad(), self.fabric.autocast():
+                t_out = self.teacher(global_crops, masks=None, patch_select=select)
+            out = self.student(global_crops, local_crops, masks=flat_masks, patch_select=select)
         t_cls = t_out["cls"].float().view(2, b, -1)
-        out = self.student(global_crops, local_crops, masks=flat_masks, patch_select=select)
         s_cls = out["cls"].float().view(-1, b, out["cls"].shape[-1])
-        terms = self.loss_fn(
-            student_cls=s_cls, teacher_cls=t_cls, student_patches=out["patches"].float(),
-            teacher_patches=t_out["patches"].float(), patch_owner=owner, num_images=2 * b,
-            cls_feature_set=self.cls_fs, patch_feature_set=self.patch_fs, step=self.step,
-            teacher_temp=float(self.schedules.teacher_temp[self.step]),
-        )
+        with self.phase("objective"):
+            terms = self.loss_fn(
+                student_cls=s_cls, teacher_cls=t_cls, student_patches=out["patches"].float(),
+                teacher_patches=t_out["patches"].float(), patch_owner=owner, num_images=2 * b,
+                cls_feature_set=self.cls_fs, patch_feature_set=self.patch_fs, step=self.step,
+                teacher_temp=float(self.schedules.teacher_temp[self.step]),
+            )
         if not bool(torch.isfinite(terms["loss"])):
             bad = [k for k, v in terms.items() if k != "loss" and not torch.isfinite(v)] or ["loss"]
             stats = {"teacher_cls": t_cls.detach(), "student_cls": s_cls.detach()}
             return None, self.non_finite(bad, terms, batch, stats), None
-        self.fabric.backward(terms["loss"] * scale)
+        with self.phase("backward"):
+            self.fabric.backward(terms["loss"] * scale)
         tokens = t_out["patch_tokens"][b:][torch.arange(b, device=positions.device), positions.to(t_cls.device)]
         return {k: v.detach() for k, v in terms.items()}, t_cls, tokens
 
@@ -186,8 +209,14 @@ class Trainer(Diagnostics):
             self.patch_fs.enqueue(emb.float(), index)
 
     # ----------------------------------------------------------------------------------- loop
-    def fit(self) -> Path:
-        """Train until ``optim.epochs`` (or ``trainer.max_steps``); returns the last checkpoint path."""
+    def fit(self, deadline: float | None = None) -> Path | None:
+        """Train until ``optim.epochs`` (or ``trainer.max_steps``); returns the last checkpoint path.
+
+        Args:
+            deadline: optional ``time.perf_counter()`` value: stop after the step that passes it,
+                without saving, and return None; a later ``fit`` call continues exactly there
+                (the benchmarks alternate methods this way).
+        """
         t = self.cfg.trainer
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not (t.progress and self.fabric.is_global_zero),
                    desc="pretrain", unit="step", dynamic_ncols=True)
@@ -197,7 +226,12 @@ class Trainer(Diagnostics):
                 self.end_epoch()
             self.sampler.set_position(self.epoch, self.batch_in_epoch)
             self.dataset.set_epoch(self.epoch)
-            for batch in self.loader:
+            batches = iter(self.loader)
+            while True:
+                with self.phase("data"):
+                    batch = next(batches, None)
+                if batch is None:
+                    break
                 terms = self.training_step(batch)
                 self.step += 1
                 self.batch_in_epoch += 1
@@ -215,6 +249,9 @@ class Trainer(Diagnostics):
                     self.save()
                 if self.step >= self.total_steps:
                     break
+                if deadline is not None and time.perf_counter() >= deadline:
+                    bar.close()
+                    return None
         bar.close()
         self.report_skipped()
         path = self.save()

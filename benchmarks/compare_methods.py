@@ -1,0 +1,379 @@
+"""SOVE vs DINO vs iBOT at the same backbone, data, optimiser, schedules and wall-clock budget.
+
+    pip install -e ".[bench]"        # lightly: the peers' objectives (DINOLoss, IBOTPatchLoss, DINOProjectionHead)
+    python benchmarks/compare_methods.py --config fashion_mnist_tiny --budget-minutes 10 --out docs/compare.md
+    python benchmarks/compare_methods.py --smoke data.source=folder data.root=DIR data.test_root=DIR ...  # CI
+
+What is shared: the trainer (``sove.train.trainer.Trainer``: Fabric, multi-crop + masks, sampler,
+AdamW groups, per-tensor clipping, lr / weight-decay / momentum / teacher-temperature schedules,
+EMA teacher), the ViT backbone and the head MLP (``model.head_hidden_dim`` -> ``head_out_dim``).
+What differs is only the objective:
+
+* **SOVE** (ours): Eq. 2 on E_C concepts + Eq. 4 on E_P concepts; the head output is the embedding.
+* **DINO**: lightly's ``DINOProjectionHead`` (the same MLP, ``head_out_dim`` bottleneck, then a
+  weight-normalised layer to ``--num-prototypes`` logits) and lightly's ``DINOLoss`` (centering,
+  all cross-view pairs). No masking.
+* **iBOT**: the DINO CLS loss on masked global views + lightly's ``IBOTPatchLoss`` on the masked
+  tokens (the same masks as SOVE, shared head), weights ``loss.cls_weight`` / ``loss.patch_weight``.
+
+The peers use the same teacher temperature schedule, student temperature and teacher momentum
+as SOVE (``fashion_mnist_tiny``: 0.04 / 0.1 / 0.99 -> 1); the DINO last layer is not frozen in the
+first epoch (the budget is ~1-2 epochs).
+
+Protocol: first each method runs a few steps in a fresh child process (its seconds per step and
+peak memory, measured alone); from that step time its schedule is sized to the budget (the lr
+warm-up is the same fraction of the schedule as in the config). Then the three trainers run
+alternately in ``--slice-seconds`` slices until each has used its budget or finished its schedule,
+so machine drift hits all alike. Finally the teacher backbones are evaluated with the k-NN
+protocol of ``sove eval knn`` on the full train / test splits, next to raw pixels and the
+untrained backbone. The step split is measured during the alternating run: ``network`` = forward
+and backward of backbone + head, ``objective`` = loss forward (SOVE: concept selection included)
++ feature-set enqueue; the objective's own backward share is inside ``backward``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import resource
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sove.config import load_config
+from sove.errors import SoveError
+from sove.eval.features import eval_split, extract_features, labels_of, pixel_features, random_init_backbone
+from sove.eval.knn import knn_classify
+from sove.models import build_networks
+from sove.train.builders import build_train_dataset, prepare_run_dir
+from sove.train.trainer import Trainer
+
+METHODS = ("sove", "dino", "ibot")
+PHASES = ("data", "forward", "objective", "backward", "optimizer", "enqueue")
+
+
+class PhaseTimer:
+    """Accumulates wall seconds per phase name (synchronising CUDA around each phase)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.seconds = device, defaultdict(float)
+
+    @contextmanager
+    def __call__(self, name: str):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.seconds[name] += time.perf_counter() - start
+
+
+class SOVEBench(Trainer):
+    """SOVE exactly as ``sove pretrain`` trains it, minus the purity diagnostic (it would move the
+    next step's concept selection out of the timed objective)."""
+
+    def concept_purity(self) -> None:
+        return None
+
+
+class PeerTrainer(SOVEBench):
+    """DINO (``patch=False``) or iBOT (``patch=True``) with lightly's losses on SOVE's trainer.
+
+    Args:
+        cfg, run_dir, dataset: as :class:`Trainer`.
+        num_prototypes: K, the DINO head's output width (prototypes).
+        patch: add iBOT's masked patch loss (student global views masked as in SOVE).
+    """
+
+    def __init__(self, cfg, run_dir: Path, dataset, num_prototypes: int, patch: bool) -> None:
+        from lightly.loss import DINOLoss, IBOTPatchLoss
+        from lightly.models.modules import DINOProjectionHead
+
+        m = cfg.model
+        student, teacher = build_networks(cfg, seed=cfg.trainer.seed)
+        torch.manual_seed(cfg.trainer.seed + 17)
+        def head() -> torch.nn.Module:
+            return DINOProjectionHead(student.backbone.embed_dim, m.head_hidden_dim, m.head_out_dim, num_prototypes)
+
+        student.head, teacher.head = head(), head()  # weight norm: no deepcopy, copy the state instead
+        teacher.head.load_state_dict(student.head.state_dict())
+        teacher.head.requires_grad_(False)
+        super().__init__(cfg, run_dir, dataset, networks=(student, teacher))
+        self.cls_fs = self.patch_fs = None  # no feature sets
+        lo = cfg.loss
+        self.patch = patch
+        self.dino_loss = DINOLoss(num_prototypes, lo.teacher_temp, lo.teacher_temp, 0, lo.student_temp).to(
+            self.fabric.device)
+        self.ibot_loss = IBOTPatchLoss(num_prototypes, lo.teacher_temp, lo.student_temp).to(
+            self.fabric.device) if patch else None
+
+    def micro_step(self, batch: dict[str, Any], micro: slice, positions: torch.Tensor, scale: float):
+        crops = [c[micro] for c in batch["crops"]]
+        b = crops[0].shape[0]
+        global_crops = torch.cat(crops[:2])
+        local_crops = torch.cat(crops[2:]) if len(crops) > 2 else None
+        flat = None
+        if self.patch:
+            masks = batch["masks"][:, micro]
+            if len(self.cfg.mask.views) < 2:
+                masks = masks.clone()
+                masks[[v for v in (0, 1) if v not in self.cfg.mask.views]] = False
+            flat = masks.flatten(0, 1)  # (2b, L)
+        with self.phase("forward"):
+            with torch.no_grad(), self.fabric.autocast():
+                t_out = self.teacher(global_crops, masks=None, patch_select=flat)
+            out = self.student(global_crops, local_crops, masks=flat, patch_select=flat)
+        with self.phase("objective"):
+            temp = float(self.schedules.teacher_temp[self.step])
+            t_cls = t_out["cls"].float().view(2, b, -1)
+            s_cls = out["cls"].float().view(-1, b, out["cls"].shape[-1])
+            terms = {"cls": self.dino_loss(list(t_cls), list(s_cls), teacher_temp=temp)}
+            loss = self.cfg.loss.cls_weight * terms["cls"]
+            if self.patch:
+                side = int(flat.shape[1] ** 0.5)
+                terms["patch"] = self.ibot_loss(t_out["patches"].float(), out["patches"].float(),
+                                                flat.view(-1, side, side), teacher_temp=temp)
+                loss = loss + self.cfg.loss.patch_weight * terms["patch"]
+            terms["loss"] = loss
+        if not bool(torch.isfinite(loss)):
+            raise SoveError(f"non-finite peer loss at step {self.step}: {({k: float(v) for k, v in terms.items()})}")
+        with self.phase("backward"):
+            self.fabric.backward(loss * scale)
+        return {k: v.detach() for k, v in terms.items()}, t_cls, torch.empty(0)
+
+    def enqueue(self, *args) -> None:
+        return None
+
+
+def make_trainer(method: str, cfg, run_dir: Path, dataset, num_prototypes: int) -> Trainer:
+    """A trainer of ``method`` (sove | dino | ibot) in ``run_dir`` (created)."""
+    prepare_run_dir(cfg, overwrite=True)
+    if method == "sove":
+        return SOVEBench(cfg, run_dir, dataset)
+    return PeerTrainer(cfg, run_dir, dataset, num_prototypes, patch=method == "ibot")
+
+
+def method_config(args: argparse.Namespace, method: str, epochs: float | None = None):
+    """The shared config with this method's run name and, if given, a schedule of ``epochs``."""
+    base = load_config(args.config, args.overrides)
+    extra = [f"trainer.out_dir={args.work_dir}", f"trainer.name={method}", "trainer.progress=false",
+             "trainer.checkpoint_every=1000000000", "trainer.keep_checkpoints=0", "eval.knn_every_epochs=0"]
+    if epochs is not None:
+        frac = base.optim.warmup_epochs / base.optim.epochs
+        extra += [f"optim.epochs={epochs}", f"optim.warmup_epochs={frac * epochs}"]
+    return load_config(args.config, list(args.overrides) + extra)
+
+
+def persistent_mib(trainer: Trainer) -> float:
+    """MiB held between steps: student, teacher, optimizer state, feature sets, loss buffers."""
+    tensors = list(trainer.student_module.state_dict().values()) + list(trainer.teacher.state_dict().values())
+    for state in trainer.optimizer.state.values():
+        tensors += [v for v in state.values() if torch.is_tensor(v)]
+    for fs in (trainer.cls_fs, trainer.patch_fs):
+        if fs is not None:
+            tensors += list(fs.state_dict().values())
+    for name in ("dino_loss", "ibot_loss"):
+        module = getattr(trainer, name, None)
+        if module is not None:
+            tensors += list(module.state_dict().values())
+    return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t)) / 2**20
+
+
+def _rss_now_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def _calibrate_child(args: argparse.Namespace, method: str, steps: int, queue) -> None:
+    """Child process: build ``method``'s trainer, run 1 + ``steps`` steps; report s/step and memory."""
+    try:
+        cfg = method_config(args, f"calibrate_{method}")
+        dataset = build_train_dataset(cfg)
+        trainer = make_trainer(method, cfg, Path(args.work_dir) / f"calibrate_{method}", dataset, args.num_prototypes)
+        trainer.fit(deadline=0.0)  # warm-up step
+        device = trainer.fabric.device
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        before = _rss_now_mib()
+        start = time.perf_counter()
+        for _ in range(steps):
+            trainer.fit(deadline=0.0)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = (time.perf_counter() - start) / steps
+        peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
+                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before)
+        queue.put({"method": method, "s_per_step": seconds, "step_peak_mib": peak,
+                   "persistent_mib": persistent_mib(trainer), "batches_per_epoch": trainer.sampler.batches_per_epoch})
+    except BaseException as e:  # report to the parent instead of hanging it
+        queue.put({"method": method, "error": f"{type(e).__name__}: {e}"})
+
+
+def calibrate(args: argparse.Namespace, method: str) -> dict[str, Any]:
+    """Run :func:`_calibrate_child` in a fresh process (so its peak memory is its own); in smoke
+    mode in this process (faster; its memory figures then mean nothing)."""
+    if args.smoke:
+        import queue as queue_mod
+
+        local: queue_mod.Queue = queue_mod.Queue()
+        _calibrate_child(args, method, args.calibration_steps, local)
+        result = local.get()
+    else:
+        ctx = mp.get_context("spawn")
+        queue = ctx.Queue()
+        proc = ctx.Process(target=_calibrate_child, args=(args, method, args.calibration_steps, queue))
+        proc.start()
+        result = queue.get()
+        proc.join()
+    if "error" in result:
+        raise SoveError(f"calibration of {method} failed: {result['error']}")
+    return result
+
+
+def knn_of(backbone: torch.nn.Module, train, test, cfg, device) -> dict[str, Any]:
+    """k-NN of ``sove eval knn`` (full splits, ``eval.knn_k``) on a backbone's features."""
+    train_f = extract_features(backbone, train, cfg.eval.batch_size, device, "train features")
+    test_f = extract_features(backbone, test, cfg.eval.batch_size, device, "test features")
+    return knn_classify(train_f, labels_of(train), test_f, labels_of(test), list(cfg.eval.knn_k),
+                        cfg.eval.knn_temperature)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """The whole comparison; returns the results dict (also written as JSON next to ``--out``)."""
+    Path(args.work_dir).mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    calib = {m: calibrate(args, m) for m in args.methods}
+    for m in args.methods:
+        c = calib[m]
+        print(f"[calibrate] {m}: {c['s_per_step']:.3f} s/step alone, step peak {c['step_peak_mib']:.0f} MiB, "
+              f"persistent {c['persistent_mib']:.1f} MiB", flush=True)
+    budget = args.budget_minutes * 60
+    trainers, timers, used = {}, {}, {}
+    dataset = None
+    for m in args.methods:
+        c = calib[m]
+        steps = args.steps if args.steps else max(1, int(budget / c["s_per_step"]))
+        cfg = method_config(args, m, epochs=steps / c["batches_per_epoch"])
+        dataset = dataset if dataset is not None else build_train_dataset(cfg)
+        trainers[m] = make_trainer(m, cfg, Path(args.work_dir) / m, dataset, args.num_prototypes)
+        timers[m] = PhaseTimer(trainers[m].fabric.device)
+        trainers[m].timer = timers[m]
+        used[m] = 0.0
+        print(f"[schedule] {m}: {trainers[m].total_steps} steps ({cfg.optim.epochs:.3f} epochs)", flush=True)
+    done = {m: False for m in args.methods}
+    while not all(done.values()):
+        for m in args.methods:
+            if done[m]:
+                continue
+            tr = trainers[m]
+            start = time.perf_counter()
+            slice_end = start + min(args.slice_seconds, budget - used[m])
+            if args.steps:  # fixed number of steps (smoke mode): no time limit
+                slice_end = None
+            finished = tr.fit(deadline=slice_end) is not None
+            used[m] += time.perf_counter() - start
+            done[m] = finished or used[m] >= budget
+            print(f"[train] {m}: step {tr.step}/{tr.total_steps}, {used[m] / 60:.1f} of "
+                  f"{args.budget_minutes} min", flush=True)
+    rows = {}
+    cfg = trainers[args.methods[0]].cfg
+    train, test = eval_split(cfg, "train"), eval_split(cfg, "test")
+    device = trainers[args.methods[0]].fabric.device
+    for m in args.methods:
+        tr = trainers[m]
+        knn = knn_of(tr.teacher.backbone, train, test, cfg, device)
+        sec = dict(timers[m].seconds)
+        steps = max(tr.step, 1)
+        images = tr.step * cfg.optim.batch_size
+        rows[m] = {
+            "steps": tr.step, "scheduled_steps": tr.total_steps, "minutes": used[m] / 60,
+            "img_per_s": images / used[m] if used[m] else 0.0,
+            "s_per_step": used[m] / steps, "s_per_step_alone": calib[m]["s_per_step"],
+            "split_s": {p: sec.get(p, 0.0) / steps for p in PHASES},
+            "step_peak_mib": calib[m]["step_peak_mib"], "persistent_mib": calib[m]["persistent_mib"],
+            "knn_top1": knn["top1"], "knn_best_top1": knn["best_top1"], "knn_best_k": knn["best_k"],
+        }
+        print(f"[eval] {m}: k-NN top-1 {knn['best_top1']:.2f} (k={knn['best_k']})", flush=True)
+    pix_train, center = pixel_features(train)
+    pix_test, _ = pixel_features(test, center)
+    pixels = knn_classify(pix_train, labels_of(train), pix_test, labels_of(test), list(cfg.eval.knn_k),
+                          cfg.eval.knn_temperature)
+    rand = knn_of(random_init_backbone(cfg), train, test, cfg, device)
+    result = {"command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]), "budget_minutes": args.budget_minutes,
+              "slice_seconds": args.slice_seconds, "num_prototypes": args.num_prototypes, "config": args.config,
+              "overrides": list(args.overrides), "threads": torch.get_num_threads(), "device": str(device),
+              "methods": rows, "pixels": {"knn_top1": pixels["top1"], "knn_best_top1": pixels["best_top1"]},
+              "random_init": {"knn_top1": rand["top1"], "knn_best_top1": rand["best_top1"]},
+              "num_train": len(train), "num_test": len(test),
+              "total_minutes": (time.perf_counter() - t_start) / 60}
+    return result
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The comparison table (one row per method, then the two baselines)."""
+    names = {"sove": "SOVE (ours)", "dino": "DINO (lightly)", "ibot": "iBOT (lightly)"}
+    lines = [
+        "| method | steps (scheduled) | img/s | s/step | data | network fwd | network bwd | objective "
+        "(+ enqueue) | optimizer + EMA | step peak MiB | persistent MiB | k-NN top-1 (best k) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for m, r in result["methods"].items():
+        s = r["split_s"]
+        lines.append(
+            f"| {names[m]} | {r['steps']} ({r['scheduled_steps']}) | {r['img_per_s']:.1f} | {r['s_per_step']:.3f} | "
+            f"{s['data']:.3f} | {s['forward']:.3f} | {s['backward']:.3f} | {s['objective']:.3f} + {s['enqueue']:.3f} | "
+            f"{s['optimizer']:.3f} | {r['step_peak_mib']:.0f} | {r['persistent_mib']:.1f} | "
+            f"**{r['knn_best_top1']:.2f}** (k={r['knn_best_k']}) |")
+    for key, label in (("random_init", "random init (same ViT, untrained)"), ("pixels", "raw pixels")):
+        best = result[key]["knn_best_top1"]
+        lines.append(f"| {label} | – | – | – | – | – | – | – | – | – | – | **{best:.2f}** |")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", default="fashion_mnist_tiny", help="preset name or YAML (shared by all methods)")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--budget-minutes", type=float, default=10.0, help="training wall-clock budget per method")
+    p.add_argument("--slice-seconds", type=float, default=60.0, help="alternation slice")
+    p.add_argument("--num-prototypes", type=int, default=4096, help="DINO/iBOT head output width K")
+    p.add_argument("--calibration-steps", type=int, default=3, help="timed steps per method in the child process")
+    p.add_argument("--steps", type=int, default=0, help="fixed steps per method instead of a time budget")
+    p.add_argument("--work-dir", default=None, help="where the three runs are written (default: a temp folder)")
+    p.add_argument("--out", default=None, help="write the markdown table here (and the JSON next to it)")
+    p.add_argument("--smoke", action="store_true",
+                   help="CI mode: 1 step per method, 1 calibration step (use a tiny config via overrides)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for all methods")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.steps, args.calibration_steps = 1, 1
+    if args.work_dir is None:
+        args.work_dir = tempfile.mkdtemp(prefix="sove_compare_")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    result = run(args)
+    table = markdown(result)
+    print(table)
+    print(f"total {result['total_minutes']:.1f} min; command: {result['command']}")
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(table + "\n")
+        out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
