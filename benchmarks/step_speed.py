@@ -20,7 +20,7 @@ from contextlib import contextmanager
 
 import torch
 
-from sove.config import load_config
+from sove.config import load_config, token_stride
 from sove.data import build_mask_generator
 from sove.method import FeatureSet, cls_loss, patch_loss
 from sove.models import build_networks
@@ -48,7 +48,7 @@ class Timer:
 
 
 def fake_batch(cfg, b: int, device: torch.device, g: torch.Generator):
-    d, p = cfg.data, cfg.model.patch_size
+    d, p = cfg.data, token_stride(cfg.model)  # mask grid = output-token grid (Swin: final stage)
     grid = (d.global_crop_size // p, d.global_crop_size // p)
     gen = build_mask_generator(cfg.mask.mode, grid, cfg.mask.ratio)
     globals_ = torch.randn(2 * b, d.num_channels, d.global_crop_size, d.global_crop_size, generator=g)

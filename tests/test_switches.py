@@ -91,3 +91,16 @@ def test_paper_presets_build_and_step_at_reduced_size(tmp_path, image_folder, pr
     trainer = Trainer(cfg, prepare_run_dir(cfg, overwrite=False))
     terms = step_once(trainer)
     assert torch.isfinite(terms["loss"]) and int(trainer.cls_fs.ptr) == 8
+
+
+@pytest.mark.parametrize("override, key", [
+    ("loss.teacher_temp_final=0", "loss.teacher_temp_final"),
+    ("loss.teacher_temp_warmup_epochs=-1", "loss.teacher_temp_warmup_epochs"),
+    ("loss.cls.student_temp=0", "loss.cls.student_temp"),
+    ("loss.patch.teacher_temp=-0.1", "loss.patch.teacher_temp"),
+])
+def test_invalid_temperatures_name_the_key(override, key):
+    from sove.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, TINY + ["data.root=unused", override])

@@ -56,11 +56,13 @@ class MaskConfig:
 class ModelConfig:
     """Backbone and projection head (SOVE_SPEC §1)."""
 
-    arch: str = "vit_small"  # vit_tiny | vit_small | vit_base | vit_large | any timm ViT name
+    arch: str = "vit_small"  # vit_tiny|vit_small|vit_base|vit_large|swin_tiny|swin_small|swin_base or a timm name
     patch_size: int = 16
-    embed_dim: Optional[int] = None  # overrides of the preset's width/depth/heads
-    depth: Optional[int] = None
-    num_heads: Optional[int] = None
+    embed_dim: Optional[int] = None  # overrides of the preset's width/depth/heads (Swin: stage-1 width and heads)
+    depth: Optional[int] = None  # ViT only
+    num_heads: Optional[int] = None  # Swin: heads of stage 1, doubled at every later stage
+    depths: Optional[list[int]] = None  # Swin only: blocks per stage (its length = number of stages)
+    window_size: Optional[int] = None  # Swin only: attention window in tokens (None: timm's 7; paper Swin-T/14: 14)
     drop_path_rate: float = 0.1  # student only
     global_pool: str = "cls"  # cls | mean_patch: image representation for the CLS loss and evaluation (Tab. B.2)
     head_hidden_dim: int = 2048
@@ -211,6 +213,27 @@ def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...
     return cfg
 
 
+#: Stages of a timm Swin Transformer (v1) when ``model.depths`` is not set.
+SWIN_STAGES = 4
+
+
+def is_swin(arch: str) -> bool:
+    """True when ``model.arch`` names a Swin Transformer (``swin_tiny`` or a timm ``swin_*`` name)."""
+    return arch.startswith("swin")
+
+
+def token_stride(model: DictConfig) -> int:
+    """Pixels per output token of the backbone: the side of one cell of the patch-loss / mask grid.
+
+    ViT: ``model.patch_size``. Swin: ``patch_size * 2 ** (stages - 1)`` (the final stage's tokens;
+    32 px for Swin-T with patch 4). Crop sizes must be multiples of it.
+    """
+    if not is_swin(model.arch):
+        return int(model.patch_size)
+    stages = len(model.depths) if model.depths else SWIN_STAGES
+    return int(model.patch_size) * 2 ** (stages - 1)
+
+
 def _check(ok: bool, key: str, msg: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: {msg}")
@@ -225,10 +248,13 @@ def validate(cfg: DictConfig) -> None:
     _check(d.num_channels in (1, 3), "data.num_channels", f"must be 1 or 3, got {d.num_channels}")
     _check(len(d.mean) == d.num_channels and len(d.std) == d.num_channels, "data.mean/data.std",
            f"need {d.num_channels} values (data.num_channels)")
+    _validate_arch(m)
+    stride = token_stride(m)
     for key in ("global_crop_size", "local_crop_size"):
         size = d[key]
-        _check(size > 0 and size % m.patch_size == 0, f"data.{key}",
-               f"{size} px is not divisible by model.patch_size ({m.patch_size})")
+        what = (f"the Swin token stride {stride} px (model.patch_size {m.patch_size} x 2^(stages-1))"
+                if is_swin(m.arch) else f"model.patch_size ({m.patch_size})")
+        _check(size > 0 and size % stride == 0, f"data.{key}", f"{size} px is not divisible by {what}")
     _check(d.num_local_crops >= 0, "data.num_local_crops", "must be >= 0")
     _check(0.0 <= cfg.mask.ratio < 1.0, "mask.ratio", f"must be in [0, 1), got {cfg.mask.ratio}")
     _check(all(v in (0, 1) for v in cfg.mask.views), "mask.views", f"global view indices are 0 and 1, got {list(cfg.mask.views)}")
@@ -246,6 +272,8 @@ def validate(cfg: DictConfig) -> None:
         _check(c.label_mode in ("soft", "onehot"), f"{p}.label_mode", f"must be soft or onehot, got {c.label_mode!r}")
         _check(0.0 <= c.smoothing < 1.0, f"{p}.smoothing", f"must be in [0, 1), got {c.smoothing}")
         _check(0.0 < c.anchor_keep_fraction <= 1.0, f"{p}.anchor_keep_fraction", "must be in (0, 1]")
+        for t in ("student_temp", "teacher_temp"):
+            _check(c[t] is None or c[t] > 0, f"{p}.{t}", f"must be > 0 or null (use loss.{t}), got {c[t]}")
         if weight > 0:
             _check(c.num_anchors < n, f"{p}.num_anchors",
                    f"({c.num_anchors}) must be smaller than the feature set loss.{size_key} ({n})")
@@ -253,6 +281,10 @@ def validate(cfg: DictConfig) -> None:
                    f"({c.num_judges}) too large: the pool left after removing {c.num_anchors} anchors "
                    f"from loss.{size_key} ({n}) has {n - c.num_anchors} rows")
     _check(lo.student_temp > 0 and lo.teacher_temp > 0, "loss.student_temp/teacher_temp", "must be > 0")
+    _check(lo.teacher_temp_final is None or lo.teacher_temp_final > 0, "loss.teacher_temp_final",
+           f"must be > 0 or null (constant loss.teacher_temp), got {lo.teacher_temp_final}")
+    _check(lo.teacher_temp_warmup_epochs >= 0, "loss.teacher_temp_warmup_epochs",
+           f"must be >= 0, got {lo.teacher_temp_warmup_epochs}")
     o = cfg.optim
     _check(o.batch_size >= 1, "optim.batch_size", "must be >= 1")
     _check(o.accumulate_grad_batches >= 1 and o.batch_size % o.accumulate_grad_batches == 0,
@@ -263,3 +295,18 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg.trainer.precision in ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true"),
            "trainer.precision", f"unknown value {cfg.trainer.precision!r}")
     _check(all(k >= 1 for k in cfg.eval.knn_k), "eval.knn_k", "every k must be >= 1")
+
+
+def _validate_arch(m: DictConfig) -> None:
+    """Backbone keys that only one family accepts (``model.depth`` ViT; ``depths``/``window_size`` Swin)."""
+    _check(m.patch_size >= 1, "model.patch_size", f"must be >= 1, got {m.patch_size}")
+    if is_swin(m.arch):
+        _check(m.global_pool == "mean_patch", "model.global_pool",
+               f"Swin ({m.arch}) has no [CLS] token; set model.global_pool=mean_patch (mean final-stage token)")
+        _check(m.depth is None, "model.depth", "is for ViTs; give Swin stage depths as model.depths=[2,2,6,2]")
+        _check(m.depths is None or (len(m.depths) >= 1 and all(x >= 1 for x in m.depths)), "model.depths",
+               f"needs one depth >= 1 per stage, got {m.depths}")
+        _check(m.window_size is None or m.window_size >= 1, "model.window_size", f"must be >= 1, got {m.window_size}")
+    else:
+        _check(m.depths is None, "model.depths", f"is for Swin stage depths; {m.arch} is a ViT (use model.depth)")
+        _check(m.window_size is None, "model.window_size", f"is for Swin; {m.arch} is a ViT")

@@ -9,7 +9,9 @@ timm then loads it offline with strict keys::
                               pretrained_cfg_overlay=dict(file="runs/x/backbone.safetensors", num_classes=0),
                               **cfg["model_kwargs"])
 
-or simply ``sove.export.load_backbone("runs/x/backbone.json")``.
+or simply ``sove.export.load_backbone("runs/x/backbone.json")``; ``global_features(model, meta, x)``
+gives the image representation ``sove eval`` uses ([CLS], or the mean patch token; for Swin the
+mean final-stage token).
 """
 
 from __future__ import annotations
@@ -40,23 +42,52 @@ def export_backbone(run_dir: str | Path, checkpoint: str = "last.pt") -> tuple[P
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
     backbone = teacher_backbone(run_dir, cfg, checkpoint)
-    vit = backbone.vit
-    weights = {k: v.detach().contiguous().cpu() for k, v in vit.state_dict().items()}
+    model = backbone.timm_model
+    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     out = run_dir / "backbone.safetensors"
     save_file(weights, str(out), metadata={"format": "pt", "producer": "sove"})
     meta: dict[str, Any] = {
         "architecture": timm_name(cfg.model.arch),
-        "model_kwargs": {"img_size": cfg.data.global_crop_size, "patch_size": cfg.model.patch_size,
-                         "in_chans": cfg.data.num_channels, "embed_dim": vit.embed_dim,
-                         "depth": len(vit.blocks), "num_heads": vit.blocks[0].attn.num_heads,
-                         "num_classes": 0, "dynamic_img_size": True},
+        "model_kwargs": backbone.timm_kwargs(),
+        "global_pool": backbone.global_pool,
         "mean": list(cfg.data.mean), "std": list(cfg.data.std),
         "weights": out.name, "source": str(run_dir / "checkpoints" / checkpoint),
-        "features": "CLS token after the final norm: model.forward_features(x)[:, 0]",
+        "features": FEATURES[(type(backbone).__name__, backbone.global_pool)],
     }
     meta_path = run_dir / "backbone.json"
     meta_path.write_text(json.dumps(meta, indent=2))
     return out, meta_path
+
+
+#: How the image representation is read off ``forward_features`` (written into backbone.json).
+FEATURES = {
+    ("MaskedViT", "cls"): "CLS token after the final norm: model.forward_features(x)[:, 0]",
+    ("MaskedViT", "mean_patch"): "mean patch token after the final norm: "
+                                 "model.forward_features(x)[:, model.num_prefix_tokens:].mean(1)",
+    ("MaskedSwin", "mean_patch"): "mean final-stage token after the final norm: "
+                                  "model.forward_features(x).mean((1, 2))",
+}
+
+
+def global_features(model: torch.nn.Module, meta: dict[str, Any], images: torch.Tensor) -> torch.Tensor:
+    """The image representation ``sove eval`` uses, from a model made by :func:`load_backbone`.
+
+    Args:
+        model: the timm model of an exported backbone.
+        meta: its ``backbone.json`` (``global_pool``: ``cls`` or ``mean_patch``; files written before
+            that key existed are ``cls``).
+        images: float tensor of shape (batch, channels, height, width), normalised.
+
+    Returns:
+        Tensor of shape (batch, embed_dim): [CLS], or the mean patch token (``mean_patch``; for a
+        Swin, whose ``forward_features`` is (batch, rows, cols, embed_dim), the mean final-stage token).
+    """
+    tokens = model.forward_features(images)
+    if tokens.ndim == 4:  # Swin: channels-last final-stage grid
+        return tokens.mean(dim=(1, 2))
+    if meta.get("global_pool", "cls") == "mean_patch":
+        return tokens[:, model.num_prefix_tokens:].mean(dim=1)
+    return tokens[:, 0]
 
 
 def load_backbone(path: str | Path) -> torch.nn.Module:
@@ -66,8 +97,8 @@ def load_backbone(path: str | Path) -> torch.nn.Module:
         path: the JSON written by :func:`export_backbone` (or its run directory).
 
     Returns:
-        A timm ``VisionTransformer`` in eval mode; ``forward_features(x)[:, 0]`` is the CLS
-        feature used by ``sove eval``.
+        A timm ``VisionTransformer`` or ``SwinTransformer`` in eval mode; :func:`global_features`
+        gives the feature used by ``sove eval``.
 
     Raises:
         SoveError: the JSON or the weights file is missing.

@@ -259,7 +259,9 @@ class SSLDataset(Dataset):
     Args:
         source: dataset returning ``(uint8 image (channels, height, width), int label)``.
         augmentation: the multi-crop augmentation.
-        patch_size: ViT patch size; the mask grid is (global_crop_size // patch_size)².
+        patch_size: pixels per output token of the backbone (ViT: the patch size; Swin: the
+            final-stage stride, ``sove.config.token_stride``); the mask grid is
+            (global_crop_size // patch_size)².
         mask_mode: ``mask.mode``, ``"blockwise"`` or ``"random"``.
         mask_ratio: ``mask.ratio`` in [0, 1).
         on_error: ``"skip"`` (default) or ``"raise"``, what to do with unreadable images.

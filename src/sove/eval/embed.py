@@ -14,11 +14,11 @@ from sove.errors import DataError, SoveError
 
 
 def _encoder(run_dir: str | Path | None, backbone: str | Path | None) -> tuple[Callable, dict[str, Any]]:
-    """A function images (B, C, S, S) -> CLS (B, D), and the preprocessing (size, mean, std, channels)."""
+    """A function images (B, C, S, S) -> global feature (B, D), and the preprocessing (size, mean, std, channels)."""
     if backbone is not None:
         import json
 
-        from sove.export import load_backbone
+        from sove.export import global_features, load_backbone
 
         meta_path = Path(backbone)
         meta_path = meta_path / "backbone.json" if meta_path.is_dir() else meta_path
@@ -26,7 +26,7 @@ def _encoder(run_dir: str | Path | None, backbone: str | Path | None) -> tuple[C
         meta = json.loads(meta_path.read_text())
         prep = {"size": meta["model_kwargs"]["img_size"], "mean": meta["mean"], "std": meta["std"],
                 "channels": meta["model_kwargs"]["in_chans"]}
-        return (lambda x: model.forward_features(x)[:, 0]), prep
+        return (lambda x: global_features(model, meta, x)), prep
     from sove.eval.features import load_run_config, teacher_backbone
 
     cfg = load_run_config(run_dir)
@@ -39,7 +39,8 @@ def _encoder(run_dir: str | Path | None, backbone: str | Path | None) -> tuple[C
 @torch.no_grad()
 def embed(out: str | Path, run_dir: str | Path | None = None, backbone: str | Path | None = None,
           images: str | Path | None = None, split: str | None = None, batch_size: int = 256) -> dict[str, Any]:
-    """Embed images with a trained teacher backbone; L2-normalised CLS after the final norm.
+    """Embed images with a trained teacher backbone; L2-normalised global feature after the final
+    norm ([CLS], or the mean patch token with ``model.global_pool=mean_patch``; Swin: mean final-stage token).
 
     Exactly the features ``sove eval knn`` uses, so a k-NN on them reproduces its numbers.
 

@@ -62,7 +62,7 @@ def labels_of(dataset: EvalImages) -> torch.Tensor:
 def extract_features(backbone: MaskedViT, dataset: Dataset, batch_size: int = 256,
                      device: str | torch.device = "cpu", desc: str = "features") -> torch.Tensor:
     """Global features after the final norm ([CLS], or the mean patch token with
-    ``model.global_pool=mean_patch``), L2-normalised, in dataset order.
+    ``model.global_pool=mean_patch``; Swin: the mean final-stage token), L2-normalised, in dataset order.
 
     Args:
         backbone: a teacher backbone (no mask token); put in eval mode here.

@@ -23,6 +23,10 @@ ARCH_ALIASES = {
     "vit_small": "vit_small_patch16_224",
     "vit_base": "vit_base_patch16_224",
     "vit_large": "vit_large_patch16_224",
+    "swin_tiny": "swin_tiny_patch4_window7_224",
+    "swin_small": "swin_small_patch4_window7_224",
+    "swin_base": "swin_base_patch4_window7_224",
+    "swin_large": "swin_large_patch4_window7_224",
 }
 
 
@@ -75,10 +79,24 @@ class MaskedViT(nn.Module):
         self.global_pool = global_pool
         self.embed_dim: int = vit.embed_dim
         self.patch_size: int = vit.patch_embed.patch_size[0]
+        self.token_stride: int = self.patch_size  # pixels per output token = per mask-grid cell
         self.mask_token = nn.Parameter(torch.zeros(self.embed_dim)) if with_mask_token else None
 
+    @property
+    def timm_model(self) -> nn.Module:
+        """The wrapped timm model (what ``sove export`` writes)."""
+        return self.vit
+
+    def timm_kwargs(self) -> dict:
+        """``timm.create_model`` keyword arguments that rebuild :attr:`timm_model` (for export)."""
+        vit = self.vit
+        return {"img_size": vit.patch_embed.img_size[0], "patch_size": self.patch_size,
+                "in_chans": vit.patch_embed.proj.in_channels, "embed_dim": vit.embed_dim,
+                "depth": len(vit.blocks), "num_heads": vit.blocks[0].attn.num_heads,
+                "num_classes": 0, "dynamic_img_size": True}
+
     def grid(self, img_size: int) -> tuple[int, int]:
-        """Patch grid (rows, cols) of a square crop of ``img_size`` pixels."""
+        """Patch grid (rows, cols) of a square crop of ``img_size`` pixels (= the mask grid)."""
         return img_size // self.patch_size, img_size // self.patch_size
 
     def embed(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

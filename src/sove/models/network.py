@@ -5,19 +5,44 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sove.config import is_swin
 from sove.models.backbone import MaskedViT, create_vit
 from sove.models.head import ProjectionHead
+from sove.models.swin import MaskedSwin, create_swin
+
+Backbone = MaskedViT | MaskedSwin
+
+
+def build_backbone(cfg, drop_path_rate: float, with_mask_token: bool) -> Backbone:
+    """The configured backbone: :class:`MaskedSwin` when ``model.arch`` starts with ``swin``, else :class:`MaskedViT`.
+
+    Args:
+        cfg: the full config (``model`` and ``data`` sections are read).
+        drop_path_rate: stochastic depth (student ``model.drop_path_rate``, teacher 0).
+        with_mask_token: True for the student only.
+
+    Raises:
+        ConfigError: an unknown ``model.arch`` or sizes timm rejects.
+    """
+    m, d = cfg.model, cfg.data
+    if is_swin(m.arch):
+        swin = create_swin(m.arch, d.global_crop_size, m.patch_size, d.num_channels, drop_path_rate,
+                           m.embed_dim, m.depths, m.num_heads, m.window_size)
+        return MaskedSwin(swin, with_mask_token=with_mask_token, global_pool=m.global_pool)
+    vit = create_vit(m.arch, d.global_crop_size, m.patch_size, d.num_channels, drop_path_rate,
+                     m.embed_dim, m.depth, m.num_heads)
+    return MaskedViT(vit, with_mask_token=with_mask_token, global_pool=m.global_pool)
 
 
 class SOVENetwork(nn.Module):
     """Backbone + projection head; one call encodes all crops of a step, grouped by resolution.
 
     Attributes:
-        backbone: :class:`MaskedViT` (with a mask token in the student only).
+        backbone: :class:`MaskedViT` or :class:`MaskedSwin` (with a mask token in the student only).
         head: :class:`ProjectionHead` applied to [CLS] and to selected patch tokens.
     """
 
-    def __init__(self, backbone: MaskedViT, head: ProjectionHead) -> None:
+    def __init__(self, backbone: Backbone, head: ProjectionHead) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
@@ -67,12 +92,10 @@ def build_networks(cfg, seed: int | None = None) -> tuple[SOVENetwork, SOVENetwo
     """
     if seed is not None:
         torch.manual_seed(seed)
-    m, d = cfg.model, cfg.data
+    m = cfg.model
 
     def make(drop_path: float, mask_token: bool) -> SOVENetwork:
-        vit = create_vit(m.arch, d.global_crop_size, m.patch_size, d.num_channels, drop_path,
-                         m.embed_dim, m.depth, m.num_heads)
-        backbone = MaskedViT(vit, with_mask_token=mask_token, global_pool=m.global_pool)
+        backbone = build_backbone(cfg, drop_path, mask_token)
         return SOVENetwork(backbone, ProjectionHead(backbone.embed_dim, m.head_hidden_dim, m.head_out_dim))
 
     student = make(m.drop_path_rate, True)
@@ -84,8 +107,6 @@ def build_networks(cfg, seed: int | None = None) -> tuple[SOVENetwork, SOVENetwo
     return student, teacher
 
 
-def build_teacher_backbone(cfg) -> MaskedViT:
+def build_teacher_backbone(cfg) -> Backbone:
     """An untrained teacher backbone of the configured architecture (for loading or baselines)."""
-    m, d = cfg.model, cfg.data
-    vit = create_vit(m.arch, d.global_crop_size, m.patch_size, d.num_channels, 0.0, m.embed_dim, m.depth, m.num_heads)
-    return MaskedViT(vit, with_mask_token=False, global_pool=m.global_pool)
+    return build_backbone(cfg, 0.0, False)

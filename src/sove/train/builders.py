@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from sove.config import token_stride
 from sove.data import MultiCropAugmentation, SSLDataset, build_source
 from sove.errors import SoveError
 from sove.method import ConceptSettings, SOVELoss
@@ -22,7 +23,8 @@ def build_train_dataset(cfg: DictConfig) -> SSLDataset:
         tuple(d.local_crop_scale), tuple(d.mean), tuple(d.std), d.num_channels, d.color_jitter,
         d.grayscale, d.blur, d.solarize,
     )
-    return SSLDataset(source, aug, cfg.model.patch_size, cfg.mask.mode, cfg.mask.ratio, d.on_error,
+    # Masks live on the backbone's output-token grid (Swin: final stage; see sove.models.swin).
+    return SSLDataset(source, aug, token_stride(cfg.model), cfg.mask.mode, cfg.mask.ratio, d.on_error,
                       cfg.trainer.seed)
 
 
