@@ -1,0 +1,225 @@
+"""Shared plumbing of the supervised frozen-feature protocols (linear probe, low-shot; SOVE_SPEC §7).
+
+The frozen encoder comes from a run directory (its teacher backbone, ``checkpoints/last.pt``) or from
+an exported ``backbone.json`` (``sove export``); features are taken after the final norm, never from
+the projection head. Features of a split can be cached on disk next to the results.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from sove.errors import SoveError
+from sove.models import MaskedViT
+
+#: Feature modes: ``cls4`` = CLS of the last 4 blocks, each after the final norm, concatenated (ViT-S
+#: linear protocol); ``cls_mean`` = last CLS ⊕ mean patch token (ViT-B/L protocol); ``global`` = the
+#: L2-normalised image representation used by ``sove eval knn`` (:func:`sove.eval.features.extract_features`).
+FEATURE_MODES = ("cls4", "cls_mean", "global")
+
+
+@dataclass
+class FrozenEncoder:
+    """A frozen teacher backbone, the config that describes its data, and where results go.
+
+    Attributes:
+        backbone: :class:`~sove.models.MaskedViT` (or ``MaskedSwin``), eval mode, no mask token.
+        cfg: config whose ``data.*`` keys give the labelled train/test splits and preprocessing.
+        out_dir: folder for ``<protocol>.json`` and feature caches (``RUN/eval`` or ``<backbone dir>/eval``).
+        identity: what cached features depend on (weights file, its size and mtime, global pool, data keys).
+    """
+
+    backbone: torch.nn.Module
+    cfg: DictConfig
+    out_dir: Path
+    identity: dict[str, Any] = field(default_factory=dict)
+
+
+def _file_identity(path: Path) -> dict[str, Any]:
+    stat = path.stat()
+    return {"weights": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def _wrap(timm_model: torch.nn.Module, global_pool: str) -> torch.nn.Module:
+    """The sove wrapper (no mask token) of an exported timm ViT or Swin."""
+    if hasattr(timm_model, "blocks"):
+        return MaskedViT(timm_model, with_mask_token=False, global_pool=global_pool)
+    from sove.models import MaskedSwin
+
+    return MaskedSwin(timm_model, with_mask_token=False)
+
+
+def load_frozen(run_dir: str | Path | None = None, backbone: str | Path | None = None,
+                overrides: list[str] | tuple[str, ...] = ()) -> FrozenEncoder:
+    """Resolve the encoder and the data of a supervised frozen-feature evaluation.
+
+    * ``run_dir`` only: the run's teacher backbone and its ``config.yaml`` (⊕ overrides); results in ``RUN/eval``.
+    * ``backbone`` (+ optional ``run_dir``): the exported backbone; data from the run's config when
+      ``run_dir`` is given (results in ``RUN/eval``), otherwise from the package defaults ⊕ ``overrides``
+      (e.g. ``data.source=folder data.root=... data.test_root=...``; the default is Fashion-MNIST) with
+      crop size, patch size, channels, mean and std taken from ``backbone.json`` (results in
+      ``<backbone dir>/eval``).
+
+    Raises:
+        SoveError: neither given, not a run directory, missing checkpoint / backbone file.
+    """
+    from sove.config import load_config
+    from sove.eval.features import load_run_config, teacher_backbone
+    from sove.export import load_backbone
+
+    if run_dir is None and backbone is None:
+        raise SoveError("give --run RUN_DIR (its teacher backbone and data) and/or --backbone backbone.json")
+    if backbone is None:
+        cfg = load_run_config(run_dir, overrides)
+        model = teacher_backbone(run_dir, cfg)
+        weights = Path(run_dir) / "checkpoints" / "last.pt"
+        out_dir = Path(run_dir) / "eval"
+    else:
+        meta_path = Path(backbone)
+        meta_path = meta_path / "backbone.json" if meta_path.is_dir() else meta_path
+        meta = json.loads(meta_path.read_text())
+        model = _wrap(load_backbone(meta_path), meta.get("global_pool", "cls"))
+        weights = meta_path.parent / meta["weights"]
+        if run_dir is not None:
+            cfg, out_dir = load_run_config(run_dir, overrides), Path(run_dir) / "eval"
+        else:
+            k = meta["model_kwargs"]
+            prep = [f"data.global_crop_size={k['img_size']}", f"data.local_crop_size={k['img_size']}",
+                    f"model.patch_size={k['patch_size']}", f"data.num_channels={k['in_chans']}",
+                    f"data.mean={list(meta['mean'])}", f"data.std={list(meta['std'])}"]
+            cfg, out_dir = load_config(None, prep + list(overrides)), meta_path.parent / "eval"
+    d = cfg.data
+    identity = {**_file_identity(weights), "global_pool": getattr(model, "global_pool", None),
+                "data": OmegaConf.to_container(OmegaConf.masked_copy(
+                    d, ["source", "root", "test_root", "num_channels", "global_crop_size", "mean", "std"]))}
+    return FrozenEncoder(model.eval(), cfg, out_dir, identity)
+
+
+@torch.no_grad()
+def token_features(backbone: MaskedViT, images: torch.Tensor, mode: str, num_blocks: int = 4) -> torch.Tensor:
+    """Linear-probe features of a batch (not L2-normalised).
+
+    Args:
+        backbone: frozen backbone.
+        images: float tensor (batch, channels, height, width), normalised.
+        mode: ``cls4`` -> CLS of the last ``min(num_blocks, depth)`` blocks, each passed through the
+            final norm, concatenated oldest first: (batch, min(num_blocks, depth) * dim); ``cls_mean`` ->
+            final-norm CLS ⊕ mean final-norm patch token of the last block: (batch, 2 * dim).
+
+    Returns:
+        float32 tensor of the shape above; the last ``dim`` columns of ``cls4`` are the usual CLS feature.
+
+    Raises:
+        ValueError: unknown mode.
+        SoveError: the backbone is not a ViT (a Swin has no [CLS] token; use the ``global`` mode).
+    """
+    if mode not in ("cls4", "cls_mean"):
+        raise ValueError(f"unknown linear feature mode {mode!r}; use cls4 or cls_mean")
+    if not isinstance(backbone, MaskedViT):
+        raise SoveError(f"--features {mode} needs a ViT with a [CLS] token; for {type(backbone).__name__} "
+                        "use --features global (its mean final-stage token)")
+    vit = backbone.vit
+    x = backbone.embed(images)  # (batch, tokens, dim)
+    depth, kept = len(vit.blocks), []
+    for i, block in enumerate(vit.blocks):
+        x = block(x)
+        if mode == "cls4" and i >= depth - num_blocks:
+            kept.append(vit.norm(x)[:, 0])
+    if mode == "cls_mean":
+        x = vit.norm(x)
+        kept = [x[:, 0], x[:, vit.num_prefix_tokens:].mean(dim=1)]
+    return torch.cat(kept, dim=1).float()
+
+
+@torch.no_grad()
+def extract(backbone: torch.nn.Module, dataset: Dataset, mode: str, batch_size: int = 256,
+            device: str | torch.device = "cpu", desc: str = "features") -> torch.Tensor:
+    """Features of every item of ``dataset`` in order, on the CPU.
+
+    Args:
+        mode: one of :data:`FEATURE_MODES`.
+
+    Returns:
+        float32 tensor (N, F): F = 4*dim (``cls4``), 2*dim (``cls_mean``) or dim (``global``, unit rows).
+    """
+    from sove.eval.features import extract_features
+
+    if mode == "global":
+        return extract_features(backbone, dataset, batch_size, device, desc)
+    backbone = backbone.to(device).eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
+    return torch.cat([token_features(backbone, images.to(device), mode).cpu()
+                      for images, _ in tqdm(loader, desc=desc, unit="batch", leave=False)])
+
+
+def cached_extract(encoder: FrozenEncoder, dataset: Dataset, split: str, mode: str, name: str,
+                   device: str = "cpu", cache: bool = True) -> torch.Tensor:
+    """:func:`extract`, reusing ``out_dir/<name>_features_<mode>_<split>.pt`` when it matches.
+
+    The file stores the features and the identity they were made from (weights file, size, mtime,
+    data keys, mode, split, item count); any difference re-extracts and overwrites it.
+    ``cache=False`` neither reads nor writes the file.
+
+    Returns:
+        float32 tensor (N, F), as :func:`extract`.
+    """
+    key = {**encoder.identity, "mode": mode, "split": split, "num": len(dataset)}
+    path = encoder.out_dir / f"{name}_features_{mode}_{split}.pt"
+    if cache and path.is_file():
+        stored = torch.load(path, map_location="cpu", weights_only=True)
+        if stored.get("key") == key:
+            return stored["features"]
+    features = extract(encoder.backbone, dataset, mode, encoder.cfg.eval.batch_size, device, f"{split} features")
+    if cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save({"features": features, "key": key}, tmp)
+        tmp.replace(path)
+    return features
+
+
+def stratified_subset(labels: torch.Tensor, fraction: float, seed: int, leave_one: bool = False) -> torch.Tensor:
+    """Seeded class-balanced subset: each class keeps ``round(fraction * count)`` of its items, at least 1.
+
+    Args:
+        labels: int64 tensor (N,).
+        fraction: in (0, 1].
+        seed: numpy seed; the same seed gives the same subset.
+        leave_one: cap each class at ``count - 1`` (so the complement still holds every class with
+            at least 2 items); used for the held-out validation part of the linear probe.
+
+    Returns:
+        int64 tensor of sorted indices into ``labels``.
+    """
+    rng = np.random.default_rng(seed)
+    y = labels.numpy()
+    chosen = []
+    for c in np.unique(y):
+        members = np.flatnonzero(y == c)
+        n = max(1, int(round(fraction * len(members))))
+        n = min(n, len(members) - 1) if leave_one else min(n, len(members))
+        chosen.append(rng.permutation(members)[:n])
+    return torch.from_numpy(np.sort(np.concatenate(chosen))).long()
+
+
+def command_line() -> str:
+    """The ``sove ...`` command that is running, for the result JSON."""
+    return " ".join(["sove"] + sys.argv[1:]) if sys.argv else ""
+
+
+def write_result(encoder: FrozenEncoder, name: str, result: dict[str, Any]) -> Path:
+    """Write ``result`` as ``out_dir/<name>.json``; returns the path."""
+    encoder.out_dir.mkdir(parents=True, exist_ok=True)
+    path = encoder.out_dir / f"{name}.json"
+    path.write_text(json.dumps(result, indent=2))
+    return path

@@ -1,0 +1,112 @@
+"""Linear segmentation on frozen patch features: hand-computed confusion scores, separable shapes, input errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from sove.errors import DataError
+from sove.eval.dense import DenseEncoder
+from sove.eval.segmentation import (confusion_matrix, evaluate_segmentation, predict, segmentation_scores,
+                                    train_linear_head)
+
+
+def test_scores_from_a_hand_computed_confusion_matrix():
+    target = torch.tensor([0, 1, 1, 2, 0, 255, 2, 0])
+    pred = torch.tensor([0, 0, 1, 2, 2, 1, 0, 3])
+    conf = confusion_matrix(pred, target, num_classes=5)
+    # rows = true, columns = predicted; the ignored pixel (255) is skipped
+    expected = torch.tensor([[1, 0, 1, 1, 0], [1, 1, 0, 0, 0], [1, 0, 1, 0, 0], [0] * 5, [0] * 5])
+    assert torch.equal(conf, expected)
+    s = segmentation_scores(conf)
+    # TP = [1,1,1,0,0], true = [3,2,2,0,0], predicted = [3,1,2,1,0], union = [5,2,3,1,0]
+    # IoU = [1/5, 1/2, 1/3, 0, absent] -> mIoU = (1/5 + 1/2 + 1/3 + 0) / 4 = 31/120
+    # Acc = [1/3, 1/2, 1/2, absent, absent] -> mAcc = 4/9; pixel accuracy 3/7
+    assert s["mIoU"] == pytest.approx(100 * 31 / 120)
+    assert s["mAcc"] == pytest.approx(100 * 4 / 9)
+    assert s["aAcc"] == pytest.approx(100 * 3 / 7)
+    assert s["iou"][3] == 0.0 and s["iou"][4] is None and s["acc"][3] is None
+
+
+def test_sign_of_a_feature_is_learned_exactly():
+    # Precomputed features on a grid as fine as the labels (no upsampling blur): class = sign of
+    # feature 0, other features noise. A linear layer separates this exactly -> mIoU = mAcc = 100.
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(12, 8, 8, 4, generator=g)
+    feats[..., 0] = feats[..., 0].sign() * (0.5 + feats[..., 0].abs())  # keep a margin around 0
+    labels = (feats[..., 0] > 0).long()
+    labels[0, :2, :2] = 255  # ignored pixels do not matter
+    head = train_linear_head(feats[:8], labels[:8], num_classes=2, epochs=40, lr=0.05, batch_size=4)
+    conf = sum(confusion_matrix(predict(head, feats[i], (8, 8)), labels[i], 2) for i in range(8, 12))
+    s = segmentation_scores(conf)
+    assert s["mIoU"] == pytest.approx(100.0) and s["mAcc"] == pytest.approx(100.0)
+
+
+RED, GREEN = (255, 0, 0), (0, 255, 0)
+
+
+def _write_pair(root, split, name, size, width, vertical, ignore_corner=False):
+    """A red band (class 1) of ``width`` px on green (class 0); optional 255 pixels in a corner.
+
+    Bands rather than squares: bilinear upsampling of patch logits rounds a square's corners, so
+    only straight patch-aligned boundaries can be recovered exactly.
+    """
+    img = np.zeros((size, size, 3), np.uint8) + np.array(GREEN, np.uint8)
+    ann = np.zeros((size, size), np.uint8)
+    band = (slice(None), slice(0, width)) if vertical else (slice(0, width), slice(None))
+    img[band] = RED
+    ann[band] = 1
+    if ignore_corner:
+        ann[-2:, -2:] = 255
+    (root / "images" / split).mkdir(parents=True, exist_ok=True)
+    (root / "annotations" / split).mkdir(parents=True, exist_ok=True)
+    Image.fromarray(img).save(root / "images" / split / f"{name}.png")
+    Image.fromarray(ann).save(root / "annotations" / split / f"{name}.png")
+
+
+def make_ade(root):
+    for i, width in enumerate([4, 8, 12, 4, 8, 12]):
+        _write_pair(root, "training", f"t{i}", 16, width, vertical=i < 3, ignore_corner=i % 2 == 0)
+    # Validation at 32 px (bands on the 8-px grid, so the 16-px resize keeps pure-colour patches);
+    # the 4x4 logit grid is upsampled to the 32x32 annotation.
+    _write_pair(root, "validation", "v0", 32, 16, vertical=True)
+    _write_pair(root, "validation", "v1", 32, 8, vertical=False)
+    return root
+
+
+def _colour_encoder() -> DenseEncoder:
+    def forward(x):
+        return x.mean(dim=(2, 3)), F.avg_pool2d(x, 4).permute(0, 2, 3, 1)
+    return DenseEncoder(forward, patch_size=4, image_size=16, mean=[0.5] * 3, std=[0.25] * 3)
+
+
+def test_separable_shapes_reach_miou_100(tmp_path):
+    root = make_ade(tmp_path / "ade")
+    r = evaluate_segmentation(root, out=tmp_path / "seg.json", epochs=30, lr=0.05, batch_size=3,
+                              encoder=_colour_encoder())
+    assert r["num_classes"] == 2 and r["num_train"] == 6 and r["num_val"] == 2
+    assert r["mIoU"] == pytest.approx(100.0) and r["mAcc"] == pytest.approx(100.0)
+    assert (tmp_path / "seg.json").is_file()
+    # reduce_zero_label (ADE20k): background 0 is ignored, the band becomes class 0 -> 1 class.
+    r = evaluate_segmentation(root, out=tmp_path / "seg.json", epochs=1, reduce_zero_label=True,
+                              encoder=_colour_encoder())
+    assert r["num_classes"] == 1 and r["mIoU"] == pytest.approx(100.0)
+
+
+def test_folder_errors(tmp_path):
+    root = make_ade(tmp_path / "ade")
+    (root / "annotations" / "training" / "t3.png").unlink()
+    with pytest.raises(DataError, match=r"image '.*t3.png' has no annotation"):
+        evaluate_segmentation(root, out=tmp_path / "s.json", encoder=_colour_encoder())
+    root = make_ade(tmp_path / "ade2")
+    Image.fromarray(np.zeros((10, 16), np.uint8)).save(root / "annotations" / "validation" / "v1.png")
+    with pytest.raises(DataError, match=r"v1.png' is 16x10 but its image is 32x32"):
+        evaluate_segmentation(root, out=tmp_path / "s.json", epochs=1, encoder=_colour_encoder())
+    root = tmp_path / "unlabelled"
+    (root / "images" / "training").mkdir(parents=True)
+    (root / "images" / "validation").mkdir(parents=True)
+    with pytest.raises(DataError, match="no annotations folder"):
+        evaluate_segmentation(root, out=tmp_path / "s.json", encoder=_colour_encoder())
