@@ -40,8 +40,6 @@ import resource
 import sys
 import tempfile
 import time
-from collections import defaultdict
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -55,25 +53,11 @@ from sove.models import build_networks
 from sove.train.builders import build_train_dataset, prepare_run_dir
 from sove.train.trainer import Trainer
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from step_speed import Timer  # noqa: E402  (per-phase wall seconds, CUDA-synchronised)
+
 METHODS = ("sove", "dino", "ibot")
 PHASES = ("data", "forward", "objective", "backward", "optimizer", "enqueue")
-
-
-class PhaseTimer:
-    """Accumulates wall seconds per phase name (synchronising CUDA around each phase)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device, self.seconds = device, defaultdict(float)
-
-    @contextmanager
-    def __call__(self, name: str):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        yield
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        self.seconds[name] += time.perf_counter() - start
 
 
 class SOVEBench(Trainer):
@@ -265,7 +249,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         cfg = method_config(args, m, epochs=steps / c["batches_per_epoch"])
         dataset = dataset if dataset is not None else build_train_dataset(cfg)
         trainers[m] = make_trainer(m, cfg, Path(args.work_dir) / m, dataset, args.num_prototypes)
-        timers[m] = PhaseTimer(trainers[m].fabric.device)
+        timers[m] = Timer(trainers[m].fabric.device)
         trainers[m].timer = timers[m]
         used[m] = 0.0
         print(f"[schedule] {m}: {trainers[m].total_steps} steps ({cfg.optim.epochs:.3f} epochs)", flush=True)
@@ -291,7 +275,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for m in args.methods:
         tr = trainers[m]
         knn = knn_of(tr.teacher.backbone, train, test, cfg, device)
-        sec = dict(timers[m].seconds)
+        sec = dict(timers[m].total)
         steps = max(tr.step, 1)
         images = tr.step * cfg.optim.batch_size
         rows[m] = {
