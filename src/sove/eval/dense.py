@@ -1,7 +1,8 @@
 """Frozen encoder with patch tokens, shared by the retrieval, video and segmentation protocols.
 
 :func:`load_dense_encoder` wraps either a run's teacher backbone (``--run RUN``) or an exported
-timm backbone (``--backbone backbone.json`` from ``sove export``) behind one interface: images of
+timm backbone (``--backbone backbone.json`` from ``sove export``; both resolved by
+:func:`sove.eval.frozen.load_eval_backbone`) behind one interface: images of
 any size that is a multiple of the token stride in, the global feature and the patch-token grid
 out, both after the final norm (SOVE_SPEC §7), plus the preprocessing the backbone was trained with.
 (The supervised protocols' :class:`sove.eval.frozen.FrozenEncoder` bundles a data config instead;
@@ -10,8 +11,6 @@ these protocols bring their own folders.)
 
 from __future__ import annotations
 
-import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -21,6 +20,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from sove.data.decode import decode_image
 from sove.errors import SoveError
+from sove.eval.frozen import command_line, load_eval_backbone, write_json
 
 
 @dataclass
@@ -97,39 +97,16 @@ def load_dense_encoder(run_dir: str | Path | None = None, backbone: str | Path |
     Raises:
         SoveError: neither or both of run_dir/backbone given, or a missing run/file.
     """
-    from sove.models import MaskedViT
-
     if (run_dir is None) == (backbone is None):
         raise SoveError("give exactly one of --run RUN_DIR or --backbone backbone.json")
-    if backbone is not None:
-        from sove.export import load_backbone
-
-        meta_path = Path(backbone)
-        meta_path = meta_path / "backbone.json" if meta_path.is_dir() else meta_path
-        model = load_backbone(meta_path)
-        meta = json.loads(meta_path.read_text())
-        if hasattr(model, "blocks"):
-            net = MaskedViT(model, with_mask_token=False, global_pool=meta.get("global_pool", "cls"))
-        else:
-            from sove.models import MaskedSwin
-
-            net = MaskedSwin(model, with_mask_token=False)
-        size, mean, std = meta["model_kwargs"]["img_size"], meta["mean"], meta["std"]
-        channels = meta["model_kwargs"]["in_chans"]
-    else:
-        from sove.eval.features import load_run_config, teacher_backbone
-
-        cfg = load_run_config(run_dir)
-        net = teacher_backbone(run_dir, cfg)
-        size, mean, std, channels = cfg.data.global_crop_size, cfg.data.mean, cfg.data.std, cfg.data.num_channels
-    net = net.to(device).eval()
-    stride = getattr(net, "token_stride", net.patch_size)
+    loaded = load_eval_backbone(run_dir, backbone)
+    net, stride = loaded.module.to(device).eval(), loaded.token_stride
 
     def forward(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = net(x)
         return out["global"], _grid(out["patches"], x, stride)
 
-    return DenseEncoder(forward, stride, size, list(mean), list(std), channels, device)
+    return DenseEncoder(forward, stride, loaded.image_size, loaded.mean, loaded.std, loaded.channels, device)
 
 
 def result_path(protocol: str, run_dir: str | Path | None, backbone: str | Path | None,
@@ -152,7 +129,5 @@ def result_path(protocol: str, run_dir: str | Path | None, backbone: str | Path 
 
 def write_result(result: dict[str, Any], path: Path) -> Path:
     """Add the command line to ``result`` and write it as indented JSON to ``path`` (parents created)."""
-    result["command"] = " ".join(["sove"] + sys.argv[1:]) if sys.argv else ""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2))
-    return path
+    result["command"] = command_line()
+    return write_json(result, path)

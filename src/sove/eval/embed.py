@@ -14,26 +14,18 @@ from sove.errors import DataError, SoveError
 
 
 def _encoder(run_dir: str | Path | None, backbone: str | Path | None) -> tuple[Callable, dict[str, Any]]:
-    """A function images (B, C, S, S) -> global feature (B, D), and the preprocessing (size, mean, std, channels)."""
-    if backbone is not None:
-        import json
+    """A function images (B, C, S, S) -> global feature (B, D), and the preprocessing (size, mean, std,
+    channels; ``cfg``: the run's config, only for a run)."""
+    from sove.eval.frozen import load_eval_backbone
+    from sove.export import global_features
 
-        from sove.export import global_features, load_backbone
-
-        meta_path = Path(backbone)
-        meta_path = meta_path / "backbone.json" if meta_path.is_dir() else meta_path
-        model = load_backbone(meta_path)
-        meta = json.loads(meta_path.read_text())
-        prep = {"size": meta["model_kwargs"]["img_size"], "mean": meta["mean"], "std": meta["std"],
-                "channels": meta["model_kwargs"]["in_chans"]}
-        return (lambda x: global_features(model, meta, x)), prep
-    from sove.eval.features import load_run_config, teacher_backbone
-
-    cfg = load_run_config(run_dir)
-    model = teacher_backbone(run_dir, cfg).eval()
-    prep = {"size": cfg.data.global_crop_size, "mean": list(cfg.data.mean), "std": list(cfg.data.std),
-            "channels": cfg.data.num_channels, "cfg": cfg}
-    return (lambda x: model(x)["global"]), prep
+    loaded = load_eval_backbone(run_dir, backbone)
+    prep = {"size": loaded.image_size, "mean": loaded.mean, "std": loaded.std, "channels": loaded.channels}
+    if loaded.meta is not None:  # exported: timm's own forward, as a user of the export would run it
+        timm_model, meta = loaded.module.timm_model, loaded.meta
+        return (lambda x: global_features(timm_model, meta, x)), prep
+    model = loaded.module
+    return (lambda x: model(x)["global"]), {**prep, "cfg": loaded.cfg}
 
 
 @torch.no_grad()

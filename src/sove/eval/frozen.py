@@ -45,9 +45,42 @@ class FrozenEncoder:
     identity: dict[str, Any] = field(default_factory=dict)
 
 
-def _file_identity(path: Path) -> dict[str, Any]:
-    stat = path.stat()
-    return {"weights": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+@dataclass
+class EvalBackbone:
+    """A frozen backbone loaded for evaluation and the preprocessing it was trained with.
+
+    The one place that resolves ``--run RUN`` / ``--backbone backbone.json`` (:func:`load_eval_backbone`);
+    :func:`load_frozen`, :func:`sove.eval.dense.load_dense_encoder` and ``sove embed`` wrap it.
+
+    Attributes:
+        module: :class:`~sove.models.MaskedViT` (or ``MaskedSwin``), eval mode, no mask token; its
+            output ``global`` is the image representation of ``sove eval knn`` (SOVE_SPEC §7).
+        image_size: the global crop size the backbone was trained at, in pixels.
+        patch_size: the patch-embedding size in pixels.
+        token_stride: pixels per output token (the ViT patch size; a Swin's final-stage stride).
+        mean, std: per-channel normalisation of images scaled to [0, 1].
+        channels: 1 (grayscale) or 3 (RGB).
+        global_pool: ``cls`` or ``mean_patch`` (the module's image representation).
+        arch: the run config's ``model.arch``, or the timm name in backbone.json's ``architecture``.
+        weights: the weights file (``RUN/checkpoints/last.pt`` or the file named in backbone.json).
+        cfg: the run's config (⊕ overrides) when loaded from a run, else None.
+        meta: the parsed backbone.json when loaded from an export, else None.
+        meta_path: the backbone.json path when loaded from an export, else None.
+    """
+
+    module: torch.nn.Module
+    image_size: int
+    patch_size: int
+    token_stride: int
+    mean: list[float]
+    std: list[float]
+    channels: int
+    global_pool: str | None
+    arch: str
+    weights: Path
+    cfg: DictConfig | None = None
+    meta: dict[str, Any] | None = None
+    meta_path: Path | None = None
 
 
 def _wrap(timm_model: torch.nn.Module, global_pool: str) -> torch.nn.Module:
@@ -57,6 +90,52 @@ def _wrap(timm_model: torch.nn.Module, global_pool: str) -> torch.nn.Module:
     from sove.models import MaskedSwin
 
     return MaskedSwin(timm_model, with_mask_token=False)
+
+
+def load_eval_backbone(run_dir: str | Path | None = None, backbone: str | Path | None = None,
+                       overrides: list[str] | tuple[str, ...] = ()) -> EvalBackbone:
+    """Load the frozen backbone of an evaluation: an exported one if ``backbone`` is given, else the
+    teacher of ``run_dir``'s ``checkpoints/last.pt``.
+
+    Args:
+        run_dir: a directory written by ``sove pretrain``; used for the backbone only when ``backbone``
+            is None (its ``config.yaml`` ⊕ ``overrides`` gives the preprocessing).
+        backbone: a ``backbone.json`` written by ``sove export`` (or its folder); preprocessing from it.
+        overrides: dotted config overrides for the run's config (ignored for an exported backbone).
+
+    Returns:
+        :class:`EvalBackbone`, its module in eval mode on the CPU.
+
+    Raises:
+        SoveError: neither given; not a run directory, missing checkpoint, backbone.json or weights file.
+    """
+    from sove.eval.features import load_run_config, teacher_backbone
+    from sove.export import load_backbone
+
+    if run_dir is None and backbone is None:
+        raise SoveError("give --run RUN_DIR (its teacher backbone and data) and/or --backbone backbone.json")
+    if backbone is None:
+        cfg = load_run_config(run_dir, overrides)
+        module = teacher_backbone(run_dir, cfg).eval()
+        d = cfg.data
+        return EvalBackbone(module, d.global_crop_size, module.patch_size,
+                            getattr(module, "token_stride", module.patch_size), list(d.mean), list(d.std),
+                            d.num_channels, getattr(module, "global_pool", None), cfg.model.arch,
+                            Path(run_dir) / "checkpoints" / "last.pt", cfg=cfg)
+    meta_path = Path(backbone)
+    meta_path = meta_path / "backbone.json" if meta_path.is_dir() else meta_path
+    timm_model = load_backbone(meta_path)
+    meta = json.loads(meta_path.read_text())
+    module = _wrap(timm_model, meta.get("global_pool", "cls")).eval()
+    k = meta["model_kwargs"]
+    return EvalBackbone(module, k["img_size"], k["patch_size"], getattr(module, "token_stride", module.patch_size),
+                        list(meta["mean"]), list(meta["std"]), k["in_chans"], getattr(module, "global_pool", None),
+                        meta["architecture"], meta_path.parent / meta["weights"], meta=meta, meta_path=meta_path)
+
+
+def _file_identity(path: Path) -> dict[str, Any]:
+    stat = path.stat()
+    return {"weights": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
 def load_frozen(run_dir: str | Path | None = None, backbone: str | Path | None = None,
@@ -74,35 +153,24 @@ def load_frozen(run_dir: str | Path | None = None, backbone: str | Path | None =
         SoveError: neither given, not a run directory, missing checkpoint / backbone file.
     """
     from sove.config import load_config
-    from sove.eval.features import load_run_config, teacher_backbone
-    from sove.export import load_backbone
+    from sove.eval.features import load_run_config
 
-    if run_dir is None and backbone is None:
-        raise SoveError("give --run RUN_DIR (its teacher backbone and data) and/or --backbone backbone.json")
-    if backbone is None:
-        cfg = load_run_config(run_dir, overrides)
-        model = teacher_backbone(run_dir, cfg)
-        weights = Path(run_dir) / "checkpoints" / "last.pt"
-        out_dir = Path(run_dir) / "eval"
+    loaded = load_eval_backbone(run_dir, backbone, overrides)
+    if loaded.cfg is not None:
+        cfg, out_dir = loaded.cfg, Path(run_dir) / "eval"
+    elif run_dir is not None:
+        cfg, out_dir = load_run_config(run_dir, overrides), Path(run_dir) / "eval"
     else:
-        meta_path = Path(backbone)
-        meta_path = meta_path / "backbone.json" if meta_path.is_dir() else meta_path
-        meta = json.loads(meta_path.read_text())
-        model = _wrap(load_backbone(meta_path), meta.get("global_pool", "cls"))
-        weights = meta_path.parent / meta["weights"]
-        if run_dir is not None:
-            cfg, out_dir = load_run_config(run_dir, overrides), Path(run_dir) / "eval"
-        else:
-            k = meta["model_kwargs"]
-            prep = [f"data.global_crop_size={k['img_size']}", f"data.local_crop_size={k['img_size']}",
-                    f"model.patch_size={k['patch_size']}", f"data.num_channels={k['in_chans']}",
-                    f"data.mean={list(meta['mean'])}", f"data.std={list(meta['std'])}"]
-            cfg, out_dir = load_config(None, prep + list(overrides)), meta_path.parent / "eval"
+        b = loaded
+        prep = [f"data.global_crop_size={b.image_size}", f"data.local_crop_size={b.image_size}",
+                f"model.patch_size={b.patch_size}", f"data.num_channels={b.channels}",
+                f"data.mean={b.mean}", f"data.std={b.std}"]
+        cfg, out_dir = load_config(None, prep + list(overrides)), loaded.meta_path.parent / "eval"
     d = cfg.data
-    identity = {**_file_identity(weights), "global_pool": getattr(model, "global_pool", None),
+    identity = {**_file_identity(loaded.weights), "global_pool": loaded.global_pool,
                 "data": OmegaConf.to_container(OmegaConf.masked_copy(
                     d, ["source", "root", "test_root", "num_channels", "global_crop_size", "mean", "std"]))}
-    return FrozenEncoder(model.eval(), cfg, out_dir, identity)
+    return FrozenEncoder(loaded.module, cfg, out_dir, identity)
 
 
 @torch.no_grad()
@@ -217,9 +285,13 @@ def command_line() -> str:
     return " ".join(["sove"] + sys.argv[1:]) if sys.argv else ""
 
 
-def write_result(encoder: FrozenEncoder, name: str, result: dict[str, Any]) -> Path:
-    """Write ``result`` as ``out_dir/<name>.json``; returns the path."""
-    encoder.out_dir.mkdir(parents=True, exist_ok=True)
-    path = encoder.out_dir / f"{name}.json"
+def write_json(result: dict[str, Any], path: Path) -> Path:
+    """Write ``result`` as indented JSON to ``path`` (parents created); returns the path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2))
     return path
+
+
+def write_result(encoder: FrozenEncoder, name: str, result: dict[str, Any]) -> Path:
+    """Write ``result`` as ``out_dir/<name>.json``; returns the path."""
+    return write_json(result, encoder.out_dir / f"{name}.json")
