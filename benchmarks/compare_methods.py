@@ -240,6 +240,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         c = calib[m]
         print(f"[calibrate] {m}: {c['s_per_step']:.3f} s/step alone, step peak {c['step_peak_mib']:.0f} MiB, "
               f"persistent {c['persistent_mib']:.1f} MiB", flush=True)
+    if args.calibrate_only:
+        dino = calib.get("dino", {}).get("s_per_step")
+        return {"command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]), "calibration": calib,
+                "sove_over_dino": calib["sove"]["s_per_step"] / dino - 1 if dino and "sove" in calib else None,
+                "total_minutes": (time.perf_counter() - t_start) / 60}
     budget = args.budget_minutes * 60
     trainers, timers, used = {}, {}, {}
     dataset = None
@@ -331,6 +336,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--slice-seconds", type=float, default=60.0, help="alternation slice")
     p.add_argument("--num-prototypes", type=int, default=4096, help="DINO/iBOT head output width K")
     p.add_argument("--calibration-steps", type=int, default=3, help="timed steps per method in the child process")
+    p.add_argument("--calibrate-only", action="store_true",
+                   help="only the per-method step time and memory (each alone, in a child process); no training")
     p.add_argument("--steps", type=int, default=0, help="fixed steps per method instead of a time budget")
     p.add_argument("--work-dir", default=None, help="where the three runs are written (default: a temp folder)")
     p.add_argument("--out", default=None, help="write the markdown table here (and the JSON next to it)")
@@ -348,6 +355,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     result = run(args)
+    if args.calibrate_only:
+        table = "\n".join(["| method | s/step (alone, mean of the timed steps) | step peak MiB | persistent MiB |",
+                           "|---|---|---|---|"] + [
+            f"| {m} | {c['s_per_step']:.3f} | {c['step_peak_mib']:.0f} | {c['persistent_mib']:.1f} |"
+            for m, c in result["calibration"].items()])
+        if result["sove_over_dino"] is not None:
+            table += f"\n\nSOVE step time / DINO step time - 1 = {100 * result['sove_over_dino']:+.1f}%"
+        print(table)
+        if args.out:
+            Path(args.out).write_text(table + "\n")
+            Path(args.out).with_suffix(".json").write_text(json.dumps(result, indent=2))
+        return result
     table = markdown(result)
     print(table)
     print(f"total {result['total_minutes']:.1f} min; command: {result['command']}")

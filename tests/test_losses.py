@@ -190,3 +190,36 @@ def test_sove_loss_same_under_autocast():
     for key in ("loss", "cls", "patch"):
         assert inside[key].dtype == torch.float32
         assert inside[key].item() == pytest.approx(outside[key].item(), abs=1e-4)
+
+
+def test_shared_similarity_path_equals_per_task_judge_products():
+    """num_tasks * K * J > N switches to one u @ features.T per step, gathered per task (regression:
+    same loss and gradient as the per-task u @ judges.T path)."""
+    import torch.nn.functional as F
+
+    from sove.method import ConceptSettings, FeatureSet, SOVELoss
+
+    torch.manual_seed(0)
+    d, b, n = 8, 5, 30
+    fs = FeatureSet(n, d, seed=3)
+    fs.enqueue(F.normalize(torch.randn(n, d), dim=1), torch.arange(n))
+    cls = ConceptSettings(num_anchors=6, num_judges=4, num_tasks=2)  # 2 * 6 * 4 = 48 > 30: shared path
+    patch = ConceptSettings(num_anchors=4, num_judges=2, num_tasks=4)  # 32 > 30: shared path
+    s_cls = F.normalize(torch.randn(4, b, d), dim=-1).requires_grad_()
+    t_cls = F.normalize(torch.randn(2, b, d), dim=-1)
+    s_pat = F.normalize(torch.randn(7, d), dim=-1).requires_grad_()
+    t_pat = F.normalize(torch.randn(7, d), dim=-1)
+    owner = torch.tensor([0, 0, 1, 3, 3, 3, 9])
+    results = []
+    for shared in (True, False):
+        loss_fn = SOVELoss(cls, patch, seed=11)
+        if not shared:
+            loss_fn.similarities = lambda *args: (None, None)
+        assert (loss_fn.similarities(cls, fs.features, s_cls, t_cls)[0] is not None) == shared
+        out = loss_fn(student_cls=s_cls, teacher_cls=t_cls, student_patches=s_pat, teacher_patches=t_pat,
+                      patch_owner=owner, num_images=2 * b, cls_feature_set=fs, patch_feature_set=fs,
+                      step=3, teacher_temp=0.04)
+        g_cls, g_pat = torch.autograd.grad(out["loss"], [s_cls, s_pat])
+        results.append((out["cls"].detach(), out["patch"].detach(), g_cls, g_pat))
+    for a, c in zip(*results):
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)

@@ -110,15 +110,43 @@ class Concepts:
         """
         with torch.autocast(device_type=u.device.type, enabled=False):
             k, j, d = self.judges.shape
-            logits = u.float() @ self.judges.reshape(k * j, d).T / temperature  # (n, K*J)
-            pi = logits.softmax(dim=-1)
-            off = self.off_weights()  # (K, J)
-            own = (pi.view(-1, k, j) * (self.weights - off)).sum(-1)  # (n, K)
-            return own + pi @ off.reshape(k * j, 1)
+            return self._mix(u.float() @ self.judges.reshape(k * j, d).T, temperature)
 
-    def log_probs(self, u: torch.Tensor, temperature: float) -> torch.Tensor:
-        """log P_tau(u), shape (n, concepts), float32; probabilities clamped at ``MIN_PROB``."""
-        return self.probs(u, temperature).clamp_min(MIN_PROB).log()
+    def probs_from_similarity(self, similarity: torch.Tensor, temperature: float) -> torch.Tensor:
+        """P_tau(u) from precomputed similarities to every feature-set row (same value as :meth:`probs`).
+
+        When the judges of all tasks outnumber the feature-set rows (num_tasks * K * J > N, e.g.
+        the paper's 4 x 8192 x 9 judges over 65536 rows), ``u @ features.T`` computed once per step
+        and gathered per task costs less than one ``u @ judges.T`` per task; the gradient flows
+        through the gather into ``similarity``.
+
+        Args:
+            similarity: float tensor of shape (n, N), ``u @ features.T`` for the feature set whose
+                rows ``judge_index`` points into (unit-norm u).
+            temperature: softmax temperature tau > 0.
+
+        Returns:
+            float32 tensor of shape (n, concepts); each row sums to 1.
+        """
+        with torch.autocast(device_type=similarity.device.type, enabled=False):
+            logits = similarity.float().index_select(1, self.judge_index.reshape(-1))  # (n, K*J)
+            return self._mix(logits, temperature)
+
+    def _mix(self, similarity: torch.Tensor, temperature: float) -> torch.Tensor:
+        """Structured-form P from judge similarities (n, K*J), fp32: softmax over judges, then labels."""
+        k, j = self.weights.shape
+        pi = (similarity / temperature).softmax(dim=-1)
+        off = self.off_weights()  # (K, J)
+        own = (pi.view(-1, k, j) * (self.weights - off)).sum(-1)  # (n, K)
+        return own + pi @ off.reshape(k * j, 1)
+
+    def log_probs(self, u: torch.Tensor, temperature: float, similarity: torch.Tensor | None = None) -> torch.Tensor:
+        """log P_tau(u), shape (n, concepts), float32; probabilities clamped at ``MIN_PROB``.
+
+        With ``similarity`` (n, N) given, computed by :meth:`probs_from_similarity` (``u`` unused).
+        """
+        p = self.probs(u, temperature) if similarity is None else self.probs_from_similarity(similarity, temperature)
+        return p.clamp_min(MIN_PROB).log()
 
 
 def _validate(num_rows: int, num_anchors: int, num_judges: int, smoothing: float, label_mode: str,

@@ -28,7 +28,8 @@ def cross_view_pairs(num_student_views: int, num_teacher_views: int) -> list[tup
 
 def cls_loss(
     student_cls: torch.Tensor, teacher_cls: torch.Tensor, concepts: Concepts,
-    student_temp: float, teacher_temp: float,
+    student_temp: float, teacher_temp: float, student_similarity: torch.Tensor | None = None,
+    teacher_similarity: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """L_CLS (Eq. 2): cross-entropy H(P_t(teacher view j), P_s(student view i)) over pairs i != j.
 
@@ -40,6 +41,9 @@ def cls_loss(
         concepts: CLS concepts of this task.
         student_temp: tau_s.
         teacher_temp: tau_t.
+        student_similarity / teacher_similarity: optional (views * batch, N) similarities of the
+            flattened embeddings to every feature-set row (see :meth:`Concepts.probs_from_similarity`);
+            the same value, computed once per step for all tasks.
 
     Returns:
         fp32 scalar: mean over the batch and over the 2 V - 2 view pairs, equal weight.
@@ -47,8 +51,9 @@ def cls_loss(
     vs, b, d = student_cls.shape
     vt = teacher_cls.shape[0]
     with torch.no_grad():
-        q = concepts.probs(teacher_cls.reshape(vt * b, d), teacher_temp).view(vt, b, -1)
-    log_p = concepts.log_probs(student_cls.reshape(vs * b, d), student_temp).view(vs, b, -1)
+        q = (concepts.probs(teacher_cls.reshape(vt * b, d), teacher_temp) if teacher_similarity is None
+             else concepts.probs_from_similarity(teacher_similarity, teacher_temp)).view(vt, b, -1)
+    log_p = concepts.log_probs(student_cls.reshape(vs * b, d), student_temp, student_similarity).view(vs, b, -1)
     pairs = cross_view_pairs(vs, vt)
     # Sum over pairs without a Python loop: every student view meets every teacher view,
     # minus the i == j terms of the student globals.
@@ -61,6 +66,7 @@ def cls_loss(
 def patch_loss(
     student_patches: torch.Tensor, teacher_patches: torch.Tensor, owner: torch.Tensor,
     num_images: int, concepts: Concepts, student_temp: float, teacher_temp: float,
+    student_similarity: torch.Tensor | None = None, teacher_similarity: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """L_patch (Eq. 4): per masked token H(P_t(teacher patch), P_s(student patch)).
 
@@ -80,6 +86,8 @@ def patch_loss(
         concepts: patch concepts of this task.
         student_temp: tau_s.
         teacher_temp: tau_t.
+        student_similarity / teacher_similarity: optional (masked_tokens, N) similarities to every
+            feature-set row (see :meth:`Concepts.probs_from_similarity`).
 
     Returns:
         fp32 scalar (0 when no token is masked, still attached to the graph).
@@ -87,8 +95,9 @@ def patch_loss(
     if student_patches.shape[0] == 0:
         return student_patches.float().sum() * 0.0
     with torch.no_grad():
-        q = concepts.probs(teacher_patches, teacher_temp)
-    log_p = concepts.log_probs(student_patches, student_temp)
+        q = (concepts.probs(teacher_patches, teacher_temp) if teacher_similarity is None
+             else concepts.probs_from_similarity(teacher_similarity, teacher_temp))
+    log_p = concepts.log_probs(student_patches, student_temp, student_similarity)
     token_ce = -(q * log_p).sum(-1)  # (masked_tokens,)
     per_image = torch.zeros(num_images, device=token_ce.device).index_add_(0, owner, token_ce)
     counts = torch.bincount(owner, minlength=num_images).clamp_min(1)
@@ -163,6 +172,21 @@ class SOVELoss(nn.Module):
         )
         return self._cache[key]
 
+    @staticmethod
+    def similarities(settings: ConceptSettings, features: torch.Tensor, student: torch.Tensor,
+                     teacher: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(student, teacher) similarities to every feature-set row, shapes (n_s, N) / (n_t, N), when
+        the judges of all tasks outnumber the rows (num_tasks * K * J > N): then one product per
+        step, gathered per task, is cheaper than one per task. Otherwise (None, None)."""
+        if settings.num_tasks * settings.num_anchors * settings.num_judges <= features.shape[0]:
+            return None, None
+        with torch.autocast(device_type=features.device.type, enabled=False):
+            rows = features.float().T  # (dim, N)
+            s = student.reshape(-1, student.shape[-1]).float() @ rows
+            with torch.no_grad():
+                t = teacher.reshape(-1, teacher.shape[-1]).float() @ rows
+        return s, t
+
     def forward(
         self, *, student_cls: torch.Tensor, teacher_cls: torch.Tensor,
         student_patches: torch.Tensor, teacher_patches: torch.Tensor, patch_owner: torch.Tensor,
@@ -197,14 +221,16 @@ class SOVELoss(nn.Module):
                 raise ValueError(f"the {name} loss has weight {weight} but no feature set was passed")
             tau_s = settings.student_temp or self.student_temp
             tau_t = settings.teacher_temp or teacher_temp
+            student, teacher = (student_cls, teacher_cls) if name == "cls" else (student_patches, teacher_patches)
+            sims = self.similarities(settings, fs.features, student, teacher)
             terms = []
             for task in range(settings.num_tasks):
                 concepts = self.concepts(settings, fs.features, step, task, stream)
                 if name == "cls":
-                    terms.append(cls_loss(student_cls, teacher_cls, concepts, tau_s, tau_t))
+                    terms.append(cls_loss(student_cls, teacher_cls, concepts, tau_s, tau_t, *sims))
                 else:
                     terms.append(patch_loss(student_patches, teacher_patches, patch_owner,
-                                            num_images, concepts, tau_s, tau_t))
+                                            num_images, concepts, tau_s, tau_t, *sims))
             out[name] = torch.stack(terms).mean()
             total = total + weight * out[name]
         out["loss"] = total
