@@ -37,7 +37,8 @@ def anchor_generator(seed: int, step: int, task: int, stream: int = 0) -> torch.
         seed: the run's seed (``trainer.seed``).
         step: the optimizer step (iteration) index, >= 0.
         task: the task index within the step, >= 0.
-        stream: 0 for CLS concepts, 1 for patch concepts (independent streams).
+        stream: 0 for CLS concepts, 1 for patch concepts, 2 for the E_P patch positions
+            (independent streams).
     """
     state = np.random.SeedSequence([seed, step, task, stream]).generate_state(2, dtype=np.uint32)
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))

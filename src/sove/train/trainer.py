@@ -28,7 +28,7 @@ from sove import __version__
 from sove.data import SSLDataset, collate_views
 from sove.data.sampler import ResumableSampler
 from sove.errors import DataError, SoveError
-from sove.method import FeatureSet
+from sove.method import FeatureSet, anchor_generator
 from sove.models import build_networks
 from sove.train import checkpoint as ckpt
 from sove.train.builders import build_loss, build_train_dataset, prepare_run_dir, resolve_precision
@@ -129,7 +129,7 @@ class Trainer(Diagnostics):
         # E_P rows: one random view-2 patch per image, positions for the whole global batch drawn
         # from a (seed, step) generator and sliced for this rank (= a single process's choice).
         num_patches = batch["masks"].shape[-1]
-        g = torch.Generator().manual_seed(self.cfg.trainer.seed * 1_000_003 + it)
+        g = anchor_generator(self.cfg.trainer.seed, it, 0, stream=2)  # stream 2: E_P positions
         rank = self.fabric.global_rank
         positions = torch.randint(num_patches, (self.fabric.world_size * b,), generator=g)[rank * b:(rank + 1) * b]
         self.optimizer.zero_grad(set_to_none=True)
