@@ -142,7 +142,7 @@ def load_ground_truth(root: str | Path, name: str | None = None) -> tuple[str, d
         if len(found) != 1:
             names = ", ".join(p.name for p in found)
             what = f"several ground-truth files ({names})" if found else "no gnd_<name>.pkl"
-            raise DataError(f"'{root}' has {what}; give --name (e.g. roxford5k) and put gnd_<name>.pkl "
+            raise DataError(f"--data '{root}' has {what}; give --name (e.g. roxford5k) and put gnd_<name>.pkl "
                             "(revisited Oxford/Paris ground truth) next to jpg/")
         name = found[0].stem[len("gnd_"):]
     path = root / f"gnd_{name}.pkl"
