@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from conftest import TINY, make_image_folder
+from conftest import make_image_folder, tiny_labelled_run
 from sove.cli import main
 from sove.config import load_config
 from sove.errors import DataError, SoveError
@@ -18,7 +18,6 @@ from sove.eval.features import extract_features
 from sove.eval.frozen import token_features
 from sove.eval.linear import evaluate_linear, head_accuracy, select_lr, train_linear_heads
 from sove.models import MaskedViT, create_vit
-from sove.train.trainer import pretrain
 
 
 def blobs(n_per_class: int = 40, dim: int = 6, classes: int = 3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,12 +30,7 @@ def blobs(n_per_class: int = 40, dim: int = 6, classes: int = 3, seed: int = 0) 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> Path:
-    """A 1-step run on two brightness classes (the labelled folder doubles as the test split)."""
-    root = tmp_path_factory.mktemp("lin")
-    images = make_image_folder(root / "images")
-    cfg = load_config(None, TINY + [f"data.root={images}", f"data.test_root={images}", f"trainer.out_dir={root}",
-                                    "trainer.name=r", "trainer.max_steps=1"])
-    return pretrain(cfg)
+    return tiny_labelled_run(tmp_path_factory.mktemp("lin"))
 
 
 def test_separable_features_reach_100_and_diverged_lr_is_never_chosen():

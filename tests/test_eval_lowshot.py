@@ -8,14 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY, make_image_folder
+from conftest import make_image_folder, tiny_labelled_run
 from sove.cli import main
-from sove.config import load_config
 from sove.data import ImageFolder
 from sove.errors import DataError, SoveError
 from sove.eval.frozen import stratified_subset
 from sove.eval.lowshot import LOGREG_CS, evaluate_lowshot, lowshot_classify, read_subset_file
-from sove.train.trainer import pretrain
 
 
 class IndexSource:
@@ -27,11 +25,7 @@ class IndexSource:
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("low")
-    images = make_image_folder(root / "images")
-    cfg = load_config(None, TINY + [f"data.root={images}", f"data.test_root={images}", f"trainer.out_dir={root}",
-                                    "trainer.name=r", "trainer.max_steps=1"])
-    return pretrain(cfg)
+    return tiny_labelled_run(tmp_path_factory.mktemp("low"))
 
 
 def test_subset_is_class_balanced_exact_and_seeded():
