@@ -21,10 +21,13 @@ as SOVE (``fashion_mnist_tiny``: 0.04 / 0.1 / 0.99 -> 1); the DINO last layer is
 first epoch (the budget is ~1-2 epochs).
 
 Protocol: first each method runs a few steps in a fresh child process (its seconds per step and
-peak memory, measured alone); from that step time its schedule is sized to the budget (the lr
-warm-up is the same fraction of the schedule as in the config). Then the three trainers run
-alternately in ``--slice-seconds`` slices until each has used its budget or finished its schedule,
-so machine drift hits all alike. Finally the teacher backbones are evaluated with the k-NN
+peak memory, measured alone); from that step time its schedule is sized to the budget times
+``--schedule-margin`` (the lr warm-up is the same fraction of the schedule as in the config). Then
+the three trainers run alternately in ``--slice-seconds`` slices, so machine drift hits all alike,
+until each has used its budget or finished its schedule. The margin (default 1.08) makes the
+budget, not the calibration's estimate, end each run: the calibration overestimated step time by
+3-11% (steps get faster in the long run), which ended every schedule before the budget. The steps
+left unrun sit at the end of the cosine schedules (lr under 2% of its peak there). Finally the teacher backbones are evaluated with the k-NN
 protocol of ``sove eval knn`` on the full train / test splits, next to raw pixels and the
 untrained backbone. The step split is measured during the alternating run: ``network`` = forward
 and backward of backbone + head, ``objective`` = loss forward (SOVE: concept selection included)
@@ -250,7 +253,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     dataset = None
     for m in args.methods:
         c = calib[m]
-        steps = args.steps if args.steps else max(1, int(budget / c["s_per_step"]))
+        steps = args.steps if args.steps else max(1, int(args.schedule_margin * budget / c["s_per_step"]))
         cfg = method_config(args, m, epochs=steps / c["batches_per_epoch"])
         dataset = dataset if dataset is not None else build_train_dataset(cfg)
         trainers[m] = make_trainer(m, cfg, Path(args.work_dir) / m, dataset, args.num_prototypes)
@@ -337,6 +340,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-prototypes", type=int, default=4096, help="DINO/iBOT head output width K")
     p.add_argument("--calibration-steps", type=int, default=8,
                    help="timed steps per method in the child process (3 overestimated the step time by 7-11%%)")
+    p.add_argument("--schedule-margin", type=float, default=1.08,
+                   help="schedule = budget / calibrated s per step x this, so the budget ends the run "
+                        "(the calibration overestimates step time)")
     p.add_argument("--calibrate-only", action="store_true",
                    help="only the per-method step time and memory (each alone, in a child process); no training")
     p.add_argument("--steps", type=int, default=0, help="fixed steps per method instead of a time budget")
