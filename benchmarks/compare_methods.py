@@ -21,13 +21,14 @@ as SOVE (``fashion_mnist_tiny``: 0.04 / 0.1 / 0.99 -> 1); the DINO last layer is
 first epoch (the budget is ~1-2 epochs).
 
 Protocol: first each method runs a few steps in a fresh child process (its seconds per step and
-peak memory, measured alone); from that step time its schedule is sized to the budget times
-``--schedule-margin`` (the lr warm-up is the same fraction of the schedule as in the config). Then
-the three trainers run alternately in ``--slice-seconds`` slices, so machine drift hits all alike,
-until each has used its budget or finished its schedule. The margin (default 1.08) makes the
-budget, not the calibration's estimate, end each run: the calibration overestimated step time by
-3-11% (steps get faster in the long run), which ended every schedule before the budget. The steps
-left unrun sit at the end of the cosine schedules (lr under 2% of its peak there). Finally the teacher backbones are evaluated with the k-NN
+peak memory, measured alone); from that step time its schedule is sized to the budget (the lr
+warm-up is the same fraction of the schedule as in the config). Then the three trainers run
+alternately in ``--slice-seconds`` slices, so machine drift hits all alike, until each has used its
+budget or finished its schedule. After every slice a method's schedules are re-sized to the steps
+its measured pace fits into the budget left (:func:`resize_to_budget`): the few calibration steps
+misjudged the long-run step time by -11% to +20% on the 2-core machine, which either ended a schedule
+before the budget or cut its cosine tail off; re-sized, each run uses the budget and ends annealed.
+Finally the teacher backbones are evaluated with the k-NN
 protocol of ``sove eval knn`` on the full train / test splits, next to raw pixels and the
 untrained backbone. The step split is measured during the alternating run: ``network`` = forward
 and backward of backbone + head, ``objective`` = loss forward (SOVE: concept selection included)
@@ -148,6 +149,35 @@ def make_trainer(method: str, cfg, run_dir: Path, dataset, num_prototypes: int) 
     return PeerTrainer(cfg, run_dir, dataset, num_prototypes, patch=method == "ibot")
 
 
+def resize_to_budget(trainer: Trainer, used_s: float, budget_s: float) -> int:
+    """Re-size ``trainer``'s schedules so that, at its pace so far, it ends when ``budget_s`` is used.
+
+    New length = steps taken + (budget left) / (seconds per step so far); the lr warm-up stays the
+    same fraction of the schedule (as in ``method_config``), the cosine lr / weight-decay / momentum
+    curves stretch or shrink to the new length. Steps already taken keep the values they had.
+
+    Args:
+        trainer: a trainer that has taken at least one step.
+        used_s, budget_s: training seconds used so far / allowed in all.
+
+    Returns:
+        the new total number of steps (>= steps taken + 1).
+    """
+    from omegaconf import OmegaConf
+
+    from sove.train.schedules import build_schedules
+
+    per_step = used_s / max(trainer.step, 1)
+    total = trainer.step + max(1, int((budget_s - used_s) / per_step))
+    o = trainer.cfg.optim
+    epochs = total / trainer.sampler.batches_per_epoch
+    optim = OmegaConf.merge(o, {"epochs": epochs, "warmup_epochs": o.warmup_epochs / o.epochs * epochs})
+    trainer.schedules = build_schedules(optim, trainer.cfg.loss, trainer.sampler.batches_per_epoch,
+                                        o.batch_size * trainer.fabric.world_size)
+    trainer.total_steps = trainer.schedules.total_iters
+    return trainer.total_steps
+
+
 def method_config(args: argparse.Namespace, method: str, epochs: float | None = None):
     """The shared config with this method's run name and, if given, a schedule of ``epochs``."""
     base = load_config(args.config, args.overrides)
@@ -253,7 +283,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     dataset = None
     for m in args.methods:
         c = calib[m]
-        steps = args.steps if args.steps else max(1, int(args.schedule_margin * budget / c["s_per_step"]))
+        steps = args.steps if args.steps else max(1, int(budget / c["s_per_step"]))
         cfg = method_config(args, m, epochs=steps / c["batches_per_epoch"])
         dataset = dataset if dataset is not None else build_train_dataset(cfg)
         trainers[m] = make_trainer(m, cfg, Path(args.work_dir) / m, dataset, args.num_prototypes)
@@ -274,6 +304,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             finished = tr.fit(deadline=slice_end) is not None
             used[m] += time.perf_counter() - start
             done[m] = finished or used[m] >= budget
+            if not done[m] and not args.steps:
+                resize_to_budget(tr, used[m], budget)
             print(f"[train] {m}: step {tr.step}/{tr.total_steps}, {used[m] / 60:.1f} of "
                   f"{args.budget_minutes} min", flush=True)
     rows = {}
@@ -340,9 +372,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-prototypes", type=int, default=4096, help="DINO/iBOT head output width K")
     p.add_argument("--calibration-steps", type=int, default=8,
                    help="timed steps per method in the child process (3 overestimated the step time by 7-11%%)")
-    p.add_argument("--schedule-margin", type=float, default=1.08,
-                   help="schedule = budget / calibrated s per step x this, so the budget ends the run "
-                        "(the calibration overestimates step time)")
     p.add_argument("--calibrate-only", action="store_true",
                    help="only the per-method step time and memory (each alone, in a child process); no training")
     p.add_argument("--steps", type=int, default=0, help="fixed steps per method instead of a time budget")

@@ -45,3 +45,30 @@ def test_peer_heads_start_equal_in_student_and_teacher(tmp_path):
     assert s.keys() == t.keys() and all(bool((s[k] == t[k]).all()) for k in s)
     assert trainer.cls_fs is None and trainer.patch_fs is None  # peers keep no feature sets
     assert trainer.teacher.head.last_layer.weight_v.shape[0] == 32  # K prototypes
+
+
+def test_resize_to_budget_fits_the_schedule_to_the_pace_and_keeps_the_warmup_fraction(tmp_path):
+    from sove.config import load_config
+    from sove.train.builders import build_train_dataset
+    from sove.train.schedules import build_schedules
+
+    images = make_image_folder(tmp_path / "images")  # 32 images, batch 8: 4 steps per epoch
+    cfg = load_config(None, TINY + [f"data.root={images}", f"trainer.out_dir={tmp_path}", "trainer.name=sove",
+                                    "optim.epochs=2", "optim.warmup_epochs=0.5"])
+    trainer = compare_methods.make_trainer("sove", cfg, tmp_path / "sove", build_train_dataset(cfg), 0)
+    assert trainer.total_steps == 8
+    trainer.fit(deadline=0.0)  # one step
+    trainer.fit(deadline=0.0)
+    # 2 steps in 10 s (5 s/step), 40 s left of a 50 s budget -> 2 + 8 = 10 steps = 2.5 epochs.
+    assert compare_methods.resize_to_budget(trainer, used_s=10.0, budget_s=50.0) == 10
+    assert trainer.total_steps == 10 == len(trainer.schedules.lr)
+    ref = build_schedules(load_config(None, TINY + [f"data.root={images}", "optim.epochs=2.5",
+                                                    "optim.warmup_epochs=0.625"]).optim,
+                          cfg.loss, 4, 8)
+    for name in ("lr", "weight_decay", "momentum", "teacher_temp"):
+        assert (getattr(trainer.schedules, name) == getattr(ref, name)).all(), name
+    assert trainer.schedules.momentum[-1] == 1.0  # the re-sized run still ends with the teacher frozen
+    # Slower than the budget allows: at least one more step is scheduled.
+    assert compare_methods.resize_to_budget(trainer, used_s=60.0, budget_s=50.0) == 3
+    trainer.fit()
+    assert trainer.step == 3
