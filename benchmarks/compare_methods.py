@@ -298,7 +298,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 continue
             tr = trainers[m]
             start = time.perf_counter()
-            slice_end = start + min(args.slice_seconds, budget - used[m])
+            # The first slice is at most a tenth of the budget (so that an overestimated step time
+            # cannot end the whole schedule before the first re-sizing).
+            first = min(args.slice_seconds, budget / 10) if tr.step == 0 else args.slice_seconds
+            slice_end = start + min(first, budget - used[m])
             if args.steps:  # fixed number of steps (smoke mode): no time limit
                 slice_end = None
             finished = tr.fit(deadline=slice_end) is not None

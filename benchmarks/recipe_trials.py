@@ -97,12 +97,19 @@ def run_trial(args: argparse.Namespace, name: str, overrides: list[str]) -> dict
     if args.steps:
         trainer.fit()
     else:
-        while trainer.fit(deadline=min(start + budget, time.perf_counter() + args.slice_seconds)) is None:
+        # The first slice is at most a tenth of the budget, so that a calibration that overestimated the
+        # step time (a busy machine) cannot end the whole schedule before the first re-sizing.
+        first = min(args.slice_seconds, budget / 10)
+        while trainer.fit(deadline=min(start + budget, time.perf_counter() + first)) is None:
+            first = args.slice_seconds
             used = time.perf_counter() - start
             if used >= budget:
                 break
             resize_to_budget(trainer, used, budget)
     minutes = (time.perf_counter() - start) / 60
+    if not args.steps and minutes < 0.9 * args.budget_minutes:
+        print(f"[trial] {name}: WARNING: the schedule ended after {minutes:.1f} of {args.budget_minutes} min "
+              "(the calibration overestimated the step time: was the machine busy?); re-run this trial", flush=True)
     device = trainer.fabric.device
     knn = knn_of(trainer.teacher.backbone, eval_split(cfg, "train"), eval_split(cfg, "test"), cfg, device)
     row = {"name": name, "overrides": overrides, "s_per_step_alone": calib["s_per_step"],
