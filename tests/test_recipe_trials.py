@@ -52,3 +52,18 @@ def test_smoke_run_trains_each_trial_one_step_and_tables_them(tmp_path):
     assert table[2].startswith("| base | (config) |") and table[3].startswith("| wide | `model.embed_dim=48` |")
     saved = json.loads(out.with_suffix(".json").read_text())
     assert [t["name"] for t in saved["trials"]] == ["base", "wide"]
+
+
+def test_profile_objective_attributes_the_loss_forward_to_operators(tmp_path):
+    import profile_objective
+
+    images = make_image_folder(tmp_path / "images")
+    result = profile_objective.main(["--warmup", "1", "--steps", "2", "--work-dir", str(tmp_path / "work"),
+                                     *TINY, f"data.root={images}"])
+    assert result["calls"] == 2 and result["seconds_per_call"] > 0
+    ops = result["ms_per_step"]
+    assert "aten::topk" in ops  # judge selection
+    assert any(k in ops for k in ("aten::_softmax", "aten::softmax"))  # concept probabilities
+    assert list(ops.values()) == sorted(ops.values(), reverse=True)
+    table = profile_objective.markdown(result, 3).splitlines()
+    assert len(table) == 2 + 3 + 1 and table[-1].startswith("| rest |")
