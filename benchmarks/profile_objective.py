@@ -64,6 +64,7 @@ def profile(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def markdown(result: dict[str, Any], top: int) -> str:
+    """The ``top`` operators by time (ms per profiled step, share of the total), the others as "rest"."""
     total = sum(result["ms_per_step"].values()) or 1.0
     lines = ["| operator | ms per step | share |", "|---|---|---|"]
     items = list(result["ms_per_step"].items())
