@@ -1,4 +1,4 @@
-"""Concepts, judges, soft labels and concept probabilities (SOVE paper Eq. 2 / Eq. 4; SOVE_SPEC §4)."""
+"""Concepts, judges, soft labels and concept probabilities (SOVE paper Eq. 2 / Eq. 4; docs/method.md)."""
 
 from __future__ import annotations
 

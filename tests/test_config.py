@@ -1,4 +1,4 @@
-"""Config: defaults follow SOVE_SPEC, presets load, overrides merge, validation names keys."""
+"""Config: defaults follow docs/method.md, presets load, overrides merge, validation names keys."""
 
 from __future__ import annotations
 

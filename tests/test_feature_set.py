@@ -1,4 +1,4 @@
-"""FIFO feature sets E_C / E_P (SOVE_SPEC §3)."""
+"""FIFO feature sets E_C / E_P (docs/method.md, "Feature sets")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""L_CLS (Eq. 2), L_patch (Eq. 4) and the SOVE objective (SOVE_SPEC §5)."""
+"""L_CLS (Eq. 2), L_patch (Eq. 4) and the SOVE objective (docs/method.md)."""
 
 from __future__ import annotations
 

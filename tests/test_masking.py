@@ -1,4 +1,4 @@
-"""Blockwise (BEiT) and random patch masks (SOVE_SPEC §2)."""
+"""Blockwise (BEiT) and random patch masks (docs/method.md, "Masking")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Multi-crop views, the SSL dataset and its collate function (SOVE_SPEC §2)."""
+"""Multi-crop views, the SSL dataset and its collate function (docs/method.md, "Views and augmentation")."""
 
 from __future__ import annotations
 

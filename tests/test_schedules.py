@@ -1,4 +1,4 @@
-"""Per-iteration schedules (SOVE_SPEC §6)."""
+"""Per-iteration schedules (docs/method.md, "Optimisation and schedules")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Configuration: dataclass schema (defaults = SOVE_SPEC) ⊕ preset YAML ⊕ ``key=value`` overrides.
+"""Configuration: dataclass schema (defaults: docs/method.md) ⊕ preset YAML ⊕ ``key=value`` overrides.
 
 ``load_config("configs/fashion_mnist_tiny.yaml", ["optim.epochs=2"])`` returns a validated,
 read-only OmegaConf object. Unknown keys, wrong types and inconsistent values raise
@@ -21,7 +21,7 @@ PRESET_DIR = Path(__file__).parent / "configs"
 
 @dataclass
 class DataConfig:
-    """Images, crops and augmentation (SOVE_SPEC §2)."""
+    """Images, crops and augmentation (docs/method.md, "Views and augmentation")."""
 
     source: str = "fashion_mnist"  # fashion_mnist | folder
     root: Optional[str] = None  # None: search the usual Fashion-MNIST places
@@ -45,7 +45,7 @@ class DataConfig:
 
 @dataclass
 class MaskConfig:
-    """Student masking of the global views (SOVE_SPEC §2, Fig. B.1)."""
+    """Student masking of the global views (docs/method.md, "Masking"; Fig. B.1)."""
 
     mode: str = "blockwise"  # blockwise | random
     ratio: float = 0.3
@@ -54,7 +54,7 @@ class MaskConfig:
 
 @dataclass
 class ModelConfig:
-    """Backbone and projection head (SOVE_SPEC §1)."""
+    """Backbone and projection head (docs/method.md, "Networks")."""
 
     arch: str = "vit_small"  # vit_tiny|vit_small|vit_base|vit_large|swin_tiny|swin_small|swin_base or a timm name
     patch_size: int = 16
@@ -71,7 +71,7 @@ class ModelConfig:
 
 @dataclass
 class ConceptConfig:
-    """Concepts of one loss (SOVE_SPEC §4; Tab. 8, 9, B.1, B.3, B.4)."""
+    """Concepts of one loss (docs/method.md, "Concepts: anchors and judges"; Tab. 8, 9, B.1, B.3, B.4)."""
 
     num_anchors: int = 8192
     num_judges: int = 9  # anchor + k nearest neighbours
@@ -85,7 +85,7 @@ class ConceptConfig:
 
 @dataclass
 class LossConfig:
-    """Loss weights, temperatures and feature-set sizes (SOVE_SPEC §3, §5)."""
+    """Loss weights, temperatures and feature-set sizes (docs/method.md, "Feature sets", "Temperatures")."""
 
     cls_weight: float = 1.0
     patch_weight: float = 1.0
@@ -102,7 +102,7 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW and schedules (SOVE_SPEC §6)."""
+    """AdamW and schedules (docs/method.md, "Optimisation and schedules")."""
 
     epochs: float = 800
     batch_size: int = 64  # per process and optimizer step
@@ -143,7 +143,7 @@ class TrainerConfig:
 
 @dataclass
 class EvalConfig:
-    """Frozen-feature evaluation (SOVE_SPEC §7)."""
+    """Frozen-feature evaluation (docs/method.md, "Evaluation protocols")."""
 
     knn_k: list[int] = field(default_factory=lambda: [10, 20, 100, 200])
     knn_temperature: float = 0.07

@@ -1,4 +1,4 @@
-"""Data pipeline: image sources, multi-crop views and patch masks (SOVE_SPEC §2)."""
+"""Data pipeline: image sources, multi-crop views and patch masks (docs/method.md, "Views and augmentation")."""
 
 from sove.data.decode import decode_image
 from sove.data.masking import (

@@ -1,4 +1,4 @@
-"""Patch masks for the student's global views (SOVE_SPEC §2).
+"""Patch masks for the student's global views (docs/method.md, "Masking").
 
 SOVE masks both student global views with BEiT's blockwise masking (Bao et al., "BEiT:
 BERT Pre-Training of Image Transformers", ICLR 2022, §2.5 / Algorithm 1) at ratio 0.3 by
@@ -37,7 +37,7 @@ def _check_ratio(ratio: float) -> float:
 
 
 class BlockwiseMaskGenerator:
-    """BEiT blockwise masking of a (height, width) patch grid (SOVE_SPEC §2).
+    """BEiT blockwise masking of a (height, width) patch grid (docs/method.md, "Masking").
 
     Blocks are placed until ``round(ratio * height * width)`` patches are masked. Per
     block: target area uniform in [min_area, remaining], aspect ratio log-uniform in
@@ -155,7 +155,7 @@ class BlockwiseMaskGenerator:
 
 
 class RandomMaskGenerator:
-    """Uniformly random patch masking (SOVE_SPEC §2 alternative; paper Fig. B.1).
+    """Uniformly random patch masking (the alternative of docs/method.md, "Masking"; paper Fig. B.1).
 
     Args:
         grid: (height, width) of the patch grid.

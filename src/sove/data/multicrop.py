@@ -1,6 +1,6 @@
 """Multi-crop augmentation, the self-supervised dataset and its collate function.
 
-SOVE_SPEC §2 (DINO-style multi-crop): two global crops and ``num_local_crops`` local crops
+docs/method.md, "Views and augmentation" (DINO-style multi-crop): two global crops and ``num_local_crops`` local crops
 per image, bicubic RandomResizedCrop, flip, colour jitter, grayscale, Gaussian blur and
 solarization with view-specific probabilities; every view is normalised with mean / std.
 
@@ -90,7 +90,7 @@ class ViewSpec:
 
 
 class MultiCropAugmentation:
-    """Multi-crop views of one image (SOVE_SPEC §2, DINO's augmentation recipe).
+    """Multi-crop views of one image (docs/method.md, "Views and augmentation"; DINO's recipe).
 
     Every view: RandomResizedCrop (bicubic, antialiased) + horizontal flip p 0.5 + colour
     jitter (p ``color_jitter``, strengths brightness 0.4, contrast 0.4, saturation 0.2,
@@ -244,7 +244,7 @@ class SSLDataset(Dataset):
     """Self-supervised dataset: multi-crop views and student masks of each source image.
 
     Each item holds the crops of :class:`MultiCropAugmentation` and one patch mask per
-    global view (SOVE_SPEC §2: both student global views are masked, locals never). Crops
+    global view (docs/method.md, "Masking": both student global views are masked, locals never). Crops
     and masks draw from a generator seeded by :func:`sample_seed` (seed, epoch, index): a
     sample's views depend neither on the global RNG, the number of DataLoader workers, the
     number of ranks, nor on where a resumed run restarted. Call :meth:`set_epoch` each epoch.

@@ -3,7 +3,7 @@
 A *source* is a map-style :class:`torch.utils.data.Dataset` whose ``__getitem__`` returns
 ``(image, label)`` with ``image`` a uint8 tensor of shape (channels, height, width) and
 ``label`` a Python ``int`` (``-1`` when the source has no labels). Augmentation and masking
-(SOVE_SPEC §2) are applied on top of a source by :class:`sove.data.multicrop.SSLDataset`.
+(docs/method.md, "Views and augmentation") are applied on top of a source by :class:`sove.data.multicrop.SSLDataset`.
 
 Every failure a user can cause (missing folder, missing or corrupt file, bad config key)
 raises :class:`sove.errors.DataError` with a one-line message naming the path or key and

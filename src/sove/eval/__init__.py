@@ -1,1 +1,1 @@
-"""Frozen-feature evaluation protocols (SOVE_SPEC §7)."""
+"""Frozen-feature evaluation protocols (docs/method.md, "Evaluation protocols"; docs/evaluation.md)."""

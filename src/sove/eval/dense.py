@@ -4,7 +4,8 @@
 timm backbone (``--backbone backbone.json`` from ``sove export``; both resolved by
 :func:`sove.eval.frozen.load_eval_backbone`) behind one interface: images of
 any size that is a multiple of the token stride in, the global feature and the patch-token grid
-out, both after the final norm (SOVE_SPEC §7), plus the preprocessing the backbone was trained with.
+out, both after the final norm (docs/method.md, "Evaluation protocols"), plus the preprocessing
+the backbone was trained with.
 (The supervised protocols' :class:`sove.eval.frozen.FrozenEncoder` bundles a data config instead;
 these protocols bring their own folders.)
 """

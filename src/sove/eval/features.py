@@ -1,4 +1,4 @@
-"""Frozen feature extraction for evaluation (SOVE_SPEC §7: teacher backbone, after the final norm)."""
+"""Frozen features for evaluation: teacher backbone, after the final norm (docs/method.md, "Evaluation protocols")."""
 
 from __future__ import annotations
 

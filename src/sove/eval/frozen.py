@@ -1,4 +1,4 @@
-"""Shared plumbing of the supervised frozen-feature protocols (linear probe, low-shot; SOVE_SPEC §7).
+"""Shared plumbing of the supervised frozen-feature protocols (linear probe, low-shot; docs/evaluation.md).
 
 The frozen encoder comes from a run directory (its teacher backbone, ``checkpoints/last.pt``) or from
 an exported ``backbone.json`` (``sove export``); features are taken after the final norm, never from
@@ -54,7 +54,7 @@ class EvalBackbone:
 
     Attributes:
         module: :class:`~sove.models.MaskedViT` (or ``MaskedSwin``), eval mode, no mask token; its
-            output ``global`` is the image representation of ``sove eval knn`` (SOVE_SPEC §7).
+            output ``global`` is the image representation of ``sove eval knn`` (docs/method.md, "Evaluation protocols").
         image_size: the global crop size the backbone was trained at, in pixels.
         patch_size: the patch-embedding size in pixels.
         token_stride: pixels per output token (the ViT patch size; a Swin's final-stage stride).

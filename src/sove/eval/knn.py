@@ -1,4 +1,4 @@
-"""Weighted k-NN classification on frozen features (DINO protocol; SOVE_SPEC §7, paper Tab. 1)."""
+"""Weighted k-NN classification on frozen features (DINO protocol, paper Tab. 1; docs/evaluation.md, "k-NN")."""
 
 from __future__ import annotations
 

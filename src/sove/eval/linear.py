@@ -1,4 +1,4 @@
-"""Linear probe on frozen features (SOVE_SPEC §7, paper Tab. 1 "Linear").
+"""Linear probe on frozen features (paper Tab. 1 "Linear"; docs/method.md, "Evaluation protocols").
 
 Features (teacher backbone, after the final norm): ``cls4`` — CLS of the last 4 blocks concatenated
 (ViT-S protocol) — or ``cls_mean`` — last CLS ⊕ mean patch token (ViT-B/L protocol); ``global`` (the

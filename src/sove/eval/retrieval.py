@@ -1,4 +1,4 @@
-"""Image retrieval on revisited Oxford / Paris (Radenović et al. 2018; paper Tab. 4; SOVE_SPEC §7).
+"""Image retrieval on revisited Oxford / Paris (Radenović et al. 2018; paper Tab. 4; docs/evaluation.md).
 
 A dataset folder holds ``jpg/<image>.jpg`` and ``gnd_<name>.pkl``: a dict with ``imlist`` (database
 image names), ``qimlist`` (query image names) and ``gnd`` (one dict per query with index lists
@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from sove.errors import DataError
 from sove.eval.dense import DenseEncoder, load_dense_encoder, result_path, write_result
 
-#: Image scales of the multi-scale descriptor (SOVE_SPEC §7).
+#: Image scales of the multi-scale descriptor (docs/method.md, "Evaluation protocols").
 SCALES = (1.0, 1 / math.sqrt(2), 0.5)
 #: Cut-offs of the mean precision mP@k.
 KAPPAS = (1, 5, 10)

@@ -1,4 +1,4 @@
-"""Semi-supervised video object segmentation by label propagation on DAVIS-2017 (paper Tab. 5; SOVE_SPEC §7).
+"""Semi-supervised video object segmentation by label propagation on DAVIS-2017 (paper Tab. 5; docs/evaluation.md).
 
 The first frame's object masks are propagated through the sequence with frozen patch features
 (the protocol of Jabri et al. 2020 as used by DINO): each patch of frame t takes the soft labels of

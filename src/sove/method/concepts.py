@@ -1,10 +1,10 @@
 """Concepts made of an anchor and its judges, their soft labels and concept probabilities.
 
-SOVE paper, Sec. 3 and Eq. 2 (CLS) / Eq. 4 (patches); every unstated detail is fixed in
-SOVE_SPEC §4. A *concept* is an anchor row of a feature set plus its ``num_judges - 1``
-nearest neighbours (spherical k-NN over the feature set with all anchors removed). Every
-judge ``j`` votes for its own concept with weight ``w_j`` and spreads ``1 - w_j`` uniformly
-over the other ``K - 1`` concepts. For a unit embedding ``u``::
+SOVE paper, Sec. 3 and Eq. 2 (CLS) / Eq. 4 (patches); the details it leaves open are in
+docs/method.md, "Concepts: anchors and judges". A *concept* is an anchor row of a feature set
+plus its ``num_judges - 1`` nearest neighbours (spherical k-NN over the feature set with all
+anchors removed). Every judge ``j`` votes for its own concept with weight ``w_j`` and spreads
+``1 - w_j`` uniformly over the other ``K - 1`` concepts. For a unit embedding ``u``::
 
     pi = softmax_j(<u, D_j> / tau)          over all K * J judges jointly
     P(u)_c = sum_{j in c} pi_j w_j + sum_{j not in c} pi_j (1 - w_j) / (K - 1)
@@ -31,7 +31,7 @@ def anchor_generator(seed: int, step: int, task: int, stream: int = 0) -> torch.
     """A CPU generator seeded from (seed, step, task, stream), identical on every rank.
 
     Used for anchor draws and the anchor keep-fraction so all ranks select the same concepts
-    without a broadcast and without consuming the implicit global RNG (SOVE_SPEC §4.1).
+    without a broadcast and without consuming the implicit global RNG (docs/method.md, "Concepts: anchors and judges").
 
     Args:
         seed: the run's seed (``trainer.seed``).
@@ -98,7 +98,7 @@ class Concepts:
         return (1.0 - self.weights) / (self.num_concepts - 1)
 
     def probs(self, u: torch.Tensor, temperature: float) -> torch.Tensor:
-        """Concept probabilities P_tau(u) in structured form (SOVE_SPEC §4.4), computed in fp32.
+        """Concept probabilities P_tau(u) in structured form (docs/method.md, "Concept probabilities"), in fp32.
 
         Args:
             u: tensor of shape (n, dim), unit-norm embeddings (any float dtype; cast to fp32,
@@ -176,7 +176,7 @@ def nearest_judges(
 ) -> torch.Tensor:
     """Top-k cosine neighbours of each anchor over the feature set with every anchor removed.
 
-    Runs in row chunks: peak extra memory is O(chunk_size * N), never (K, N) (SOVE_SPEC §4.2).
+    Chunked: peak extra memory O(chunk_size * N), never (K, N) (docs/method.md, "Concepts: anchors and judges").
 
     Args:
         features: float tensor of shape (N, dim), unit-norm rows.
@@ -217,7 +217,7 @@ def select_judges(
 
     ``select_judges(features, anchor_idx, num_judges=9, smoothing=0.1, label_mode="soft",
     keep_fraction=1.0, generator=None, chunk_size=1024, search_dtype=None) -> Concepts``;
-    then ``concepts.probs(u, temperature)`` gives P(u). SOVE paper Eq. 2 / Eq. 4, SOVE_SPEC §4:
+    then ``concepts.probs(u, temperature)`` gives P(u). Eq. 2 / Eq. 4; docs/method.md, "Concepts: anchors and judges":
 
     1. the pool is the feature set minus *all* K anchors (an anchor never judges itself or
        another concept); the ``num_judges - 1`` nearest neighbours by cosine are its judges;

@@ -1,4 +1,4 @@
-"""FIFO feature sets E_C and E_P of past teacher embeddings (SOVE paper, Sec. 3; SOVE_SPEC §3)."""
+"""FIFO feature sets E_C and E_P of past teacher embeddings (SOVE paper, Sec. 3; docs/method.md, "Feature sets")."""
 
 from __future__ import annotations
 

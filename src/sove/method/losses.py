@@ -1,7 +1,7 @@
 """SOVE's two losses: non-parametric [CLS] cluster assignment (Eq. 2) and non-parametric MIM (Eq. 4).
 
 Teacher targets are P_{tau_t}(teacher embedding), student predictions P_{tau_s}(student
-embedding), both from the same concepts; no centering, sharpening or Sinkhorn (SOVE_SPEC §5).
+embedding), both from the same concepts; no centering, sharpening or Sinkhorn (docs/method.md, "Concept probabilities").
 Everything here runs in fp32 with autocast disabled.
 """
 
@@ -106,7 +106,7 @@ def patch_loss(
 
 @dataclass
 class ConceptSettings:
-    """How the concepts of one loss are built (SOVE_SPEC §4; config keys ``loss.cls`` / ``loss.patch``).
+    """How one loss builds its concepts, keys ``loss.cls`` / ``loss.patch`` (docs/method.md, "Concepts: anchors and judges").
 
     ``teacher_temp`` / ``student_temp`` of None use the step's (scheduled) CLS temperatures.
     """

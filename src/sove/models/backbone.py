@@ -1,4 +1,4 @@
-"""timm Vision Transformer wrapped with SOVE's student mask token (SOVE_SPEC §1).
+"""timm Vision Transformer wrapped with SOVE's student mask token (docs/method.md, "Networks").
 
 The wrapper reuses timm's own modules (``patch_embed``, ``_pos_embed``, ``norm_pre``, ``blocks``,
 ``norm``) and only inserts the mask token between the patch embedding and the position

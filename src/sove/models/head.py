@@ -1,4 +1,4 @@
-"""SOVE's shared projection head (SOVE_SPEC §1): one MLP applied to every token, no prototypes."""
+"""SOVE's shared projection head (docs/method.md, "Networks"): one MLP applied to every token, no prototypes."""
 
 from __future__ import annotations
 

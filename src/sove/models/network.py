@@ -1,4 +1,4 @@
-"""Student and teacher networks: masked ViT backbone + shared projection head (SOVE_SPEC §1-2)."""
+"""Student and teacher networks: masked ViT backbone + shared projection head (docs/method.md, "Networks")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""timm Swin Transformer wrapped with SOVE's student mask token (SOVE_SPEC §1, paper preset Swin-T/14).
+"""timm Swin Transformer wrapped with SOVE's student mask token (docs/method.md, "Networks"; paper preset Swin-T/14).
 
 Swin has no [CLS] token and no absolute position embedding: the mask token replaces the output
 of ``patch_embed`` (after its LayerNorm, before the first stage) and masked tokens keep their

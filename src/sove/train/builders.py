@@ -56,7 +56,10 @@ def prepare_run_dir(cfg: DictConfig, overwrite: bool) -> Path:
 
 
 def resolve_precision(cfg: DictConfig) -> str:
-    """``trainer.precision``; ``auto`` = bf16-mixed on GPU, 32-true elsewhere (SOVE_SPEC §6)."""
+    """``trainer.precision``; ``auto`` = bf16-mixed on GPU, 32-true elsewhere.
+
+    See docs/method.md, "Precision, memory and reproducibility".
+    """
     if cfg.trainer.precision != "auto":
         return cfg.trainer.precision
     return "bf16-mixed" if torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda") else "32-true"

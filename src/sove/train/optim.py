@@ -1,4 +1,4 @@
-"""Optimizer pieces of SOVE_SPEC §6: parameter groups, per-tensor clipping, the EMA teacher update."""
+"""Parameter groups, per-tensor clipping and the EMA teacher update (docs/method.md, "Optimisation and schedules")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Per-iteration schedules, precomputed as arrays indexed by the optimizer step (SOVE_SPEC §6)."""
+"""Per-iteration schedules: arrays indexed by the optimizer step (docs/method.md, "Optimisation and schedules")."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ class Schedules:
 
 
 def build_schedules(optim, loss, iters_per_epoch: int, global_batch: int) -> Schedules:
-    """Schedules of SOVE_SPEC §6 from the ``optim`` and ``loss`` config sections.
+    """Schedules of docs/method.md, "Optimisation and schedules", from the ``optim`` and ``loss`` config sections.
 
     * lr: ``base_lr * global_batch / 256``, linear warm-up over ``warmup_epochs`` from 0, cosine to
       ``min_lr``;

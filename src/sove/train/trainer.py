@@ -1,6 +1,6 @@
 """The SOVE training loop on Lightning Fabric. The one place that knows the order of a step.
 
-One step (DESIGN.md, "Data flow of one step")::
+One step (docs/architecture.md, "One step"; docs/method.md, "Order of a step")::
 
     teacher(clean globals)            -> t_cls (2, B, d), projected patches
     student(masked globals + locals)  -> s_cls (V, B, d), projected masked patches
@@ -288,7 +288,7 @@ class Trainer(Diagnostics):
 
     # ----------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
-        """Everything an exact resume needs (SOVE_SPEC §3, DESIGN.md "Checkpoint")."""
+        """Everything an exact resume needs (docs/method.md, "Feature sets"; docs/architecture.md, "Run directory")."""
         return {
             "student": self.student_module.state_dict(), "teacher": self.teacher.state_dict(),
             "optimizer": self.optimizer.state_dict(),
