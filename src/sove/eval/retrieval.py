@@ -10,7 +10,8 @@ whole query image, as DINO's ``eval_image_retrieval.py`` does (the script the mu
 descriptor below comes from). Every image is encoded at three scales (1, 1/√2, 1/2) of its
 resized size; the frozen global features ([CLS]) of the scales are summed and L2-normalised, and
 the database is ranked by cosine similarity. Medium: positives easy + hard, junk ignored.
-Hard: positives hard, easy + junk ignored."""
+Hard: positives hard, easy + junk ignored.
+"""
 
 from __future__ import annotations
 

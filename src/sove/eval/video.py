@@ -12,7 +12,8 @@ is their mean. No maintained DAVIS evaluation package installs from PyPI (the of
 ``davis2017-evaluation`` is source-only), so J and F are re-implemented here to give the same
 values as its semi-supervised evaluation (``davis2017/metrics.py``: ``db_eval_iou``,
 ``f_measure``, ``_seg2bmap``; ``davis2017/evaluation.py``): ``seg2bmap`` boundaries, a disk of
-radius ceil(0.008 × image diagonal) pixels, void pixels scored as background."""
+radius ceil(0.008 × image diagonal) pixels, void pixels scored as background.
+"""
 
 from __future__ import annotations
 
