@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from sove.cli import main
-from sove.errors import DataError
+from sove.cli import build_parser, main
+from sove.errors import DataError, SoveError
 from sove.eval.dense import DenseEncoder
 from sove.eval.retrieval import average_precision, evaluate_retrieval, revisited_metrics
 
@@ -96,16 +96,41 @@ def test_end_to_end_generated_dataset(tmp_path):
     assert r["medium"]["mP@1"] == pytest.approx(100.0)
     assert r["dataset"] == "toyox" and r["num_database"] == 5 and r["num_queries"] == 2
     assert out.is_file()
-    # Without the crop the red query is 3/4 blue: normalised colours red (2,-2,-2), blue (-2,-2,2),
-    # green (-2,2,-2); query mean (-1,-2,1): cosine 0.94 with blue, 0 with red, < 0 with green.
-    # Blues rank first, reds at ranks 2, 3: AP = (0/2 + 1/3)/2 * 1/2 + (1/3 + 2/4)/2 * 1/2 = 7/24.
+    assert r["query_crop"] == "bbox"
+
+
+def test_query_crop_none_encodes_whole_queries(tmp_path):
+    # DINO's convention: whole queries, 3/4 blue. Normalised colours red (2,-2,-2), blue (-2,-2,2),
+    # green (-2,2,-2); red query mean (-1,-2,1): cosine 0.94 with blue, 0 with red, < 0 with green;
+    # green query mean (-2,-1,1): 0.94 with blue, 0 with green, < 0 with red.
+    #   red, Medium (positives red_a, red_b): blues first, reds at ranks 2, 3:
+    #     AP = (0/2 + 1/3)/2 * 1/2 + (1/3 + 2/4)/2 * 1/2 = 7/24.
+    #   red, Hard (positive red_b, junk red_a): red_b at rank 2 -> AP = (0/2 + 1/3)/2 = 1/6.
+    #   green, Medium = Hard (positive green_a, junk blue_a): green_a at rank 1 -> AP = (0 + 1/2)/2 = 1/4.
+    root = make_dataset(tmp_path / "toyox")
     with open(root / "gnd_toyox.pkl", "rb") as f:
         gt = pickle.load(f)
-    gt["gnd"][0]["bbx"] = [0, 0, 32, 24]
+    for g in gt["gnd"]:
+        del g["bbx"]  # not needed without the crop
     with open(root / "gnd_toyox.pkl", "wb") as f:
         pickle.dump(gt, f)
-    r = evaluate_retrieval(root, out=out, encoder=_mean_colour_encoder())
-    assert r["medium"]["ap"][0] == pytest.approx(100 * 7 / 24)
+    r = evaluate_retrieval(root, out=tmp_path / "r.json", query_crop="none", encoder=_mean_colour_encoder())
+    assert r["medium"]["ap"] == pytest.approx([100 * 7 / 24, 100 / 4])
+    assert r["hard"]["ap"] == pytest.approx([100 / 6, 100 / 4])
+    assert r["query_crop"] == "none"
+    with pytest.raises(DataError, match=r"gnd\[0\] has no 'bbx' \(query boxes are needed by --query-crop bbox\)"):
+        evaluate_retrieval(root, out=tmp_path / "r.json", encoder=_mean_colour_encoder())
+    with pytest.raises(SoveError, match="query_crop must be one of bbox, none, not 'box'"):
+        evaluate_retrieval(root, out=tmp_path / "r.json", query_crop="box", encoder=_mean_colour_encoder())
+
+
+def test_cli_query_crop_switch():
+    parse = build_parser().parse_args
+    assert parse(["eval", "retrieval", "--backbone", "b.json", "--data", "d"]).query_crop == "bbox"
+    base = ["eval", "retrieval", "--backbone", "b.json", "--data", "d", "--query-crop"]
+    assert parse(base + ["none"]).query_crop == "none"
+    with pytest.raises(SystemExit):
+        parse(base + ["box"])
 
 
 def test_missing_ground_truth_file(tmp_path):
@@ -142,3 +167,15 @@ def test_cli_reports_a_missing_ground_truth_file(tmp_path, capsys):
     (root / "gnd_toyox.pkl").unlink()
     assert main(["eval", "retrieval", "--backbone", str(tmp_path / "none.json"), "--data", str(root)]) == 2
     assert "gnd_<name>.pkl" in capsys.readouterr().err
+
+
+def test_paper_tables_cited_the_right_way_round():
+    # Paper: Tab. 4 = DAVIS-2017 video segmentation, Tab. 5 = revisited Oxford/Paris retrieval.
+    import sove.eval.retrieval
+    import sove.eval.video
+
+    assert "Tab. 5" in sove.eval.retrieval.__doc__.splitlines()[0]
+    assert "Tab. 4" in sove.eval.video.__doc__.splitlines()[0]
+    subparsers = build_parser()._subparsers._group_actions[0].choices["eval"]._subparsers._group_actions[0]
+    helps = {a.dest: a.help for a in subparsers._choices_actions}
+    assert "(Tab. 5)" in helps["retrieval"] and "(Tab. 4)" in helps["video"]

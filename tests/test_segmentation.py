@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -29,6 +31,39 @@ def test_scores_from_a_hand_computed_confusion_matrix():
     assert s["mAcc"] == pytest.approx(100 * 4 / 9)
     assert s["aAcc"] == pytest.approx(100 * 3 / 7)
     assert s["iou"][3] == 0.0 and s["iou"][4] is None and s["acc"][3] is None
+
+
+def test_out_of_range_values_are_refused():
+    # mmsegmentation drops values outside [0, C) silently; here they raise (a misplaced cell
+    # before: prediction 3 with C = 3 was counted as (true 1, predicted 0)).
+    target = torch.tensor([0, 1, 255])
+    with pytest.raises(ValueError, match=r"^predictions at labelled pixels must be class indices in \[0, 3\); "
+                                         r"got 3 \(1 pixel\(s\)\)$"):
+        confusion_matrix(torch.tensor([3, 1, 0]), target, 3)
+    with pytest.raises(ValueError, match=r"predictions at labelled pixels .* got 255 \(2 pixel"):
+        confusion_matrix(torch.tensor([255, 255, 0]), target, 3)  # the ignore index is no prediction
+    with pytest.raises(ValueError, match=r"^ground-truth labels other than the ignore index 255 must be class "
+                                         r"indices in \[0, 3\); got 7 \(1 pixel\(s\)\)$"):
+        confusion_matrix(torch.tensor([0, 1, 2]), torch.tensor([7, 1, 255]), 3)
+    with pytest.raises(ValueError, match="got -1"):
+        confusion_matrix(torch.tensor([0, 1, 2]), torch.tensor([-1, 1, 2]), 3)
+    with pytest.raises(ValueError, match=r"prediction shape \(2,\) != target shape \(3,\)"):
+        confusion_matrix(torch.tensor([0, 1]), target, 3)
+    # The prediction at an ignored pixel is never looked at (mmsegmentation masks it out first).
+    assert torch.equal(confusion_matrix(torch.tensor([0, 1, 255]), target, 3), torch.diag(torch.tensor([1, 1, 0])))
+
+
+def test_all_ignored_pixels():
+    # An image whose pixels are all ignored adds nothing; alone, every score is NaN
+    # (mmsegmentation: aAcc = 0 / 0, mIoU and mAcc = nanmean of all-NaN classes).
+    nothing = confusion_matrix(torch.tensor([[0, 2], [1, 1]]), torch.full((2, 2), 255), 3)
+    assert torch.equal(nothing, torch.zeros(3, 3, dtype=torch.long))
+    s = segmentation_scores(nothing)
+    assert math.isnan(s["aAcc"]) and math.isnan(s["mIoU"]) and math.isnan(s["mAcc"])
+    assert s["iou"] == [None] * 3 and s["acc"] == [None] * 3
+    some = confusion_matrix(torch.tensor([0, 1, 1]), torch.tensor([0, 1, 0]), 3)
+    assert segmentation_scores(some + nothing) == segmentation_scores(some)
+    assert segmentation_scores(some)["aAcc"] == pytest.approx(100 * 2 / 3)
 
 
 def test_sign_of_a_feature_is_learned_exactly():
@@ -110,3 +145,8 @@ def test_folder_errors(tmp_path):
     (root / "images" / "validation").mkdir(parents=True)
     with pytest.raises(DataError, match="no annotations folder"):
         evaluate_segmentation(root, out=tmp_path / "s.json", encoder=_colour_encoder())
+    root = make_ade(tmp_path / "ade3")
+    for name in ("v0", "v1"):
+        Image.fromarray(np.full((32, 32), 255, np.uint8)).save(root / "annotations" / "validation" / f"{name}.png")
+    with pytest.raises(DataError, match=r"every validation pixel in '.*validation' is ignored \(255\)"):
+        evaluate_segmentation(root, out=tmp_path / "s.json", epochs=1, encoder=_colour_encoder())

@@ -77,9 +77,11 @@ def _eval_lowshot(args: argparse.Namespace) -> None:
 def _eval_retrieval(args: argparse.Namespace) -> None:
     from sove.eval.retrieval import evaluate_retrieval
 
-    r = evaluate_retrieval(args.data, args.run, args.backbone, args.name, args.out, args.image_size, device=args.device)
+    r = evaluate_retrieval(args.data, args.run, args.backbone, args.name, args.out, args.image_size,
+                           query_crop=args.query_crop, device=args.device)
     m, h = r["medium"], r["hard"]
-    print(f"retrieval {r['dataset']} ({r['num_queries']} queries, {r['num_database']} images): mAP Medium "
+    print(f"retrieval {r['dataset']} ({r['num_queries']} queries, crop {r['query_crop']}; {r['num_database']} "
+          f"images): mAP Medium "
           f"{m['mAP']:.2f} / Hard {h['mAP']:.2f}; mP@10 Medium {m['mP@10']:.2f} / Hard {h['mP@10']:.2f}")
 
 
@@ -223,14 +225,17 @@ def build_parser() -> argparse.ArgumentParser:
         parser.add_argument("--out", help="result JSON (default: RUN/eval/<protocol>.json)")
         parser.add_argument("--device", default="cpu", help="device of the backbone (cpu, cuda)")
 
-    ret = evsub.add_parser("retrieval", help="revisited Oxford/Paris mAP, Medium and Hard (Tab. 4); "
+    ret = evsub.add_parser("retrieval", help="revisited Oxford/Paris mAP, Medium and Hard (Tab. 5); "
                            "writes eval/retrieval_<name>.json")
     dense_source(ret, "dataset folder with jpg/ and gnd_<name>.pkl")
     ret.add_argument("--name", help="dataset name, e.g. roxford5k (default: the only gnd_*.pkl in --data)")
     ret.add_argument("--image-size", type=int, help="longer image side at scale 1, px (default: training crop size)")
+    ret.add_argument("--query-crop", choices=["bbox", "none"], default="bbox",
+                     help="bbox: crop queries to their gnd box (revisited protocol, default); none: whole "
+                          "query images (DINO's retrieval script)")
     ret.set_defaults(func=_eval_retrieval)
 
-    vid = evsub.add_parser("video", help="DAVIS-2017 label propagation, J&F (Tab. 5); writes eval/video.json + PNGs")
+    vid = evsub.add_parser("video", help="DAVIS-2017 label propagation, J&F (Tab. 4); writes eval/video.json + PNGs")
     dense_source(vid, "DAVIS-2017 folder (JPEGImages/, Annotations/, ImageSets/2017/)")
     vid.add_argument("--split", default="val", help="sequence list ImageSets/2017/<split>.txt")
     vid.add_argument("--resolution", default="480p", help="resolution folder under JPEGImages/ and Annotations/")

@@ -1,9 +1,13 @@
-"""Image retrieval on revisited Oxford / Paris (Radenović et al. 2018; paper Tab. 4; docs/evaluation.md).
+"""Image retrieval on revisited Oxford / Paris (Radenović et al. 2018; paper Tab. 5; docs/evaluation.md).
 
 A dataset folder holds ``jpg/<image>.jpg`` and ``gnd_<name>.pkl``: a dict with ``imlist`` (database
 image names), ``qimlist`` (query image names) and ``gnd`` (one dict per query with index lists
 ``easy``, ``hard``, ``junk`` into ``imlist`` and the query box ``bbx`` = [x1, y1, x2, y2] in pixels).
-Queries are cropped to their box. Every image is encoded at three scales (1, 1/√2, 1/2) of its
+Query cropping is a choice (``query_crop``): ``"bbox"`` (default) crops each query to its
+``bbx``, the revisited protocol's own convention (its reference example, ``revisitop``
+``example_process_images.py``, crops every query with ``gnd[i]['bbx']``); ``"none"`` encodes the
+whole query image, as DINO's ``eval_image_retrieval.py`` does (the script the multi-scale
+descriptor below comes from). Every image is encoded at three scales (1, 1/√2, 1/2) of its
 resized size; the frozen global features ([CLS]) of the scales are summed and L2-normalised, and
 the database is ranked by cosine similarity. Medium: positives easy + hard, junk ignored.
 Hard: positives hard, easy + junk ignored.
@@ -20,14 +24,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from sove.errors import DataError
+from sove.errors import DataError, SoveError
 from sove.eval.dense import DenseEncoder, load_dense_encoder, result_path, write_result
 
-#: Image scales of the multi-scale descriptor (docs/method.md, "Evaluation protocols").
+#: Image scales of the multi-scale descriptor (DINO's ``eval_image_retrieval.py --multiscale``; docs/method.md, "Evaluation protocols").
 SCALES = (1.0, 1 / math.sqrt(2), 0.5)
 #: Cut-offs of the mean precision mP@k.
 KAPPAS = (1, 5, 10)
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+#: Query-cropping conventions: the revisited protocol's box crop, or the whole image (DINO).
+QUERY_CROPS = ("bbox", "none")
 
 
 def average_precision(ranks: np.ndarray, num_positives: int) -> float:
@@ -122,12 +128,14 @@ def _image_file(root: Path, name: str) -> Path:
     return root / "jpg" / (name if name.lower().endswith(_IMAGE_SUFFIXES) else name + ".jpg")
 
 
-def load_ground_truth(root: str | Path, name: str | None = None) -> tuple[str, dict[str, Any]]:
+def load_ground_truth(root: str | Path, name: str | None = None,
+                      boxes: bool = True) -> tuple[str, dict[str, Any]]:
     """Read and check ``root/gnd_<name>.pkl`` and the presence of every listed image in ``root/jpg``.
 
     Args:
         root: dataset folder.
         name: dataset name (``roxford5k``); default: the only ``gnd_*.pkl`` in ``root``.
+        boxes: require a query box ``bbx`` in every ``gnd`` entry (needed by the ``"bbox"`` crop).
 
     Returns:
         (name, ground-truth dict with ``imlist``, ``qimlist``, ``gnd``).
@@ -163,9 +171,10 @@ def load_ground_truth(root: str | Path, name: str | None = None) -> tuple[str, d
                         "ground-truth entries (gnd); the file is inconsistent")
     n = len(data["imlist"])
     for q, g in enumerate(data["gnd"]):
-        for key in ("easy", "hard", "junk", "bbx"):
+        for key in ("easy", "hard", "junk", "bbx") if boxes else ("easy", "hard", "junk"):
             if key not in g:
-                raise DataError(f"'{path}': gnd[{q}] has no '{key}'")
+                hint = " (query boxes are needed by --query-crop bbox)" if key == "bbx" else ""
+                raise DataError(f"'{path}': gnd[{q}] has no '{key}'{hint}")
         bad = [i for key in ("easy", "hard", "junk") for i in g[key] if not 0 <= int(i) < n]
         if bad:
             raise DataError(f"'{path}': gnd[{q}] lists image index {bad[0]} but imlist has {n} images "
@@ -203,6 +212,8 @@ def multiscale_feature(encoder: DenseEncoder, image: torch.Tensor, image_size: i
 
 
 def _crop(image: torch.Tensor, bbx: Sequence[float], what: str) -> torch.Tensor:
+    """Crop uint8 (channels, H, W) to ``bbx`` = [x1, y1, x2, y2] px, rounded as PIL's ``Image.crop``
+    does (round half to even) and clamped to the image, where PIL would pad with black."""
     h, w = image.shape[-2:]
     x1, y1 = max(0, int(round(bbx[0]))), max(0, int(round(bbx[1])))
     x2, y2 = min(w, int(round(bbx[2]))), min(h, int(round(bbx[3])))
@@ -213,7 +224,7 @@ def _crop(image: torch.Tensor, bbx: Sequence[float], what: str) -> torch.Tensor:
 
 def evaluate_retrieval(data: str | Path, run_dir: str | Path | None = None, backbone: str | Path | None = None,
                        name: str | None = None, out: str | Path | None = None, image_size: int | None = None,
-                       scales: Sequence[float] = SCALES, device: str = "cpu",
+                       scales: Sequence[float] = SCALES, query_crop: str = "bbox", device: str = "cpu",
                        encoder: DenseEncoder | None = None) -> dict[str, Any]:
     """``sove eval retrieval``: revisited Oxford/Paris mAP and mP@{1,5,10}, Medium and Hard.
 
@@ -224,23 +235,28 @@ def evaluate_retrieval(data: str | Path, run_dir: str | Path | None = None, back
         out: result JSON; default ``RUN/eval/retrieval_<name>.json``, or ``eval/`` next to ``backbone.json``.
         image_size: longer image side at scale 1 in pixels (default: the backbone's training crop size).
         scales: descriptor scales.
+        query_crop: ``"bbox"``: each query cropped to its ``bbx`` (the revisited protocol,
+            Radenović et al. 2018); ``"none"``: whole query images (DINO's retrieval script).
         device: device of the backbone.
         encoder: a ready :class:`DenseEncoder` instead of run_dir/backbone (tests, notebooks).
 
     Returns:
         :func:`revisited_metrics` output plus ``dataset``, ``num_database``, ``num_queries``,
-        ``image_size``, ``scales``, ``command``; written to the result JSON.
+        ``image_size``, ``scales``, ``query_crop``, ``command``; written to the result JSON.
 
     Raises:
         DataError: see :func:`load_ground_truth`; an unreadable image or an empty query box.
-        SoveError: neither or both of run_dir/backbone.
+        SoveError: neither or both of run_dir/backbone; ``query_crop`` not in :data:`QUERY_CROPS`.
     """
+    if query_crop not in QUERY_CROPS:
+        raise SoveError(f"query_crop must be one of {', '.join(QUERY_CROPS)}, not '{query_crop}'")
     root = Path(data)
-    name, gt = load_ground_truth(root, name)
+    name, gt = load_ground_truth(root, name, boxes=query_crop == "bbox")
     path = result_path(f"retrieval_{name}", run_dir, backbone, out)
     encoder = encoder or load_dense_encoder(run_dir, backbone, device)
     size = image_size or encoder.image_size
-    items = [(nm, None) for nm in gt["imlist"]] + [(nm, g["bbx"]) for nm, g in zip(gt["qimlist"], gt["gnd"])]
+    boxes = [g["bbx"] if query_crop == "bbox" else None for g in gt["gnd"]]
+    items = [(nm, None) for nm in gt["imlist"]] + list(zip(gt["qimlist"], boxes))
     feats = []
     for nm, bbx in tqdm(items, desc=f"retrieval {name}", unit="img", leave=False):
         image = encoder.read(_image_file(root, nm))
@@ -253,6 +269,6 @@ def evaluate_retrieval(data: str | Path, run_dir: str | Path | None = None, back
     ranking = np.argsort(-scores, axis=1, kind="stable")
     result = revisited_metrics(ranking, list(gt["gnd"]))
     result.update(dataset=name, num_database=len(gt["imlist"]), num_queries=len(gt["qimlist"]),
-                  image_size=size, scales=list(scales))
+                  image_size=size, scales=list(scales), query_crop=query_crop)
     write_result(result, path)
     return result

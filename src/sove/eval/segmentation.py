@@ -30,40 +30,71 @@ IGNORE = 255
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
+def _check_classes(values: torch.Tensor, num_classes: int, what: str) -> None:
+    """Raise ValueError naming the first value of ``values`` outside [0, num_classes) and their count."""
+    bad = (values < 0) | (values >= num_classes)
+    if bad.any():
+        raise ValueError(f"{what} must be class indices in [0, {num_classes}); got {int(values[bad][0])} "
+                         f"({int(bad.sum())} pixel(s))")
+
+
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
                      ignore_index: int = IGNORE) -> torch.Tensor:
     """Pixel confusion matrix, int64 (classes, classes): row = true class, column = predicted class.
 
+    Pixels whose target equals ``ignore_index`` are skipped whatever their prediction (as in
+    mmsegmentation's ``IoUMetric.intersect_and_union``), so an image whose pixels are all ignored
+    adds an all-zero matrix. Where mmsegmentation silently drops other values outside
+    [0, C) from its histograms, an out-of-range value here is refused: it means a wrong
+    ``num_classes`` or a corrupted prediction, and counting it would shift it into another cell.
+
     Args:
-        pred, target: int tensors of the same shape (any); target pixels equal to ``ignore_index``
-            are skipped.
+        pred, target: int tensors of the same shape (any): predicted and true class indices.
+        num_classes: number of classes C.
+        ignore_index: target value of unlabelled pixels (255).
+
+    Raises:
+        ValueError: shapes differ; a counted pixel whose prediction is outside [0, C) (the ignore
+            index included) or whose target is outside [0, C) and not ``ignore_index``.
     """
+    if pred.shape != target.shape:
+        raise ValueError(f"prediction shape {tuple(pred.shape)} != target shape {tuple(target.shape)}")
     keep = target != ignore_index
     t, p = target[keep].long(), pred[keep].long()
+    _check_classes(t, num_classes, f"ground-truth labels other than the ignore index {ignore_index}")
+    _check_classes(p, num_classes, "predictions at labelled pixels")
     return torch.bincount(t * num_classes + p, minlength=num_classes ** 2).reshape(num_classes, num_classes)
 
 
 def segmentation_scores(conf: torch.Tensor) -> dict[str, Any]:
     """mIoU, mAcc and pixel accuracy (percent) from a confusion matrix (rows true, columns predicted).
 
-    IoU_c = TP / (TP + FP + FN), averaged over classes present in the ground truth or the
-    prediction; Acc_c = TP / (TP + FN), averaged over classes present in the ground truth (the
-    mmsegmentation convention used for ADE20k).
+    Source: mmsegmentation's ``IoUMetric.total_area_to_metrics`` (the ADE20k convention):
+    IoU_c = TP / (TP + FP + FN), NaN for a class absent from both ground truth and prediction;
+    Acc_c = TP / (TP + FN), NaN for a class absent from the ground truth; mIoU and mAcc are the
+    means over the non-NaN classes; aAcc = sum TP / labelled pixels. With no labelled pixel
+    (every pixel ignored) all three are NaN, as mmsegmentation's 0 / 0.
+
+    Args:
+        conf: int (classes, classes) from :func:`confusion_matrix`, summed over images.
 
     Returns:
-        dict with ``mIoU``, ``mAcc``, ``aAcc`` and per-class ``iou`` / ``acc`` lists (None = absent).
+        dict with ``mIoU``, ``mAcc``, ``aAcc`` (float, NaN as above) and per-class ``iou`` / ``acc``
+        lists (None = NaN).
     """
     conf = conf.double()
     tp, gt, predicted = conf.diag(), conf.sum(1), conf.sum(0)
     union = gt + predicted - tp
     iou = torch.where(union > 0, tp / union.clamp(min=1), torch.nan)
     acc = torch.where(gt > 0, tp / gt.clamp(min=1), torch.nan)
+    total = gt.sum()
 
     def listed(x: torch.Tensor) -> list[float | None]:
         return [None if torch.isnan(v) else 100 * float(v) for v in x]
 
     return {"mIoU": 100 * float(iou.nanmean()), "mAcc": 100 * float(acc.nanmean()),
-            "aAcc": 100 * float(tp.sum() / conf.sum().clamp(min=1)), "iou": listed(iou), "acc": listed(acc)}
+            "aAcc": 100 * float(tp.sum() / total) if total > 0 else float("nan"),
+            "iou": listed(iou), "acc": listed(acc)}
 
 
 def segmentation_pairs(root: str | Path, split: str) -> list[tuple[Path, Path]]:
@@ -206,7 +237,7 @@ def evaluate_segmentation(data: str | Path, run_dir: str | Path | None = None, b
 
     Raises:
         DataError: see :func:`segmentation_pairs` and :func:`read_label_map`; a validation class
-            index >= num_classes.
+            index >= num_classes; every validation pixel ignored.
         SoveError: neither or both of run_dir/backbone.
     """
     train_pairs, val_pairs = segmentation_pairs(data, train_split), segmentation_pairs(data, val_split)
@@ -227,6 +258,9 @@ def evaluate_segmentation(data: str | Path, run_dir: str | Path | None = None, b
             raise DataError(f"annotation '{ann_path}' has class {int(target[target != IGNORE].max())} but "
                             f"there are {c} classes; pass --num-classes")
         conf += confusion_matrix(predict(head, _encode(encoder, image, size), tuple(target.shape)), target, c)
+    if conf.sum() == 0:
+        raise DataError(f"every validation pixel in '{Path(data) / 'annotations' / val_split}' is ignored (255): "
+                        "nothing to score")
     result = segmentation_scores(conf)
     result.update(num_classes=c, num_train=len(train_pairs), num_val=len(val_pairs), image_size=size,
                   epochs=epochs, lr=lr, reduce_zero_label=reduce_zero_label)

@@ -1,4 +1,4 @@
-"""Semi-supervised video object segmentation by label propagation on DAVIS-2017 (paper Tab. 5; docs/evaluation.md).
+"""Semi-supervised video object segmentation by label propagation on DAVIS-2017 (paper Tab. 4; docs/evaluation.md).
 
 The first frame's object masks are propagated through the sequence with frozen patch features
 (the protocol of Jabri et al. 2020 as used by DINO): each patch of frame t takes the soft labels of
@@ -7,12 +7,12 @@ square window of ±12 patches around its position, weighted by exp(cos / 0.1). T
 patch labels are upsampled bilinearly to the frame size and arg-maxed into an indexed PNG.
 
 Scores: J (region similarity, the IoU) and F (boundary F-measure) per object, averaged over the
-frames of a sequence except the first and the last (the DAVIS-2017 convention), then over all
-objects of all sequences; J&F is their mean. No maintained DAVIS evaluation package installs
-from PyPI (the official ``davis2017-evaluation`` is source-only), so both are computed here from
-their definitions (Perazzi et al. 2016); F matches boundaries with a tolerance of 0.008 × the
-image diagonal via a Euclidean distance transform, which is close to, not bit-identical with,
-the official disk dilation on ``seg2bmap`` boundaries.
+frames of a sequence except the first and the last, then over all objects of all sequences; J&F
+is their mean. No maintained DAVIS evaluation package installs from PyPI (the official
+``davis2017-evaluation`` is source-only), so J and F are re-implemented here to give the same
+values as its semi-supervised evaluation (``davis2017/metrics.py``: ``db_eval_iou``,
+``f_measure``, ``_seg2bmap``; ``davis2017/evaluation.py``): ``seg2bmap`` boundaries, a disk of
+radius ceil(0.008 × image diagonal) pixels, void pixels scored as background.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from sove.errors import DataError
 from sove.eval.dense import DenseEncoder, load_dense_encoder, result_path, write_result
 
-VOID = 255  # DAVIS "void" label: excluded from J and F
+VOID = 255  # DAVIS "void" label: never an object; scored as background (see _sequence_scores)
 
 
 @torch.no_grad()
@@ -79,36 +79,76 @@ def propagate_labels(features: torch.Tensor, first_labels: torch.Tensor, context
 
 
 def region_similarity(pred: np.ndarray, gt: np.ndarray, void: np.ndarray | None = None) -> float:
-    """J: intersection over union of two boolean masks (H, W), void pixels excluded; 1 if both empty."""
+    """J: intersection over union of two boolean masks (H, W); 1 when the union is empty.
+
+    Source: ``db_eval_iou`` of the DAVIS-2017 evaluation (davis2017-evaluation,
+    ``davis2017/metrics.py``): pixels of ``void`` (bool (H, W)) count in neither the intersection
+    nor the union.
+    """
     keep = np.ones_like(gt, bool) if void is None else ~void
     inter, union = (pred & gt & keep).sum(), ((pred | gt) & keep).sum()
     return 1.0 if union == 0 else float(inter / union)
 
 
-def _boundary(mask: np.ndarray) -> np.ndarray:
-    """Object pixels with a 4-neighbour outside the object (the image border is not a boundary)."""
-    return mask & ~ndimage.binary_erosion(mask, border_value=1)
+def boundary_map(mask: np.ndarray) -> np.ndarray:
+    """Boundary pixels of a boolean mask (H, W), as ``seg2bmap`` of the DAVIS-2017 evaluation.
+
+    A pixel is a boundary pixel when it differs from its east, south or south-east neighbour, so
+    the boundary lies half a pixel towards the origin: background pixels just above or left of the
+    object and object pixels on its bottom or right edge. Pixels beyond the image count as
+    background, except that the last row only compares with its east neighbour, the last column
+    only with its south neighbour, and the bottom-right pixel is never a boundary.
+
+    Returns:
+        bool (H, W).
+    """
+    seg = mask.astype(bool)
+    padded = np.pad(seg, ((0, 1), (0, 1)))
+    east, south, south_east = padded[:-1, 1:], padded[1:, :-1], padded[1:, 1:]
+    bmap = (seg != east) | (seg != south) | (seg != south_east)
+    bmap[-1, :] = seg[-1, :] != east[-1, :]
+    bmap[:, -1] = seg[:, -1] != south[:, -1]
+    bmap[-1, -1] = False
+    return bmap
+
+
+def _within(points: np.ndarray, targets: np.ndarray, radius: int) -> np.ndarray:
+    """Which ``points`` (bool (H, W)) lie in ``targets`` dilated by the disk {x² + y² <= radius²}.
+
+    The Euclidean distance transform gives, per pixel, the distance to the nearest target pixel;
+    ``distance <= radius`` is exactly the dilation by that disk (the structuring element of
+    ``skimage.morphology.disk``) with nothing dilated in from beyond the image border.
+    """
+    return points & (ndimage.distance_transform_edt(~targets) <= radius)
 
 
 def boundary_f_measure(pred: np.ndarray, gt: np.ndarray, void: np.ndarray | None = None,
                        tolerance: float = 0.008) -> float:
-    """F: boundary F-measure of two boolean masks (H, W) (DAVIS, Perazzi et al. 2016).
+    """F: boundary F-measure of two boolean masks (H, W) (Perazzi et al. 2016).
 
-    A boundary pixel of one mask is matched when a boundary pixel of the other lies within
-    ``tolerance`` × image diagonal (rounded up; a tolerance >= 1 is taken in pixels).
-    Precision = matched predicted / predicted boundary pixels, recall = matched true / true;
-    F = 2PR / (P + R). Both boundaries empty: 1; exactly one empty: 0.
+    Source: ``f_measure`` of the DAVIS-2017 evaluation (davis2017-evaluation,
+    ``davis2017/metrics.py``), reproduced exactly: void pixels (bool (H, W)) are removed from both
+    masks, boundaries come from :func:`boundary_map`, and a boundary pixel is matched when it lies
+    within a disk of radius r pixels around the other mask's boundary, r = ceil(tolerance × image
+    diagonal) (``bound_th`` 0.008) or ``tolerance`` itself when >= 1. Precision = matched predicted
+    / predicted boundary pixels, recall = matched true / true boundary pixels, F = 2PR / (P + R)
+    (0 when P + R = 0). Both boundaries empty: 1; exactly one empty: 0 (a mask covering the whole
+    image has an empty boundary).
+
+    Raises:
+        ValueError: a tolerance >= 1 that is not a whole number of pixels.
     """
+    if tolerance >= 1 and tolerance != int(tolerance):
+        raise ValueError(f"boundary tolerance {tolerance} >= 1 is a radius in pixels and must be a whole number")
     if void is not None:
         pred, gt = pred & ~void, gt & ~void
-    bp, bg = _boundary(pred), _boundary(gt)
-    if not bp.any() and not bg.any():
-        return 1.0
-    if not bp.any() or not bg.any():
-        return 0.0
-    r = tolerance if tolerance >= 1 else math.ceil(tolerance * math.hypot(*gt.shape))
-    precision = (ndimage.distance_transform_edt(~bg)[bp] <= r).mean()
-    recall = (ndimage.distance_transform_edt(~bp)[bg] <= r).mean()
+    bp, bg = boundary_map(pred), boundary_map(gt)
+    n_pred, n_gt = int(bp.sum()), int(bg.sum())
+    if n_pred == 0 or n_gt == 0:
+        return 1.0 if n_pred == n_gt else 0.0
+    radius = int(tolerance) if tolerance >= 1 else math.ceil(tolerance * math.sqrt(gt.shape[0] ** 2 + gt.shape[1] ** 2))
+    precision = _within(bp, bg, radius).sum() / n_pred
+    recall = _within(bg, bp, radius).sum() / n_gt
     return 0.0 if precision + recall == 0 else float(2 * precision * recall / (precision + recall))
 
 
@@ -170,7 +210,12 @@ def davis_sequences(root: str | Path, split: str = "val", resolution: str = "480
 
 
 def _sequence_scores(pred: list[np.ndarray], anns: list[Path | None], object_ids: Sequence[int]) -> dict[str, Any]:
-    """Per object mean J and F over the annotated frames except the first and the last."""
+    """Per object mean J and F over the annotated frames except the first and the last.
+
+    Void (255) ground-truth pixels count as background, as in the semi-supervised path of the
+    DAVIS-2017 evaluation: its ``DAVIS`` reader sets them to 0 before splitting the objects, and
+    the void mask it then derives from those boolean masks is empty, so no pixel is excluded.
+    """
     frames = list(range(1, len(pred) - 1)) if len(pred) > 2 else list(range(1, len(pred)))
     frames = [t for t in frames if anns[t] is not None]
     j = {o: [] for o in object_ids}
@@ -180,10 +225,9 @@ def _sequence_scores(pred: list[np.ndarray], anns: list[Path | None], object_ids
         if gt.shape != pred[t].shape:
             raise DataError(f"annotation '{anns[t]}' is {gt.shape[1]}x{gt.shape[0]} but its frame is "
                             f"{pred[t].shape[1]}x{pred[t].shape[0]}")
-        void = gt == VOID
         for o in object_ids:
-            j[o].append(region_similarity(pred[t] == o, gt == o, void))
-            f[o].append(boundary_f_measure(pred[t] == o, gt == o, void))
+            j[o].append(region_similarity(pred[t] == o, gt == o))
+            f[o].append(boundary_f_measure(pred[t] == o, gt == o))
     return {"frames_scored": len(frames),
             "J": {str(o): float(np.mean(v)) if v else None for o, v in j.items()},
             "F": {str(o): float(np.mean(v)) if v else None for o, v in f.items()}}
