@@ -50,7 +50,7 @@ class Timer:
 def fake_batch(cfg, b: int, device: torch.device, g: torch.Generator):
     d, p = cfg.data, token_stride(cfg.model)  # mask grid = output-token grid (Swin: final stage)
     grid = (d.global_crop_size // p, d.global_crop_size // p)
-    gen = build_mask_generator(cfg.mask.mode, grid, cfg.mask.ratio)
+    gen = build_mask_generator(cfg.mask.mode, grid, cfg.mask.ratio, cfg.mask.fill_remainder)
     globals_ = torch.randn(2 * b, d.num_channels, d.global_crop_size, d.global_crop_size, generator=g)
     locals_ = torch.randn(d.num_local_crops * b, d.num_channels, d.local_crop_size, d.local_crop_size, generator=g)
     masks = torch.stack([gen(g) for _ in range(2 * b)])

@@ -41,3 +41,33 @@ def test_accumulation_must_divide_the_batch():
 
     with pytest.raises(ConfigError, match="optim.accumulate_grad_batches"):
         load_config(None, ["optim.batch_size=8", "optim.accumulate_grad_batches=3"])
+
+
+def test_patch_rows_come_from_the_step_teacher(tmp_path, image_folder):
+    # E_P rows are the view-2 tokens at the step's positions projected by the teacher head of the
+    # step's own forward (head_t(backbone_t(x))), as E_C rows are; not by the head after the EMA.
+    # Momentum 0 and a large lr without warm-up make head_t and head_{t+1} clearly different.
+    import copy
+
+    from sove.method import anchor_generator
+
+    cfg = load_config(None, TINY + [f"data.root={image_folder}", f"trainer.out_dir={tmp_path}", "trainer.name=ep",
+                                    "optim.accumulate_grad_batches=2", "optim.warmup_epochs=0",
+                                    "optim.base_lr=0.5", "optim.momentum_teacher=0.0"])
+    trainer = Trainer(cfg, prepare_run_dir(cfg, overwrite=False))
+    trainer.dataset.set_epoch(0)
+    batch = next(iter(trainer.loader))
+    before = copy.deepcopy(trainer.teacher)
+    trainer.training_step(batch)
+    b = batch["index"].shape[0]
+    positions = torch.randint(batch["masks"].shape[-1], (b,), generator=anchor_generator(cfg.trainer.seed, 0, 0, 2))
+    with torch.no_grad():
+        out = before(torch.cat(batch["crops"][:2]))
+        tokens = out["patch_tokens"][b:][torch.arange(b), positions]  # (B, D), the step's teacher
+        expected = before.head(tokens)
+        post_ema = trainer.teacher.head(tokens)  # the head after the update (the old rows)
+    rows = trainer.patch_fs.features[:b]
+    torch.testing.assert_close(rows, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(rows.norm(dim=1), torch.ones(b), atol=1e-5, rtol=0)
+    torch.testing.assert_close(trainer.cls_fs.features[:b], out["cls"][b:], atol=1e-5, rtol=0)
+    assert (post_ema - expected).abs().max() > 1e-2  # head_{t+1} differs: the test can tell them apart

@@ -49,6 +49,7 @@ class MaskConfig:
 
     mode: str = "blockwise"  # blockwise | random
     ratio: float = 0.3
+    fill_remainder: bool = False  # blockwise: top up to exactly round(ratio * patches); false = BEiT/iBOT
     views: list[int] = field(default_factory=lambda: [0, 1])  # which global views the student sees masked
 
 

@@ -266,6 +266,7 @@ class SSLDataset(Dataset):
         mask_ratio: ``mask.ratio`` in [0, 1).
         on_error: ``"skip"`` (default) or ``"raise"``, what to do with unreadable images.
         seed: the run's seed (``trainer.seed``).
+        mask_fill_remainder: ``mask.fill_remainder``: blockwise masks topped up to the exact count.
 
     Attributes:
         grid: (height, width) patch grid of a global crop.
@@ -287,6 +288,7 @@ class SSLDataset(Dataset):
         mask_ratio: float = 0.3,
         on_error: str = "skip",
         seed: int = 0,
+        mask_fill_remainder: bool = False,
     ) -> None:
         size = augmentation.global_crop_size
         if patch_size < 1 or size % patch_size != 0:
@@ -300,7 +302,7 @@ class SSLDataset(Dataset):
         self.augmentation = augmentation
         self.grid = (size // patch_size, size // patch_size)
         self.num_patches = self.grid[0] * self.grid[1]
-        self.mask_generator = build_mask_generator(mask_mode, self.grid, mask_ratio)
+        self.mask_generator = build_mask_generator(mask_mode, self.grid, mask_ratio, mask_fill_remainder)
         self.seed, self.epoch = seed, 0
 
     def set_epoch(self, epoch: int) -> None:

@@ -25,7 +25,7 @@ def build_train_dataset(cfg: DictConfig) -> SSLDataset:
     )
     # Masks live on the backbone's output-token grid (Swin: final stage; see sove.models.swin).
     return SSLDataset(source, aug, token_stride(cfg.model), cfg.mask.mode, cfg.mask.ratio, d.on_error,
-                      cfg.trainer.seed)
+                      cfg.trainer.seed, mask_fill_remainder=cfg.mask.fill_remainder)
 
 
 def build_loss(cfg: DictConfig) -> SOVELoss:

@@ -134,17 +134,17 @@ class Trainer(Diagnostics):
         positions = torch.randint(num_patches, (self.fabric.world_size * b,), generator=g)[rank * b:(rank + 1) * b]
         self.optimizer.zero_grad(set_to_none=True)
         totals: dict[str, torch.Tensor] = {}
-        enqueue_cls, enqueue_tokens = [], []
+        enqueue_cls, enqueue_patch = [], []
         for k, lo in enumerate(range(0, b, b // parts)):
             micro = slice(lo, lo + b // parts)
             with self.fabric.no_backward_sync(self.student, enabled=k < parts - 1):
-                terms, t_cls, tokens = self.micro_step(batch, micro, positions[micro], 1.0 / parts)
+                terms, t_cls, t_patch = self.micro_step(batch, micro, positions[micro], 1.0 / parts)
             if terms is None:
                 return t_cls  # the NaN guard's report (skip mode)
             for name, value in terms.items():
                 totals[name] = totals.get(name, 0.0) + value / parts
             enqueue_cls.append(t_cls[1])
-            enqueue_tokens.append(tokens)
+            enqueue_patch.append(t_patch)
         with self.phase("optimizer"):
             if not clip_per_tensor(self.student_params, self.cfg.optim.clip_grad):
                 self.optimizer.zero_grad(set_to_none=True)
@@ -152,7 +152,8 @@ class Trainer(Diagnostics):
             self.optimizer.step()
             self.ema.update(float(sch.momentum[it]))
         with self.phase("enqueue"):
-            self.enqueue(torch.cat(enqueue_cls), torch.cat(enqueue_tokens), batch["index"])
+            t_patch = torch.cat(enqueue_patch) if self.patch_fs is not None else None
+            self.enqueue(torch.cat(enqueue_cls), t_patch, batch["index"])
         if self.cfg.trainer.check_sync and self.fabric.world_size > 1:
             self.check_sync()
         return totals
@@ -161,8 +162,11 @@ class Trainer(Diagnostics):
         """Forward, loss and backward of one micro-batch.
 
         Returns:
-            (detached loss terms, teacher CLS (2, b, d), teacher view-2 patch tokens at ``positions``
-            (b, D)); on a non-finite loss ``(None, nan-guard result, None)``.
+            (detached loss terms, teacher CLS (2, b, d), E_P rows (b, d) or None without E_P); on a
+            non-finite loss ``(None, nan-guard result, None)``. The E_P rows are the view-2 patch
+            tokens at ``positions`` projected by the teacher head of this forward (before the
+            step's update), like the CLS rows: both feature sets hold the teacher's embeddings of
+            the step (paper Sec. 3).
         """
         crops = [c[micro] for c in batch["crops"]]
         masks = batch["masks"][:, micro]  # (2, b, L)
@@ -179,6 +183,11 @@ class Trainer(Diagnostics):
         with self.phase("forward"):
             with torch.no_grad(), self.fabric.autocast():
                 t_out = self.teacher(global_crops, masks=None, patch_select=select)
+                t_patch = None
+                if self.patch_fs is not None:  # E_P rows: one view-2 token per image, this head
+                    rows = torch.arange(b, device=global_crops.device)
+                    chosen = t_out["patch_tokens"][b:][rows, positions.to(global_crops.device)]  # (b, D)
+                    t_patch = self.teacher.head(chosen).float()
             out = self.student(global_crops, local_crops, masks=flat_masks, patch_select=select)
         t_cls = t_out["cls"].float().view(2, b, -1)
         s_cls = out["cls"].float().view(-1, b, out["cls"].shape[-1])
@@ -195,18 +204,16 @@ class Trainer(Diagnostics):
             return None, self.non_finite(bad, terms, batch, stats), None
         with self.phase("backward"):
             self.fabric.backward(terms["loss"] * scale)
-        tokens = t_out["patch_tokens"][b:][torch.arange(b, device=positions.device), positions.to(t_cls.device)]
-        return {k: v.detach() for k, v in terms.items()}, t_cls, tokens
+        return {k: v.detach() for k, v in terms.items()}, t_cls, t_patch
 
     @torch.no_grad()
-    def enqueue(self, t_cls_view2: torch.Tensor, patch_tokens: torch.Tensor, index: torch.Tensor) -> None:
-        """E_C <- teacher CLS of global view 2 (B, d); E_P <- projected teacher patch tokens (B, D) of view 2."""
+    def enqueue(self, t_cls_view2: torch.Tensor, t_patch_view2: torch.Tensor | None, index: torch.Tensor) -> None:
+        """E_C <- teacher CLS embeddings of global view 2 (B, d); E_P <- the teacher's projected view-2
+        patch embeddings (B, d) from :meth:`micro_step` (both unit norm, from the step's own forward)."""
         if self.cls_fs is not None:
             self.cls_fs.enqueue(t_cls_view2, index)
         if self.patch_fs is not None:
-            with self.fabric.autocast():
-                emb = self.teacher.head(patch_tokens)
-            self.patch_fs.enqueue(emb.float(), index)
+            self.patch_fs.enqueue(t_patch_view2, index)
 
     # ----------------------------------------------------------------------------------- loop
     def fit(self, deadline: float | None = None) -> Path | None:
