@@ -17,7 +17,7 @@ from sove.eval import frozen
 from sove.eval.dense import load_dense_encoder, write_result
 from sove.eval.features import eval_split
 from sove.eval.frozen import cached_extract, load_eval_backbone, load_frozen
-from sove.eval.provenance import digest, run_checkpoint
+from sove.eval.provenance import digest, run_checkpoint, staleness
 from sove.train.checkpoint import atomic_save, load_checkpoint
 
 
@@ -54,7 +54,8 @@ def test_training_on_invalidates_the_cache_and_summary_marks_stale_results(run, 
     knn = json.loads((run / "eval" / "knn.json").read_text())
     encoder = load_frozen(run)
     assert knn["checkpoint_step"] == 1 and knn["fingerprint"] == digest(knn["inputs"])
-    assert knn["weights_sha256"] == run_checkpoint(run)["weights_sha256"] == encoder.identity["encoder"]["weights_sha256"]
+    weights = encoder.identity["encoder"]["weights_sha256"]
+    assert knn["weights_sha256"] == run_checkpoint(run)["weights_sha256"] == weights
     assert json.loads((run / "eval" / "knn_pixels.json").read_text())["checkpoint_step"] is None
     train = eval_split(encoder.cfg, "train")
     old = cached_extract(encoder, train, "train", "global", "t")
@@ -121,3 +122,18 @@ def test_exported_and_dense_results_record_the_step_and_weights(run):
                                      {"data": "x"}).read_text())
     assert (result["checkpoint_step"], result["weights_sha256"]) == (1, current["weights_sha256"])
     assert result["inputs"]["settings"] == {"data": "x"} and result["fingerprint"] == digest(result["inputs"])
+
+
+def test_staleness_compares_weights_then_step():
+    current = {"path": "r/checkpoints/last.pt", "step": 200, "weights_sha256": "b"}
+    assert staleness({"checkpoint_step": 200, "weights_sha256": "b"}, current) is None
+    assert staleness({"checkpoint_step": None, "weights_sha256": None}, current) is None  # raw pixels
+    assert staleness({"checkpoint_step": None, "weights_sha256": "b"}, current) is None  # export without a step
+    assert staleness({"checkpoint_step": 100, "weights_sha256": "a"}, current) == \
+        "computed at step 100, last checkpoint step 200"
+    assert staleness({"checkpoint_step": 200, "weights_sha256": "a"}, current) == \
+        "computed from other weights than r/checkpoints/last.pt (step 200)"
+    assert staleness({"checkpoint_step": None, "weights_sha256": "a"}, current) == \
+        "computed from other weights than r/checkpoints/last.pt (step 200)"
+    assert staleness({"top1": 50.0}, current) == \
+        "computed at an unknown step (no checkpoint_step recorded), last checkpoint step 200"

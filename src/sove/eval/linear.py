@@ -205,11 +205,12 @@ def evaluate_linear(
 
     Without ``augment`` the train and test features are extracted once (cached in memory and in
     ``<out_dir>/linear_features_<mode>_<split>.pt``; a re-run with the same weights, data and
-    preprocessing skips extraction, any change re-extracts: see :func:`sove.eval.frozen.cached_extract`). With ``augment`` the training part is re-extracted every epoch from random-resized,
-    flipped crops (one backbone pass over the train split per epoch: about ``epochs`` times slower);
-    the held-out part and the test split still use the cached un-augmented features. Features are
-    standardised with the training part's statistics (of the first augmented epoch with ``augment``)
-    unless ``standardize=False``.
+    preprocessing skips extraction, any change re-extracts: see :func:`sove.eval.frozen.cached_extract`).
+    With ``augment`` the training part is re-extracted every epoch from random-resized, flipped crops
+    (one backbone pass over the train split per epoch: about ``epochs`` times slower); the held-out
+    part and the test split still use the cached un-augmented features. Features are standardised
+    with the training part's statistics (of the first augmented epoch with ``augment``) unless
+    ``standardize=False``.
 
     Args:
         run_dir / backbone: see :func:`sove.eval.frozen.load_frozen`.

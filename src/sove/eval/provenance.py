@@ -104,14 +104,14 @@ def items_identity(dataset: Dataset) -> dict[str, Any]:
     source = getattr(dataset, "source", dataset)
     files = getattr(source, "files", None)
     return {"num": len(dataset), "files": None if files is None else digest([str(f) for f in files]),
-            "classes": getattr(source, "classes", None)}
+            "classes": None if getattr(source, "classes", None) is None else list(source.classes)}
 
 
 def encoder_identity(weights_hash: str | None, step: int | None, arch: str, global_pool: str | None,
                      weights: Path | None) -> dict[str, Any]:
     """The part of a cache key / result inputs that describes the frozen encoder."""
     return {"format": CACHE_FORMAT, "sove": __version__, "weights_sha256": weights_hash, "step": step,
-            "arch": arch, "global_pool": global_pool, "weights": None if weights is None else str(weights)}
+            "arch": arch, "global_pool": global_pool, "weights": None if weights is None else str(weights.resolve())}
 
 
 def stamp(result: dict[str, Any], inputs: dict[str, Any]) -> dict[str, Any]:
@@ -129,19 +129,21 @@ def stamp(result: dict[str, Any], inputs: dict[str, Any]) -> dict[str, Any]:
 def staleness(result: dict[str, Any], current: dict[str, Any]) -> str | None:
     """Why ``result`` no longer describes the run's checkpoint ``current`` (:func:`run_checkpoint`), or None.
 
-    Results without a checkpoint (raw pixels, random init) are never stale; results written before
-    sove recorded ``checkpoint_step`` are reported as of unknown age.
+    A result is current when its ``weights_sha256`` equals the checkpoint's (without a hash: when
+    its step does). Results without a checkpoint (raw pixels, random init) are never stale; results
+    written before sove recorded ``checkpoint_step`` are reported as of unknown age.
     """
     if "checkpoint_step" not in result:
         return f"computed at an unknown step (no checkpoint_step recorded), last checkpoint step {current['step']}"
     step, weights = result["checkpoint_step"], result.get("weights_sha256")
     if step is None and weights is None:
         return None
-    if step != current["step"]:
+    same = weights == current["weights_sha256"] if weights is not None else step == current["step"]
+    if same:
+        return None
+    if step is not None and step != current["step"]:
         return f"computed at step {step}, last checkpoint step {current['step']}"
-    if weights != current["weights_sha256"]:
-        return f"computed from other weights than {current['path']} (step {current['step']})"
-    return None
+    return f"computed from other weights than {current['path']} (step {current['step']})"
 
 
 def review_results(run_dir: str | Path) -> tuple[dict[str, dict[str, Any]], dict[str, str], list[str]]:
