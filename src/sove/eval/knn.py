@@ -131,8 +131,8 @@ def periodic_subsets(cfg: DictConfig) -> tuple[Subset, Subset, str]:
     """The labelled train and test subsets of the periodic k-NN during pretraining.
 
     ``eval.knn_train_subset`` train and ``eval.knn_test_subset`` test images, each a seeded
-    class-balanced draw (:func:`sove.eval.frozen.balanced_subset`) seeded by ``[trainer.seed,``
-    :data:`PERIODIC_KNN_STREAM` ``, split]``: the same images at every evaluation of the run (and
+    class-balanced draw (:func:`sove.eval.frozen.balanced_subset`) seeded by (``trainer.seed``,
+    :data:`PERIODIC_KNN_STREAM`, split index): the same images at every evaluation of the run (and
     after a resume), and no draw from the training RNGs. Images are preprocessed as by ``sove eval knn``.
 
     Returns:
