@@ -92,6 +92,7 @@ def test_run_end_to_end_cache_and_exported_backbone(tiny_run, monkeypatch, capsy
     assert r["val_top1"] == max(v for v in r["val_top1_per_lr"].values()) == r["val_top1_per_lr"][str(r["best_lr"])]
     assert r["top1"] >= 90.0  # dark vs light images
     assert (tiny_run / "eval" / "linear_features_cls4_train.pt").is_file()
+    assert r["checkpoint_step"] == 1 and r["inputs"]["settings"]["lrs"] == [0.01, 0.1, 1.0]
 
     # A re-run reads the cache: extraction is never called, the result is identical.
     def boom(*args, **kwargs):

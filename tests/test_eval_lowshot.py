@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -110,6 +111,9 @@ def test_run_end_to_end_full_subset_equals_knn(tiny_run, tmp_path, capsys):
     f.write_text("dark/img_000.png\ndark/img_005.png\nlight/img_000.png\nlight/img_009.png\n")
     r = evaluate_lowshot(tiny_run, subset_files=[str(f)])
     assert r["subsets"][str(f)]["num_labelled"] == 4 and r["subsets"][str(f)]["percent"] == 12.5
+    # provenance: the checkpoint step, the same weights as knn.json, the subset file's content
+    assert r["checkpoint_step"] == 1 and r["weights_sha256"] == knn["weights_sha256"]
+    assert r["inputs"]["settings"]["subset_files_sha256"] == {str(f): hashlib.sha256(f.read_bytes()).hexdigest()}
 
 
 def test_errors_name_the_problem(tiny_run, tmp_path, capsys):

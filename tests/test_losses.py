@@ -223,3 +223,17 @@ def test_shared_similarity_path_equals_per_task_judge_products():
         results.append((out["cls"].detach(), out["patch"].detach(), g_cls, g_pat))
     for a, c in zip(*results):
         torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)
+
+
+def test_concept_cache_is_keyed_on_the_features_shape_and_settings():
+    loss = make_loss()
+    features = unit(40, 8, seed=3)
+    full = loss.concepts(loss.cls, features, step=5, task=0, stream=0)
+    assert loss.concepts(loss.cls, features, step=5, task=0, stream=0) is full  # micro-batches share one search
+    # a view of the first 10 rows shares the memory and in-place version, not the rows
+    head = loss.concepts(loss.cls, features[:10], step=5, task=0, stream=0)
+    fresh = make_loss().concepts(loss.cls, features[:10].clone(), step=5, task=0, stream=0)
+    assert int(head.judge_index.max()) < 10 and torch.equal(head.judge_index, fresh.judge_index)
+    # another setting (e.g. the smoothing of another loss) is another set of concepts
+    smooth = ConceptSettings(num_anchors=6, num_judges=3, num_tasks=1, smoothing=0.5)
+    assert not torch.equal(loss.concepts(smooth, features, step=5, task=0, stream=0).weights, full.weights)

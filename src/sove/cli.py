@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -142,21 +141,40 @@ def _embed(args: argparse.Namespace) -> None:
         print(f"skipped {len(r['skipped'])} unreadable file(s): " + "; ".join(r["skipped"][:5]))
 
 
+#: k-NN result files shown by ``sove summary`` and their row labels.
+KNN_ROWS = (("knn.json", "SOVE (trained teacher)"), ("knn_random_init.json", "random init (same ViT)"),
+            ("knn_pixels.json", "raw pixels"))
+
+
 def summary_table(run_dir: str | Path) -> str:
-    """Markdown table of the k-NN results found in ``RUN_DIR/eval`` (trained, random init, pixels)."""
+    """Markdown table of the k-NN results found in ``RUN_DIR/eval`` (trained, random init, pixels).
+
+    The last column is the checkpoint step each result was computed at ("—" for the baselines that
+    use no checkpoint), marked ``(stale)`` when it differs from ``checkpoints/last.pt``; below the
+    table one line per stale result in ``RUN_DIR/eval`` (any protocol) says why and how to recompute
+    it (:func:`sove.eval.provenance.review_results`).
+
+    Raises:
+        SoveError: no k-NN result in ``RUN_DIR/eval``.
+    """
+    from sove.eval.provenance import review_results
+
+    results, stale, notes = review_results(run_dir)
     rows = []
-    for name, label in (("knn.json", "SOVE (trained teacher)"), ("knn_random_init.json", "random init (same ViT)"),
-                        ("knn_pixels.json", "raw pixels")):
-        path = Path(run_dir) / "eval" / name
-        if path.is_file():
-            r = json.loads(path.read_text())
-            rows.append(f"| {label} | " + " | ".join(f"{v:.2f}" for v in r["top1"].values())
-                        + f" | **{r['best_top1']:.2f}** |")
-            ks = list(r["top1"])
+    for name, label in KNN_ROWS:
+        r = results.get(name)
+        if r is None:
+            continue
+        step = r.get("checkpoint_step", "?")
+        at = "—" if step is None and r.get("weights_sha256") is None else str(step)
+        at += " (stale)" if name in stale else ""
+        rows.append(f"| {label} | " + " | ".join(f"{v:.2f}" for v in r["top1"].values())
+                    + f" | **{r['best_top1']:.2f}** | {at} |")
+        ks = list(r["top1"])
     if not rows:
         raise SoveError(f"no k-NN results in '{Path(run_dir) / 'eval'}'; run `sove eval knn --run {run_dir}` first")
-    head = "| features | " + " | ".join(f"k={k}" for k in ks) + " | best top-1 |"
-    return "\n".join([head, "|" + "---|" * (len(ks) + 2)] + rows)
+    head = "| features | " + " | ".join(f"k={k}" for k in ks) + " | best top-1 | checkpoint step |"
+    return "\n".join([head, "|" + "---|" * (len(ks) + 3)] + rows + notes)
 
 
 def _summary(args: argparse.Namespace) -> None:

@@ -150,8 +150,8 @@ class EvalConfig:
     knn_temperature: float = 0.07
     batch_size: int = 256
     knn_every_epochs: int = 0  # periodic k-NN during pretraining (0 = off); needs labelled train/test data
-    knn_train_subset: int = 10000  # periodic k-NN: first N train images as the bank ...
-    knn_test_subset: int = 2000  # ... and the first N test images as queries
+    knn_train_subset: int = 10000  # periodic k-NN: N train images as the bank, class-balanced, seeded ...
+    knn_test_subset: int = 2000  # ... and N test images as queries (same images at every evaluation)
 
 
 @dataclass

@@ -37,6 +37,7 @@ def export_backbone(run_dir: str | Path, checkpoint: str = "last.pt") -> tuple[P
         SoveError: not a run directory, missing checkpoint, or key mismatch.
     """
     from sove.eval.features import load_run_config, teacher_backbone
+    from sove.eval.provenance import checkpoint_step
     from sove.models import timm_name
 
     run_dir = Path(run_dir)
@@ -52,6 +53,7 @@ def export_backbone(run_dir: str | Path, checkpoint: str = "last.pt") -> tuple[P
         "global_pool": backbone.global_pool,
         "mean": list(cfg.data.mean), "std": list(cfg.data.std),
         "weights": out.name, "source": str(run_dir / "checkpoints" / checkpoint),
+        "step": checkpoint_step(run_dir / "checkpoints" / checkpoint),
         "features": FEATURES[(type(backbone).__name__, backbone.global_pool)],
     }
     meta_path = run_dir / "backbone.json"

@@ -37,6 +37,8 @@ class DenseEncoder:
         mean, std: per-channel normalisation of images scaled to [0, 1].
         channels: 1 (grayscale) or 3 (RGB).
         device: where ``forward`` runs; inputs are moved there and outputs come back on the CPU.
+        identity: :func:`sove.eval.provenance.encoder_identity` of the weights (checkpoint step,
+            weights hash), recorded in the result JSON; None for an encoder built by hand.
     """
 
     forward: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -46,6 +48,7 @@ class DenseEncoder:
     std: list[float]
     channels: int = 3
     device: str = "cpu"
+    identity: dict[str, Any] | None = None
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,7 +110,8 @@ def load_dense_encoder(run_dir: str | Path | None = None, backbone: str | Path |
         out = net(x)
         return out["global"], _grid(out["patches"], x, stride)
 
-    return DenseEncoder(forward, stride, loaded.image_size, loaded.mean, loaded.std, loaded.channels, device)
+    return DenseEncoder(forward, stride, loaded.image_size, loaded.mean, loaded.std, loaded.channels, device,
+                        loaded.identity())
 
 
 def result_path(protocol: str, run_dir: str | Path | None, backbone: str | Path | None,
@@ -128,7 +132,15 @@ def result_path(protocol: str, run_dir: str | Path | None, backbone: str | Path 
     raise SoveError(f"no place to write the {protocol} result: give --out RESULT.json")
 
 
-def write_result(result: dict[str, Any], path: Path) -> Path:
-    """Add the command line to ``result`` and write it as indented JSON to ``path`` (parents created)."""
+def write_result(result: dict[str, Any], path: Path, encoder: DenseEncoder, settings: dict[str, Any]) -> Path:
+    """Add the command line and the provenance to ``result``, write it as indented JSON to ``path``.
+
+    Provenance (:func:`sove.eval.provenance.stamp`): ``checkpoint_step``, ``weights_sha256``,
+    ``inputs`` (``encoder.identity`` and the protocol ``settings``, data folder included) and their
+    ``fingerprint``; ``sove summary`` compares them with the run's last checkpoint.
+    """
+    from sove.eval.provenance import stamp
+
     result["command"] = command_line()
+    stamp(result, {"encoder": encoder.identity, "settings": settings})
     return write_json(result, path)

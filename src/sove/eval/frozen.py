@@ -2,12 +2,14 @@
 
 The frozen encoder comes from a run directory (its teacher backbone, ``checkpoints/last.pt``) or from
 an exported ``backbone.json`` (``sove export``); features are taken after the final norm, never from
-the projection head. Features of a split can be cached on disk next to the results.
+the projection head. Features of a split can be cached on disk next to the results, keyed on
+everything that determines them (:mod:`sove.eval.provenance`).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
@@ -36,7 +38,9 @@ class FrozenEncoder:
         backbone: :class:`~sove.models.MaskedViT` (or ``MaskedSwin``), eval mode, no mask token.
         cfg: config whose ``data.*`` keys give the labelled train/test splits and preprocessing.
         out_dir: folder for ``<protocol>.json`` and feature caches (``RUN/eval`` or ``<backbone dir>/eval``).
-        identity: what cached features depend on (weights file, its size and mtime, global pool, data keys).
+        identity: what features and results depend on: ``encoder``
+            (:func:`sove.eval.provenance.encoder_identity`: weights hash, step, architecture, global
+            pool) and ``data`` (:func:`sove.eval.provenance.data_identity`).
     """
 
     backbone: torch.nn.Module
@@ -66,6 +70,8 @@ class EvalBackbone:
         cfg: the run's config (⊕ overrides) when loaded from a run, else None.
         meta: the parsed backbone.json when loaded from an export, else None.
         meta_path: the backbone.json path when loaded from an export, else None.
+        step: the training step of the weights (the checkpoint's; backbone.json's ``step``), None if unknown.
+        weights_sha256: :func:`sove.eval.provenance.weights_sha256` of ``module``'s state dict.
     """
 
     module: torch.nn.Module
@@ -81,6 +87,14 @@ class EvalBackbone:
     cfg: DictConfig | None = None
     meta: dict[str, Any] | None = None
     meta_path: Path | None = None
+    step: int | None = None
+    weights_sha256: str | None = None
+
+    def identity(self) -> dict[str, Any]:
+        """:func:`sove.eval.provenance.encoder_identity` of this backbone."""
+        from sove.eval.provenance import encoder_identity
+
+        return encoder_identity(self.weights_sha256, self.step, self.arch, self.global_pool, self.weights)
 
 
 def _wrap(timm_model: torch.nn.Module, global_pool: str) -> torch.nn.Module:
@@ -104,12 +118,13 @@ def load_eval_backbone(run_dir: str | Path | None = None, backbone: str | Path |
         overrides: dotted config overrides for the run's config (ignored for an exported backbone).
 
     Returns:
-        :class:`EvalBackbone`, its module in eval mode on the CPU.
+        :class:`EvalBackbone`, its module in eval mode on the CPU, with the step and weights hash.
 
     Raises:
         SoveError: neither given; not a run directory, missing checkpoint, backbone.json or weights file.
     """
     from sove.eval.features import load_run_config, teacher_backbone
+    from sove.eval.provenance import checkpoint_step, weights_sha256
     from sove.export import load_backbone
 
     if run_dir is None and backbone is None:
@@ -117,11 +132,12 @@ def load_eval_backbone(run_dir: str | Path | None = None, backbone: str | Path |
     if backbone is None:
         cfg = load_run_config(run_dir, overrides)
         module = teacher_backbone(run_dir, cfg).eval()
-        d = cfg.data
+        d, weights = cfg.data, Path(run_dir) / "checkpoints" / "last.pt"
         return EvalBackbone(module, d.global_crop_size, module.patch_size,
                             getattr(module, "token_stride", module.patch_size), list(d.mean), list(d.std),
                             d.num_channels, getattr(module, "global_pool", None), cfg.model.arch,
-                            Path(run_dir) / "checkpoints" / "last.pt", cfg=cfg)
+                            weights, cfg=cfg, step=checkpoint_step(weights),
+                            weights_sha256=weights_sha256(module.state_dict()))
     meta_path = Path(backbone)
     meta_path = meta_path / "backbone.json" if meta_path.is_dir() else meta_path
     timm_model = load_backbone(meta_path)
@@ -130,12 +146,8 @@ def load_eval_backbone(run_dir: str | Path | None = None, backbone: str | Path |
     k = meta["model_kwargs"]
     return EvalBackbone(module, k["img_size"], k["patch_size"], getattr(module, "token_stride", module.patch_size),
                         list(meta["mean"]), list(meta["std"]), k["in_chans"], getattr(module, "global_pool", None),
-                        meta["architecture"], meta_path.parent / meta["weights"], meta=meta, meta_path=meta_path)
-
-
-def _file_identity(path: Path) -> dict[str, Any]:
-    stat = path.stat()
-    return {"weights": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+                        meta["architecture"], meta_path.parent / meta["weights"], meta=meta, meta_path=meta_path,
+                        step=meta.get("step"), weights_sha256=weights_sha256(module.state_dict()))
 
 
 def load_frozen(run_dir: str | Path | None = None, backbone: str | Path | None = None,
@@ -154,6 +166,7 @@ def load_frozen(run_dir: str | Path | None = None, backbone: str | Path | None =
     """
     from sove.config import load_config
     from sove.eval.features import load_run_config
+    from sove.eval.provenance import data_identity
 
     loaded = load_eval_backbone(run_dir, backbone, overrides)
     if loaded.cfg is not None:
@@ -166,11 +179,7 @@ def load_frozen(run_dir: str | Path | None = None, backbone: str | Path | None =
                 f"model.patch_size={b.patch_size}", f"data.num_channels={b.channels}",
                 f"data.mean={b.mean}", f"data.std={b.std}"]
         cfg, out_dir = load_config(None, prep + list(overrides)), loaded.meta_path.parent / "eval"
-    d = cfg.data
-    identity = {**_file_identity(loaded.weights), "global_pool": loaded.global_pool,
-                "data": OmegaConf.to_container(OmegaConf.masked_copy(
-                    d, ["source", "root", "test_root", "num_channels", "global_crop_size", "mean", "std"]))}
-    return FrozenEncoder(loaded.module, cfg, out_dir, identity)
+    return FrozenEncoder(loaded.module, cfg, out_dir, {"encoder": loaded.identity(), "data": data_identity(cfg)})
 
 
 @torch.no_grad()
@@ -234,25 +243,31 @@ def cached_extract(encoder: FrozenEncoder, dataset: Dataset, split: str, mode: s
                    device: str = "cpu", cache: bool = True) -> torch.Tensor:
     """:func:`extract`, reusing ``out_dir/<name>_features_<mode>_<split>.pt`` when it matches.
 
-    The file stores the features and the identity they were made from (weights file, size, mtime,
-    data keys, mode, split, item count); any difference re-extracts and overwrites it.
+    The file stores the features and the key they were made from: ``encoder.identity`` (weights
+    hash, checkpoint step, architecture, global pool, ``data.*`` keys with absolute roots), the mode,
+    the split and :func:`sove.eval.provenance.items_identity` of ``dataset`` (item count, image list,
+    class names). Any difference, or an unreadable file, re-extracts and atomically overwrites it.
     ``cache=False`` neither reads nor writes the file.
 
     Returns:
         float32 tensor (N, F), as :func:`extract`.
     """
-    key = {**encoder.identity, "mode": mode, "split": split, "num": len(dataset)}
+    from sove.eval.provenance import digest, items_identity
+    from sove.train.checkpoint import atomic_save
+
+    key = digest({**encoder.identity, "mode": mode, "split": split, "items": items_identity(dataset)})
     path = encoder.out_dir / f"{name}_features_{mode}_{split}.pt"
     if cache and path.is_file():
-        stored = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            stored = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - a damaged cache is recomputed, never trusted
+            print(f"warning: feature cache '{path}' is unreadable ({e}); extracting again", file=sys.stderr)
+            stored = {}
         if stored.get("key") == key:
             return stored["features"]
     features = extract(encoder.backbone, dataset, mode, encoder.cfg.eval.batch_size, device, f"{split} features")
     if cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save({"features": features, "key": key}, tmp)
-        tmp.replace(path)
+        atomic_save({"features": features, "key": key}, path)
     return features
 
 
@@ -280,18 +295,67 @@ def stratified_subset(labels: torch.Tensor, fraction: float, seed: int, leave_on
     return torch.from_numpy(np.sort(np.concatenate(chosen))).long()
 
 
+def balanced_subset(labels: torch.Tensor, num: int, seed: int | list[int]) -> torch.Tensor:
+    """Seeded class-balanced subset of ``num`` items (all items if ``num >= N``).
+
+    Every class gets the same share where possible: ``num // C`` each, one more for ``num % C`` of
+    them (chosen by the seed); a class with fewer items gives all it has and the rest is shared
+    equally among the others. Within a class the items are a seeded random draw.
+
+    Args:
+        labels: int64 tensor (N,).
+        num: subset size.
+        seed: numpy seed (an int or a list of ints, e.g. ``[run seed, stream]``); same seed, same subset.
+
+    Returns:
+        int64 tensor of sorted indices into ``labels``.
+    """
+    rng = np.random.default_rng(seed)
+    y = labels.numpy()
+    classes, counts = np.unique(y, return_counts=True)
+    quota, left = np.zeros_like(counts), min(num, len(y))
+    while left > 0:
+        open_ = np.flatnonzero(quota < counts)
+        share = left // len(open_)
+        if share == 0:
+            quota[rng.choice(open_, left, replace=False)] += 1
+            break
+        add = np.minimum(share, counts[open_] - quota[open_])
+        quota[open_] += add
+        left -= int(add.sum())
+    members = np.split(np.argsort(y, kind="stable"), np.cumsum(counts)[:-1])
+    chosen = [rng.permutation(m)[:q] for m, q in zip(members, quota)]
+    return torch.from_numpy(np.sort(np.concatenate(chosen))).long()
+
+
 def command_line() -> str:
     """The ``sove ...`` command that is running, for the result JSON."""
     return " ".join(["sove"] + sys.argv[1:]) if sys.argv else ""
 
 
 def write_json(result: dict[str, Any], path: Path) -> Path:
-    """Write ``result`` as indented JSON to ``path`` (parents created); returns the path."""
+    """Write ``result`` as indented JSON to ``path`` atomically (temporary file, then rename; parents
+    created): a crash leaves the previous file or the new one. Returns the path."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2))
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(result, indent=2))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
-def write_result(encoder: FrozenEncoder, name: str, result: dict[str, Any]) -> Path:
-    """Write ``result`` as ``out_dir/<name>.json``; returns the path."""
+def write_result(encoder: FrozenEncoder, name: str, result: dict[str, Any], train: Dataset, test: Dataset,
+                 settings: dict[str, Any]) -> Path:
+    """Stamp ``result`` with its provenance and write it as ``out_dir/<name>.json``; returns the path.
+
+    Adds ``checkpoint_step``, ``weights_sha256``, ``inputs`` (``encoder.identity``, the items of the
+    ``train`` / ``test`` splits, the protocol ``settings``) and their ``fingerprint``
+    (:func:`sove.eval.provenance.stamp`); ``sove summary`` compares them with the run's last checkpoint.
+    """
+    from sove.eval.provenance import items_identity, stamp
+
+    items = {"train": items_identity(train), "test": items_identity(test)}
+    stamp(result, {**encoder.identity, "items": items, "settings": settings})
     return write_json(result, encoder.out_dir / f"{name}.json")

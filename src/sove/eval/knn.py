@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import DictConfig
+from torch.utils.data import Subset
 
 from sove.errors import SoveError
 
@@ -82,31 +82,83 @@ def evaluate_knn(run_dir: str | Path, mode: str = "trained", overrides: list[str
         device: device for feature extraction.
 
     Returns:
-        The result dict of :func:`knn_classify` plus ``mode`` and ``command``; saved to
-        ``eval/knn.json``, ``eval/knn_random_init.json`` or ``eval/knn_pixels.json``.
+        The result dict of :func:`knn_classify` plus ``mode``, ``command`` and the provenance
+        (:func:`sove.eval.provenance.stamp`: ``checkpoint_step`` and ``weights_sha256`` of the trained
+        teacher, None for the baselines; ``inputs``; ``fingerprint``); saved to ``eval/knn.json``,
+        ``eval/knn_random_init.json`` or ``eval/knn_pixels.json``.
 
     Raises:
         SoveError: not a run directory, no checkpoint, unlabelled data.
     """
     from sove.eval.features import (eval_split, extract_features, labels_of, load_run_config, pixel_features,
-                                    random_init_backbone, teacher_backbone)
+                                    random_init_backbone)
+    from sove.eval.frozen import command_line, load_eval_backbone, write_json
+    from sove.eval.provenance import data_identity, items_identity, stamp
 
     if mode not in ("trained", "random_init", "pixels"):
         raise SoveError(f"unknown k-NN mode {mode!r}; use trained, random_init or pixels")
     cfg = load_run_config(run_dir, overrides)
     train, test = eval_split(cfg, "train"), eval_split(cfg, "test")
+    encoder = None
     if mode == "pixels":
         train_f, center = pixel_features(train)
         test_f, _ = pixel_features(test, center)
     else:
-        backbone = teacher_backbone(run_dir, cfg) if mode == "trained" else random_init_backbone(cfg)
+        if mode == "trained":
+            loaded = load_eval_backbone(run_dir, overrides=overrides)
+            backbone, encoder = loaded.module, loaded.identity()
+        else:
+            backbone = random_init_backbone(cfg)
         train_f = extract_features(backbone, train, cfg.eval.batch_size, device, "train features")
         test_f = extract_features(backbone, test, cfg.eval.batch_size, device, "test features")
     result = knn_classify(train_f, labels_of(train), test_f, labels_of(test), list(cfg.eval.knn_k),
                           cfg.eval.knn_temperature)
-    result.update(mode=mode, command=" ".join(["sove"] + sys.argv[1:]) if sys.argv else "")
+    result.update(mode=mode, command=command_line())
+    settings = {"mode": mode, "knn_k": list(cfg.eval.knn_k), "knn_temperature": cfg.eval.knn_temperature,
+                "seed": cfg.trainer.seed if mode == "random_init" else None, "arch": cfg.model.arch}
+    stamp(result, {"encoder": encoder, "data": data_identity(cfg), "settings": settings,
+                   "items": {"train": items_identity(train), "test": items_identity(test)}})
     name = {"trained": "knn.json", "random_init": "knn_random_init.json", "pixels": "knn_pixels.json"}[mode]
-    out = Path(run_dir) / "eval" / name
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    write_json(result, Path(run_dir) / "eval" / name)
     return result
+
+
+#: Stream of the run seed that draws the periodic k-NN subsets (independent of every training draw).
+PERIODIC_KNN_STREAM = 0x6B6E6E
+
+
+def periodic_subsets(cfg: DictConfig) -> tuple[Subset, Subset, str]:
+    """The labelled train and test subsets of the periodic k-NN during pretraining.
+
+    ``eval.knn_train_subset`` train and ``eval.knn_test_subset`` test images, each a seeded
+    class-balanced draw (:func:`sove.eval.frozen.balanced_subset`) seeded by (``trainer.seed``,
+    :data:`PERIODIC_KNN_STREAM`, split index): the same images at every evaluation of the run (and
+    after a resume), and no draw from the training RNGs. Images are preprocessed as by ``sove eval knn``.
+
+    Returns:
+        (train subset, test subset, a description for the log, e.g. ``class-balanced subset: 1000
+        train / 500 test images of 10 classes, seed 0``).
+
+    Raises:
+        DataError: the data has no labels or no test split (see :func:`sove.eval.features.eval_split`).
+    """
+    from sove.eval.features import eval_split, labels_of
+    from sove.eval.frozen import balanced_subset
+
+    e, seed = cfg.eval, int(cfg.trainer.seed)
+    subsets = []
+    for code, (split, num) in enumerate((("train", e.knn_train_subset), ("test", e.knn_test_subset))):
+        dataset = eval_split(cfg, split)
+        idx = balanced_subset(labels_of(dataset), num, [seed % 2**32, PERIODIC_KNN_STREAM, code])
+        subsets.append(Subset(dataset, idx.tolist()))
+    train, test = subsets
+    classes = len(torch.unique(subset_labels(train)))
+    return train, test, (f"class-balanced subset: {len(train)} train / {len(test)} test images of {classes} "
+                         f"classes, seed {seed}")
+
+
+def subset_labels(subset: Subset) -> torch.Tensor:
+    """int64 tensor (len(subset),) of the labels of a :class:`~torch.utils.data.Subset` of ``EvalImages``."""
+    from sove.eval.features import labels_of
+
+    return labels_of(subset.dataset)[torch.as_tensor(subset.indices, dtype=torch.long)]

@@ -204,12 +204,13 @@ def evaluate_linear(
     """``sove eval linear``: linear probe on a run's (or an exported) frozen teacher backbone.
 
     Without ``augment`` the train and test features are extracted once (cached in memory and in
-    ``<out_dir>/linear_features_<mode>_<split>.pt``; a re-run with the same weights and data skips
-    extraction). With ``augment`` the training part is re-extracted every epoch from random-resized,
-    flipped crops (one backbone pass over the train split per epoch: about ``epochs`` times slower);
-    the held-out part and the test split still use the cached un-augmented features. Features are
-    standardised with the training part's statistics (of the first augmented epoch with ``augment``)
-    unless ``standardize=False``.
+    ``<out_dir>/linear_features_<mode>_<split>.pt``; a re-run with the same weights, data and
+    preprocessing skips extraction, any change re-extracts: see :func:`sove.eval.frozen.cached_extract`).
+    With ``augment`` the training part is re-extracted every epoch from random-resized, flipped crops
+    (one backbone pass over the train split per epoch: about ``epochs`` times slower); the held-out
+    part and the test split still use the cached un-augmented features. Features are standardised
+    with the training part's statistics (of the first augmented epoch with ``augment``) unless
+    ``standardize=False``.
 
     Args:
         run_dir / backbone: see :func:`sove.eval.frozen.load_frozen`.
@@ -225,7 +226,9 @@ def evaluate_linear(
         dict with ``features``, ``feature_dim``, ``lrs``, ``val_top1_per_lr`` (str(lr) -> percent, None
         if diverged), ``best_lr``, ``val_top1`` (of the chosen lr), ``top1``, ``top5`` (test, of the chosen head),
         ``epochs``, ``batch_size``, ``augment``, ``standardize``, ``num_train`` (fitting part),
-        ``num_val``, ``num_test``, ``seed``, ``command``; also written to ``<out_dir>/linear.json``.
+        ``num_val``, ``num_test``, ``seed``, ``command`` and the provenance of
+        :func:`sove.eval.frozen.write_result` (``checkpoint_step``, ``weights_sha256``, ``inputs``,
+        ``fingerprint``); also written to ``<out_dir>/linear.json``.
 
     Raises:
         SoveError: bad arguments, unlabelled data (DataError), every learning rate diverged.
@@ -272,5 +275,7 @@ def evaluate_linear(
         "num_train": int(len(fit_idx)), "num_val": int(len(val_idx)), "num_test": int(len(y_test)),
         "seed": seed, "command": command_line(),
     }
-    write_result(encoder, "linear", result)
+    write_result(encoder, "linear", result, train, test,
+                 {"features": features, "lrs": list(lrs), "epochs": epochs, "batch_size": batch_size,
+                  "val_fraction": val_fraction, "augment": augment, "standardize": standardize, "seed": seed})
     return result

@@ -8,6 +8,7 @@ Every classifier is evaluated on the full test split.
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from pathlib import Path
 from typing import Any
@@ -166,8 +167,9 @@ def evaluate_lowshot(
     Returns:
         dict with ``subsets`` (key: the percent as written, e.g. ``"1"``, or the subset file path ->
         :func:`lowshot_classify` result plus ``percent`` (labelled share of the train split), ``seed``,
-        ``subset_file``), ``num_train``, ``num_test``, ``knn_temperature``, ``command``; written to
-        ``<out_dir>/lowshot.json``.
+        ``subset_file``), ``num_train``, ``num_test``, ``knn_temperature``, ``command`` and the
+        provenance of :func:`sove.eval.frozen.write_result` (the settings include the SHA-256 of
+        every subset file); written to ``<out_dir>/lowshot.json``.
 
     Raises:
         SoveError: a percent outside (0, 100], a bad subset file, unlabelled data (DataError).
@@ -198,5 +200,8 @@ def evaluate_lowshot(
               "knn_temperature": e.knn_temperature,
               "features": "L2-normalised CLS (model.global_pool), as sove eval knn",
               "command": command_line()}
-    write_result(encoder, "lowshot", result)
+    files = {str(f): hashlib.sha256(Path(f).read_bytes()).hexdigest() for f in subset_files}
+    write_result(encoder, "lowshot", result, train, test,
+                 {"percents": [] if subset_files else list(percents), "subset_files_sha256": files, "seed": seed,
+                  "knn_k": list(e.knn_k), "knn_temperature": e.knn_temperature})
     return result

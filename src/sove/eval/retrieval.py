@@ -270,5 +270,6 @@ def evaluate_retrieval(data: str | Path, run_dir: str | Path | None = None, back
     result = revisited_metrics(ranking, list(gt["gnd"]))
     result.update(dataset=name, num_database=len(gt["imlist"]), num_queries=len(gt["qimlist"]),
                   image_size=size, scales=list(scales), query_crop=query_crop)
-    write_result(result, path)
+    write_result(result, path, encoder, {"data": str(root.resolve()), "name": name, "image_size": size,
+                                         "scales": list(scales), "query_crop": query_crop})
     return result

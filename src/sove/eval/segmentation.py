@@ -264,5 +264,8 @@ def evaluate_segmentation(data: str | Path, run_dir: str | Path | None = None, b
     result = segmentation_scores(conf)
     result.update(num_classes=c, num_train=len(train_pairs), num_val=len(val_pairs), image_size=size,
                   epochs=epochs, lr=lr, reduce_zero_label=reduce_zero_label)
-    write_result(result, path)
+    write_result(result, path, encoder, {"data": str(Path(data).resolve()), "train_split": train_split,
+                                         "val_split": val_split, "image_size": size, "epochs": epochs, "lr": lr,
+                                         "batch_size": batch_size, "num_classes": num_classes,
+                                         "reduce_zero_label": reduce_zero_label, "seed": seed})
     return result

@@ -312,5 +312,7 @@ def evaluate_video(data: str | Path, run_dir: str | Path | None = None, backbone
               "num_sequences": len(seqs), "sequences": per_seq, "masks_dir": str(masks), "split": split,
               "image_size": image_size, "context": context, "radius": radius, "topk": topk,
               "temperature": temperature}
-    write_result(result, path)
+    write_result(result, path, encoder, {"data": str(Path(data).resolve()), "split": split, "resolution": resolution,
+                                         "image_size": image_size, "context": context, "radius": radius,
+                                         "topk": topk, "temperature": temperature})
     return result

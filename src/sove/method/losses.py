@@ -7,7 +7,7 @@ Everything here runs in fp32 with autocast disabled.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 
 import torch
 from torch import nn
@@ -144,7 +144,7 @@ class SOVELoss(nn.Module):
         self.student_temp, self.seed = student_temp, seed
         self.chunk_size, self.search_dtype = chunk_size, search_dtype
         self._anchors: dict[tuple[int, int], torch.Tensor] = {}
-        self._cache: dict[tuple, Concepts] = {}
+        self._cache: dict[tuple, tuple[torch.Tensor, Concepts]] = {}
 
     def last_anchors(self) -> torch.Tensor:
         """Anchor indices drawn at the last step, all tasks concatenated (int64, for diagnostics)."""
@@ -154,23 +154,26 @@ class SOVELoss(nn.Module):
                  stream: int) -> Concepts:
         """The concepts of one task at one step (deterministic in seed, step, task, stream).
 
-        Cached while the feature set is unchanged (same tensor, same in-place version), so the
-        micro-batches of gradient accumulation share one judge search per task.
+        Cached while the feature set is unchanged (same memory, shape, strides and in-place version;
+        every concept setting), so the micro-batches of gradient accumulation share one judge search
+        per task. The cache holds the tensor, so its memory cannot be reused by another one while cached.
         """
-        key = (step, task, stream, settings.num_anchors, settings.num_judges, features.data_ptr(), features._version)
+        key = (step, task, stream, astuple(settings), features.data_ptr(), tuple(features.shape), features.stride(),
+               features.device, features._version)
         if key in self._cache:
-            return self._cache[key]
+            return self._cache[key][1]
         if any(k[0] != step for k in self._cache):
             self._cache.clear()
         g = anchor_generator(self.seed, step, task, stream)
         anchors = draw_anchors(features.shape[0], settings.num_anchors, g, features.device)
         self._anchors[(stream, task)] = anchors
-        self._cache[key] = select_judges(
+        concepts = select_judges(
             features, anchors, num_judges=settings.num_judges, smoothing=settings.smoothing,
             label_mode=settings.label_mode, keep_fraction=settings.anchor_keep_fraction,
             generator=g, chunk_size=self.chunk_size, search_dtype=self.search_dtype,
         )
-        return self._cache[key]
+        self._cache[key] = (features, concepts)
+        return concepts
 
     @staticmethod
     def similarities(settings: ConceptSettings, features: torch.Tensor, student: torch.Tensor,

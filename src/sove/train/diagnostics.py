@@ -71,32 +71,35 @@ class Diagnostics:
 
     @torch.no_grad()
     def periodic_knn(self) -> None:
-        """k-NN top-1 of the current teacher on labelled subsets, logged as ``knn_top1`` (rank 0).
+        """k-NN top-1 of the current teacher on class-balanced labelled subsets, logged as ``knn_top1`` (rank 0).
 
-        Skipped with a warning when the data has no labels or no test split. Features are freed
-        right after.
+        The subsets (:func:`sove.eval.knn.periodic_subsets`) are drawn once per process from the run
+        seed and described in the log on first use; features and votes follow ``sove eval knn``, so the
+        value equals the offline protocol on the same images. The global RNG states are restored
+        afterwards (the feature loader draws a seed), so enabling it never changes training. Skipped
+        with a warning when the data has no labels or no test split. Features are freed right after.
         """
-        from torch.utils.data import Subset
+        from sove.eval.features import extract_features
+        from sove.eval.knn import knn_classify, periodic_subsets, subset_labels
 
-        from sove.eval.features import eval_split, extract_features, labels_of
-        from sove.eval.knn import knn_classify
-
-        try:
-            train, test = eval_split(self.cfg, "train"), eval_split(self.cfg, "test")
-        except DataError as e:
-            self.fabric.print(f"warning: periodic k-NN skipped ({e})")
-            return
+        if getattr(self, "_knn_subsets", None) is None:
+            try:
+                self._knn_subsets = periodic_subsets(self.cfg)
+            except DataError as e:
+                self.fabric.print(f"warning: periodic k-NN skipped ({e})")
+                return
+            self.fabric.print(f"periodic k-NN on a {self._knn_subsets[2]}")
+        train, test, _ = self._knn_subsets
         e = self.cfg.eval
-        n_train, n_test = min(e.knn_train_subset, len(train)), min(e.knn_test_subset, len(test))
-        backbone = self.teacher.backbone
-        feats = [extract_features(backbone, Subset(ds, range(n)), e.batch_size, self.fabric.device, "k-NN")
-                 for ds, n in ((train, n_train), (test, n_test))]
-        result = knn_classify(feats[0], labels_of(train)[:n_train], feats[1], labels_of(test)[:n_test],
+        with torch.random.fork_rng(devices=[]):
+            feats = [extract_features(self.teacher.backbone, ds, e.batch_size, self.fabric.device, "k-NN")
+                     for ds in (train, test)]
+        result = knn_classify(feats[0], subset_labels(train), feats[1], subset_labels(test),
                               list(e.knn_k), e.knn_temperature)
         del feats
         self.fabric.log_dict({"knn_top1": result["best_top1"]}, step=self.step)
         self.fabric.print(f"epoch {self.epoch}: k-NN top-1 {result['best_top1']:.2f}% "
-                          f"({n_train} train / {n_test} test images, best k={result['best_k']})")
+                          f"({len(train)} train / {len(test)} test images, best k={result['best_k']})")
 
     def concept_purity(self) -> float | None:
         """Purity of the next step's task-0 CLS concepts (a diagnostic; labels are never used by the loss).
