@@ -25,6 +25,7 @@ import torchvision.transforms.v2.functional as F
 from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode
 
+from sove.data.decode import RAISE_HINT
 from sove.data.masking import build_mask_generator
 from sove.errors import DataError
 
@@ -330,7 +331,7 @@ class SSLDataset(Dataset):
                 return image, label, used, skipped
             except DataError as e:
                 if self.on_error == "raise":
-                    raise
+                    raise DataError(f"{e}; {RAISE_HINT}") from e
                 skipped.append(str(e))
         raise DataError(
             f"{len(skipped)} images in a row from index {index} are unreadable (first: "

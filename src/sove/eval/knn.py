@@ -85,16 +85,20 @@ def evaluate_knn(run_dir: str | Path, mode: str = "trained", overrides: list[str
         The result dict of :func:`knn_classify` plus ``mode`` and ``command``; saved to
         ``eval/knn.json``, ``eval/knn_random_init.json`` or ``eval/knn_pixels.json``.
 
+    Test labels are numbered by the train split's class names (:func:`sove.eval.features.eval_splits`);
+    unreadable images follow ``data.on_error`` (:func:`sove.eval.features.readable_rows`).
+
     Raises:
-        SoveError: not a run directory, no checkpoint, unlabelled data.
+        SoveError: not a run directory, no checkpoint, unlabelled data, an unreadable image with
+            ``data.on_error=raise``.
     """
-    from sove.eval.features import (eval_split, extract_features, labels_of, load_run_config, pixel_features,
-                                    random_init_backbone, teacher_backbone)
+    from sove.eval.features import (eval_splits, extract_features, labels_of, load_run_config, pixel_features,
+                                    random_init_backbone, readable_rows, teacher_backbone)
 
     if mode not in ("trained", "random_init", "pixels"):
         raise SoveError(f"unknown k-NN mode {mode!r}; use trained, random_init or pixels")
     cfg = load_run_config(run_dir, overrides)
-    train, test = eval_split(cfg, "train"), eval_split(cfg, "test")
+    train, test = eval_splits(cfg)
     if mode == "pixels":
         train_f, center = pixel_features(train)
         test_f, _ = pixel_features(test, center)
@@ -102,8 +106,11 @@ def evaluate_knn(run_dir: str | Path, mode: str = "trained", overrides: list[str
         backbone = teacher_backbone(run_dir, cfg) if mode == "trained" else random_init_backbone(cfg)
         train_f = extract_features(backbone, train, cfg.eval.batch_size, device, "train features")
         test_f = extract_features(backbone, test, cfg.eval.batch_size, device, "test features")
-    result = knn_classify(train_f, labels_of(train), test_f, labels_of(test), list(cfg.eval.knn_k),
-                          cfg.eval.knn_temperature)
+    keep_train = readable_rows(train_f, train, "train", Path(run_dir) / "eval")
+    keep_test = readable_rows(test_f, test, "test", Path(run_dir) / "eval")
+    result = knn_classify(train_f[keep_train], labels_of(train)[keep_train], test_f[keep_test],
+                          labels_of(test)[keep_test], list(cfg.eval.knn_k), cfg.eval.knn_temperature,
+                          num_classes=len(train.source.classes))
     result.update(mode=mode, command=" ".join(["sove"] + sys.argv[1:]) if sys.argv else "")
     name = {"trained": "knn.json", "random_init": "knn_random_init.json", "pixels": "knn_pixels.json"}[mode]
     out = Path(run_dir) / "eval" / name

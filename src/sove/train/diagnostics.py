@@ -73,16 +73,17 @@ class Diagnostics:
     def periodic_knn(self) -> None:
         """k-NN top-1 of the current teacher on labelled subsets, logged as ``knn_top1`` (rank 0).
 
-        Skipped with a warning when the data has no labels or no test split. Features are freed
-        right after.
+        Skipped with a warning when the data has no labels or no test split. Test labels are numbered
+        by the train split's class names; unreadable images follow ``data.on_error`` (skipped ones are
+        left out with their labels). Features are freed right after.
         """
         from torch.utils.data import Subset
 
-        from sove.eval.features import eval_split, extract_features, labels_of
+        from sove.eval.features import eval_splits, extract_features, labels_of, readable_rows
         from sove.eval.knn import knn_classify
 
         try:
-            train, test = eval_split(self.cfg, "train"), eval_split(self.cfg, "test")
+            train, test = eval_splits(self.cfg)
         except DataError as e:
             self.fabric.print(f"warning: periodic k-NN skipped ({e})")
             return
@@ -91,12 +92,15 @@ class Diagnostics:
         backbone = self.teacher.backbone
         feats = [extract_features(backbone, Subset(ds, range(n)), e.batch_size, self.fabric.device, "k-NN")
                  for ds, n in ((train, n_train), (test, n_test))]
-        result = knn_classify(feats[0], labels_of(train)[:n_train], feats[1], labels_of(test)[:n_test],
-                              list(e.knn_k), e.knn_temperature)
+        keep = [readable_rows(f, ds, split, self.run_dir / "eval")
+                for f, ds, split in zip(feats, (train, test), ("train", "test"))]
+        result = knn_classify(feats[0][keep[0]], labels_of(train)[:n_train][keep[0]], feats[1][keep[1]],
+                              labels_of(test)[:n_test][keep[1]], list(e.knn_k), e.knn_temperature,
+                              num_classes=len(train.source.classes))
         del feats
         self.fabric.log_dict({"knn_top1": result["best_top1"]}, step=self.step)
-        self.fabric.print(f"epoch {self.epoch}: k-NN top-1 {result['best_top1']:.2f}% "
-                          f"({n_train} train / {n_test} test images, best k={result['best_k']})")
+        self.fabric.print(f"epoch {self.epoch}: k-NN top-1 {result['best_top1']:.2f}% ({result['num_train']} train / "
+                          f"{result['num_test']} test images, best k={result['best_k']})")
 
     def concept_purity(self) -> float | None:
         """Purity of the next step's task-0 CLS concepts (a diagnostic; labels are never used by the loss).

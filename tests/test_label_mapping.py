@@ -1,0 +1,57 @@
+"""A label means the same class in every split: test labels are numbered by the train split's class names."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import TINY, make_image_folder
+from sove.config import load_config
+from sove.eval.features import eval_splits, labels_of
+from sove.eval.knn import evaluate_knn
+
+CLASSES = ("a", "b", "c")  # brightness 60, 180, 255 (clipped): separable raw pixels
+
+
+def pixel_run(tmp_path: Path, test_root: Path, extra: tuple[str, ...] = ()) -> Path:
+    """A run directory holding only config.yaml: enough for `sove eval knn --pixels`."""
+    train = make_image_folder(tmp_path / "train", num_per_class=4, size=8, classes=CLASSES)
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = load_config(None, TINY + [f"data.root={train}", f"data.test_root={test_root}", *extra])
+    OmegaConf.save(cfg, run / "config.yaml", resolve=True)
+    return run
+
+
+def test_split_without_a_class(tmp_path):
+    test = make_image_folder(tmp_path / "test", num_per_class=3, size=8, classes=CLASSES, seed=1)
+    shutil.rmtree(test / "b")
+    run = pixel_run(tmp_path, test)
+    train_split, test_split = eval_splits(load_config(str(run / "config.yaml")))
+    assert test_split.source.classes == train_split.source.classes == list(CLASSES)
+    assert labels_of(test_split).tolist() == [0, 0, 0, 2, 2, 2]  # c keeps label 2 (was 1)
+
+
+@pytest.mark.parametrize("variant", ["absent", "empty folder"])
+def test_knn_is_100_when_the_test_split_lacks_a_class(tmp_path, variant):
+    test = make_image_folder(tmp_path / "test", num_per_class=3, size=8, classes=CLASSES, seed=1)
+    shutil.rmtree(test / "b")
+    if variant == "empty folder":
+        (test / "b").mkdir()
+    result = evaluate_knn(pixel_run(tmp_path, test), "pixels")
+    assert result["top1"] == {"1": 100.0, "3": 100.0}  # before: 50.0 (c images labelled as b)
+    assert (result["num_train"], result["num_test"]) == (12, 6)
+
+
+def test_unknown_test_class_is_left_out_with_a_warning(tmp_path, capsys):
+    test = make_image_folder(tmp_path / "test", num_per_class=3, size=8, classes=("a", "c", "d"), seed=1)
+    result = evaluate_knn(pixel_run(tmp_path, test), "pixels")
+    assert capsys.readouterr().err.splitlines() == [
+        f"warning: '{test}': class(es) 'd' (3 images) not in the train split's classes; their 3 images are left out"]
+    assert result["top1"] == {"1": 100.0, "3": 100.0} and result["num_test"] == 6
+    saved = json.loads((tmp_path / "run" / "eval" / "knn_pixels.json").read_text())
+    assert saved["num_test"] == 6
