@@ -5,26 +5,24 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
-from omegaconf import OmegaConf
+import torch
 
-from conftest import TINY, make_image_folder
+from conftest import config_only_run, make_image_folder
 from sove.config import load_config
 from sove.eval.features import eval_splits, labels_of
 from sove.eval.knn import evaluate_knn
+from sove.train.diagnostics import Diagnostics
 
 CLASSES = ("a", "b", "c")  # brightness 60, 180, 255 (clipped): separable raw pixels
 
 
-def pixel_run(tmp_path: Path, test_root: Path, extra: tuple[str, ...] = ()) -> Path:
-    """A run directory holding only config.yaml: enough for `sove eval knn --pixels`."""
+def pixel_run(tmp_path: Path, test_root: Path) -> Path:
+    """Train split a, b, c (4 images each) and ``test_root``, for `sove eval knn --pixels`."""
     train = make_image_folder(tmp_path / "train", num_per_class=4, size=8, classes=CLASSES)
-    run = tmp_path / "run"
-    run.mkdir()
-    cfg = load_config(None, TINY + [f"data.root={train}", f"data.test_root={test_root}", *extra])
-    OmegaConf.save(cfg, run / "config.yaml", resolve=True)
-    return run
+    return config_only_run(tmp_path / "run", [f"data.root={train}", f"data.test_root={test_root}"])
 
 
 def test_split_without_a_class(tmp_path):
@@ -55,3 +53,27 @@ def test_unknown_test_class_is_left_out_with_a_warning(tmp_path, capsys):
     assert result["top1"] == {"1": 100.0, "3": 100.0} and result["num_test"] == 6
     saved = json.loads((tmp_path / "run" / "eval" / "knn_pixels.json").read_text())
     assert saved["num_test"] == 6
+
+
+class Brightness(torch.nn.Module):
+    """A stand-in backbone: global feature (mean brightness, 1), whose angle separates a, b and c."""
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"global": torch.stack([x.mean((1, 2, 3)), torch.ones(len(x))], dim=1)}
+
+
+@pytest.mark.parametrize("variant", ["absent", "empty folder"])
+def test_periodic_knn_is_100_when_the_test_split_lacks_a_class(tmp_path, variant):
+    test = make_image_folder(tmp_path / "test", num_per_class=3, size=8, classes=CLASSES, seed=1)
+    shutil.rmtree(test / "b")
+    if variant == "empty folder":
+        (test / "b").mkdir()
+    run = pixel_run(tmp_path, test)
+    logged, printed = [], []
+    trainer = SimpleNamespace(
+        cfg=load_config(str(run / "config.yaml")), teacher=SimpleNamespace(backbone=Brightness()), run_dir=run,
+        step=4, epoch=1, fabric=SimpleNamespace(device="cpu", print=printed.append,
+                                                log_dict=lambda d, step: logged.append((step, d))))
+    Diagnostics.periodic_knn(trainer)
+    assert logged == [(4, {"knn_top1": 100.0})]  # before: 50.0
+    assert printed == ["epoch 1: k-NN top-1 100.00% (12 train / 6 test images, best k=1)"]

@@ -131,15 +131,19 @@ def readable_rows(features: torch.Tensor, dataset: EvalImages, split: str, list_
 
     Raises:
         DataError: an unreadable image under ``on_error="raise"`` (first one named; possible when the
-            features were cached under ``skip``), or every image of the split is unreadable.
+            features were cached under ``skip``: such rows are read again for the reason), a cached
+            unreadable row whose image is readable now under ``"raise"``, or every image is unreadable.
     """
     bad = features.isnan().all(1)
     if not bool(bad.any()):
         return ~bad
     items = [index[r] if index is not None else r for r in bad.nonzero().squeeze(1).tolist()]
+    for i in items:
+        if i not in dataset.unreadable:  # a cached row: read it again for the reason (raises under "raise")
+            dataset[i]
     path = getattr(dataset.source, "path", None)
-    messages = [dataset.unreadable.get(i) or f"'{path(i) if path else f'{split} item {i}'}' (unreadable when its "
-                "cached features were extracted)" for i in items]
+    messages = [dataset.unreadable.get(i) or f"'{path(i) if path else f'{split} item {i}'}' was unreadable when its "
+                "cached features were extracted but is readable now; delete the feature cache" for i in items]
     if dataset.on_error == "raise":
         raise DataError(f"{messages[0]}; {RAISE_HINT}")
     if bool(bad.all()):
