@@ -70,6 +70,23 @@ def knn_classify(
             "num_train": int(train_features.shape[0]), "num_test": int(n), "temperature": temperature}
 
 
+def knn_on_splits(train_features: torch.Tensor, train: Any, test_features: torch.Tensor, test: Any,
+                  ks: list[int] | tuple[int, ...], temperature: float, list_dir: str | Path) -> dict[str, Any]:
+    """:func:`knn_classify` on the features of :func:`sove.eval.features.eval_splits`' train and test
+    splits, the rows of unreadable images dropped with their labels (:func:`sove.eval.features.readable_rows`,
+    lists in ``list_dir``); C = the train split's number of classes.
+
+    Raises:
+        DataError: an unreadable image with ``data.on_error=raise``, or every image of a split unreadable.
+    """
+    from sove.eval.features import labels_of, readable_rows
+
+    keep_train = readable_rows(train_features, train, "train", list_dir)
+    keep_test = readable_rows(test_features, test, "test", list_dir)
+    return knn_classify(train_features[keep_train], labels_of(train)[keep_train], test_features[keep_test],
+                        labels_of(test)[keep_test], ks, temperature, num_classes=len(train.source.classes))
+
+
 def evaluate_knn(run_dir: str | Path, mode: str = "trained", overrides: list[str] | tuple[str, ...] = (),
                  device: str = "cpu") -> dict[str, Any]:
     """``sove eval knn``: k-NN on a run's labelled train/test splits; writes ``eval/knn*.json``.
@@ -92,8 +109,8 @@ def evaluate_knn(run_dir: str | Path, mode: str = "trained", overrides: list[str
         SoveError: not a run directory, no checkpoint, unlabelled data, an unreadable image with
             ``data.on_error=raise``.
     """
-    from sove.eval.features import (eval_splits, extract_features, labels_of, load_run_config, pixel_features,
-                                    random_init_backbone, readable_rows, teacher_backbone)
+    from sove.eval.features import (eval_splits, extract_features, load_run_config, pixel_features,
+                                    random_init_backbone, teacher_backbone)
 
     if mode not in ("trained", "random_init", "pixels"):
         raise SoveError(f"unknown k-NN mode {mode!r}; use trained, random_init or pixels")
@@ -106,11 +123,8 @@ def evaluate_knn(run_dir: str | Path, mode: str = "trained", overrides: list[str
         backbone = teacher_backbone(run_dir, cfg) if mode == "trained" else random_init_backbone(cfg)
         train_f = extract_features(backbone, train, cfg.eval.batch_size, device, "train features")
         test_f = extract_features(backbone, test, cfg.eval.batch_size, device, "test features")
-    keep_train = readable_rows(train_f, train, "train", Path(run_dir) / "eval")
-    keep_test = readable_rows(test_f, test, "test", Path(run_dir) / "eval")
-    result = knn_classify(train_f[keep_train], labels_of(train)[keep_train], test_f[keep_test],
-                          labels_of(test)[keep_test], list(cfg.eval.knn_k), cfg.eval.knn_temperature,
-                          num_classes=len(train.source.classes))
+    result = knn_on_splits(train_f, train, test_f, test, list(cfg.eval.knn_k), cfg.eval.knn_temperature,
+                           Path(run_dir) / "eval")
     result.update(mode=mode, command=" ".join(["sove"] + sys.argv[1:]) if sys.argv else "")
     name = {"trained": "knn.json", "random_init": "knn_random_init.json", "pixels": "knn_pixels.json"}[mode]
     out = Path(run_dir) / "eval" / name
