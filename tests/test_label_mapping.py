@@ -46,7 +46,8 @@ def test_knn_is_100_when_the_test_split_lacks_a_class(tmp_path, variant):
 
 
 def test_unknown_test_class_is_left_out_with_a_warning(tmp_path, capsys):
-    test = make_image_folder(tmp_path / "test", num_per_class=3, size=8, classes=("a", "c", "d"), seed=1)
+    test = make_image_folder(tmp_path / "test", num_per_class=3, size=8, classes=CLASSES, seed=1)
+    (test / "b").rename(test / "d")
     result = evaluate_knn(pixel_run(tmp_path, test), "pixels")
     assert capsys.readouterr().err.splitlines() == [
         f"warning: '{test}': class(es) 'd' (3 images) not in the train split's classes; their 3 images are left out"]
@@ -62,18 +63,36 @@ class Brightness(torch.nn.Module):
         return {"global": torch.stack([x.mean((1, 2, 3)), torch.ones(len(x))], dim=1)}
 
 
-@pytest.mark.parametrize("variant", ["absent", "empty folder"])
-def test_periodic_knn_is_100_when_the_test_split_lacks_a_class(tmp_path, variant):
-    test = make_image_folder(tmp_path / "test", num_per_class=3, size=8, classes=CLASSES, seed=1)
-    shutil.rmtree(test / "b")
-    if variant == "empty folder":
-        (test / "b").mkdir()
-    run = pixel_run(tmp_path, test)
+def periodic_knn(run: Path) -> tuple[list, list]:
+    """Run the trainer's periodic k-NN (epoch 1, step 4) with :class:`Brightness`; returns (logged, printed)."""
     logged, printed = [], []
     trainer = SimpleNamespace(
         cfg=load_config(str(run / "config.yaml")), teacher=SimpleNamespace(backbone=Brightness()), run_dir=run,
         step=4, epoch=1, fabric=SimpleNamespace(device="cpu", print=printed.append,
                                                 log_dict=lambda d, step: logged.append((step, d))))
     Diagnostics.periodic_knn(trainer)
+    return logged, printed
+
+
+@pytest.mark.parametrize("variant", ["absent", "empty folder"])
+def test_periodic_knn_is_100_when_the_test_split_lacks_a_class(tmp_path, variant):
+    test = make_image_folder(tmp_path / "test", num_per_class=3, size=8, classes=CLASSES, seed=1)
+    shutil.rmtree(test / "b")
+    if variant == "empty folder":
+        (test / "b").mkdir()
+    logged, printed = periodic_knn(pixel_run(tmp_path, test))
     assert logged == [(4, {"knn_top1": 100.0})]  # before: 50.0
     assert printed == ["epoch 1: k-NN top-1 100.00% (12 train / 6 test images, best k=1)"]
+
+
+def test_periodic_knn_drops_unreadable_images_with_their_labels(tmp_path, capsys):
+    test = make_image_folder(tmp_path / "test", num_per_class=3, size=8, classes=CLASSES, seed=1)
+    shutil.rmtree(test / "b")
+    (test / "a" / "000_bad.png").write_bytes(b"")  # sorted first: a label left behind would shift the others
+    run = pixel_run(tmp_path, test)
+    logged, printed = periodic_knn(run)
+    assert logged == [(4, {"knn_top1": 100.0})]
+    assert printed == ["epoch 1: k-NN top-1 100.00% (12 train / 6 test images, best k=1)"]
+    assert [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning")] == [
+        f"warning: test split: skipped 1 unreadable file of 7 (list in {run / 'eval' / 'unreadable_test.txt'}); "
+        "6 images used"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -255,7 +256,8 @@ def _bad_file_run(tmp_path: Path) -> Path:
     from conftest import config_only_run, make_image_folder
 
     train = make_image_folder(tmp_path / "train", num_per_class=4, size=8, classes=("a", "b", "c"))
-    test = make_image_folder(tmp_path / "test", num_per_class=3, size=8, classes=("a", "c"), seed=1)
+    test = make_image_folder(tmp_path / "test", num_per_class=3, size=8, classes=("a", "b", "c"), seed=1)
+    shutil.rmtree(test / "b")
     (train / "a" / "000_bad.png").write_bytes(b"")
     (test / "c" / "bad.png").write_text("not an image")
     return config_only_run(tmp_path / "run", [f"data.root={train}", f"data.test_root={test}"])

@@ -89,13 +89,13 @@ class Diagnostics:
             return
         e = self.cfg.eval
         n_train, n_test = min(e.knn_train_subset, len(train)), min(e.knn_test_subset, len(test))
-        backbone = self.teacher.backbone
-        feats = [extract_features(backbone, Subset(ds, range(n)), e.batch_size, self.fabric.device, "k-NN")
-                 for ds, n in ((train, n_train), (test, n_test))]
-        keep = [readable_rows(f, ds, split, self.run_dir / "eval")
-                for f, ds, split in zip(feats, (train, test), ("train", "test"))]
-        result = knn_classify(feats[0][keep[0]], labels_of(train)[:n_train][keep[0]], feats[1][keep[1]],
-                              labels_of(test)[:n_test][keep[1]], list(e.knn_k), e.knn_temperature,
+        feats, labels = [], []
+        for ds, idx, split in ((train, range(n_train), "train"), (test, range(n_test), "test")):
+            f = extract_features(self.teacher.backbone, Subset(ds, idx), e.batch_size, self.fabric.device, "k-NN")
+            keep = readable_rows(f, ds, split, self.run_dir / "eval", idx)  # unreadable: dropped with the label
+            feats.append(f[keep])
+            labels.append(labels_of(ds)[list(idx)][keep])
+        result = knn_classify(feats[0], labels[0], feats[1], labels[1], list(e.knn_k), e.knn_temperature,
                               num_classes=len(train.source.classes))
         del feats
         self.fabric.log_dict({"knn_top1": result["best_top1"]}, step=self.step)
