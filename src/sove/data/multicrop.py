@@ -255,7 +255,8 @@ class SSLDataset(Dataset):
     (``index + 1``, ``index + 2``, ... wrapping around), so one bad file never stops
     pretraining; the item's ``index`` is the index actually used and its ``skipped`` lists
     the error message (path and reason) of every image passed over. The replacement image
-    then appears twice in that epoch. ``on_error="raise"`` lets the error propagate.
+    then appears twice in that epoch. ``on_error="raise"`` stops with the file's error (plus
+    what to change).
 
     Args:
         source: dataset returning ``(uint8 image (channels, height, width), int label)``.
