@@ -51,8 +51,8 @@ import torch
 
 from sove.config import load_config
 from sove.errors import SoveError
-from sove.eval.features import eval_split, extract_features, labels_of, pixel_features, random_init_backbone
-from sove.eval.knn import knn_classify
+from sove.eval.features import eval_splits, extract_features, pixel_features, random_init_backbone
+from sove.eval.knn import knn_on_splits
 from sove.models import build_networks
 from sove.train.builders import build_train_dataset, prepare_run_dir
 from sove.train.trainer import Trainer
@@ -257,11 +257,12 @@ def calibrate(args: argparse.Namespace, method: str) -> dict[str, Any]:
 
 
 def knn_of(backbone: torch.nn.Module, train, test, cfg, device) -> dict[str, Any]:
-    """k-NN of ``sove eval knn`` (full splits, ``eval.knn_k``) on a backbone's features."""
+    """k-NN of ``sove eval knn`` (full splits of ``eval_splits``, ``eval.knn_k``) on a backbone's features;
+    lists of unreadable images go to ``trainer.out_dir``."""
     train_f = extract_features(backbone, train, cfg.eval.batch_size, device, "train features")
     test_f = extract_features(backbone, test, cfg.eval.batch_size, device, "test features")
-    return knn_classify(train_f, labels_of(train), test_f, labels_of(test), list(cfg.eval.knn_k),
-                        cfg.eval.knn_temperature)
+    return knn_on_splits(train_f, train, test_f, test, list(cfg.eval.knn_k), cfg.eval.knn_temperature,
+                         cfg.trainer.out_dir)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -313,7 +314,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                   f"{args.budget_minutes} min", flush=True)
     rows = {}
     cfg = trainers[args.methods[0]].cfg
-    train, test = eval_split(cfg, "train"), eval_split(cfg, "test")
+    train, test = eval_splits(cfg)
     device = trainers[args.methods[0]].fabric.device
     for m in args.methods:
         tr = trainers[m]
@@ -332,8 +333,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(f"[eval] {m}: k-NN top-1 {knn['best_top1']:.2f} (k={knn['best_k']})", flush=True)
     pix_train, center = pixel_features(train)
     pix_test, _ = pixel_features(test, center)
-    pixels = knn_classify(pix_train, labels_of(train), pix_test, labels_of(test), list(cfg.eval.knn_k),
-                          cfg.eval.knn_temperature)
+    pixels = knn_on_splits(pix_train, train, pix_test, test, list(cfg.eval.knn_k), cfg.eval.knn_temperature,
+                           cfg.trainer.out_dir)
     rand = knn_of(random_init_backbone(cfg), train, test, cfg, device)
     result = {"command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]), "budget_minutes": args.budget_minutes,
               "slice_seconds": args.slice_seconds, "num_prototypes": args.num_prototypes, "config": args.config,

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare_methods import calibrate, knn_of, make_trainer, method_config, resize_to_budget  # noqa: E402
 
 from sove.errors import SoveError  # noqa: E402
-from sove.eval.features import eval_split  # noqa: E402
+from sove.eval.features import eval_splits  # noqa: E402
 from sove.train.builders import build_train_dataset  # noqa: E402
 
 #: name -> overrides relative to the config (the demo preset ``fashion_mnist_tiny`` by default).
@@ -111,7 +111,7 @@ def run_trial(args: argparse.Namespace, name: str, overrides: list[str]) -> dict
         print(f"[trial] {name}: WARNING: the schedule ended after {minutes:.1f} of {args.budget_minutes} min "
               "(the calibration overestimated the step time: was the machine busy?); re-run this trial", flush=True)
     device = trainer.fabric.device
-    knn = knn_of(trainer.teacher.backbone, eval_split(cfg, "train"), eval_split(cfg, "test"), cfg, device)
+    knn = knn_of(trainer.teacher.backbone, *eval_splits(cfg), cfg, device)
     row = {"name": name, "overrides": overrides, "s_per_step_alone": calib["s_per_step"],
            "steps": trainer.step, "scheduled_steps": trainer.total_steps,
            "epochs": trainer.step / calib["batches_per_epoch"], "minutes": minutes,

@@ -58,3 +58,14 @@ def tiny_labelled_run(root: Path) -> Path:
                                     "trainer.name=r", "trainer.max_steps=1"])
     return pretrain(cfg)
 
+
+
+def config_only_run(run: Path, overrides: list[str]) -> Path:
+    """A run directory holding only the TINY config.yaml (+ overrides): enough for `sove eval knn --pixels`."""
+    from omegaconf import OmegaConf
+
+    from sove.config import load_config
+
+    run.mkdir(parents=True)
+    OmegaConf.save(load_config(None, TINY + overrides), run / "config.yaml", resolve=True)
+    return run

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import struct
 from pathlib import Path
 
@@ -182,3 +183,36 @@ def test_image_folder_corrupt_file_names_it(tmp_path):
     (tmp_path / "bad.png").write_bytes(b"not a png")
     with pytest.raises(DataError, match="cannot decode image '.*bad.png'"):
         ImageFolder(tmp_path, num_channels=1)[0]
+
+
+def test_listing_survives_a_symlink_cycle_and_lists_each_file_once(tmp_path, capsys):
+    _save(tmp_path / "a" / "1.png", 10)
+    _save(tmp_path / "a" / "2.png", 20)
+    _save(tmp_path / "b" / "3.png", 30)
+    (tmp_path / "a" / "loop").symlink_to("..")  # a cycle: a/loop/a/loop/...
+    (tmp_path / "b" / "link.png").symlink_to(tmp_path / "a" / "1.png")
+    os.link(tmp_path / "a" / "2.png", tmp_path / "b" / "hard.png")
+    ds = ImageFolder(tmp_path, num_channels=1)  # before: 164 paths, a/loop/a/1.png ..., no labels
+    assert [f.relative_to(tmp_path).as_posix() for f in ds.files] == ["a/1.png", "a/2.png", "b/3.png"]
+    assert ds.classes == ["a", "b"] and ds.labels.tolist() == [0, 0, 1]
+    assert capsys.readouterr().err == (
+        f"warning: '{tmp_path}': left out 1 folder(s) and 2 file(s) reached again through symbolic or hard links "
+        f"(e.g. folder '{tmp_path / 'a' / 'loop'}' is '{tmp_path}'); each real file and folder is listed once\n")
+
+
+def test_labels_numbered_by_the_given_class_names(tmp_path, capsys):
+    _save(tmp_path / "ant" / "1.png", 1)
+    (tmp_path / "bee").mkdir()  # empty: no class of its own
+    _save(tmp_path / "zebra" / "2.png", 2)
+    assert ImageFolder(tmp_path, num_channels=1).labels.tolist() == [0, 1]
+    ds = build_source("folder", None, "test", test_root=tmp_path, classes=["ant", "bee", "zebra"])
+    assert ds.classes == ["ant", "bee", "zebra"] and ds.labels.tolist() == [0, 2]
+    _save(tmp_path / "yak" / "3.png", 3)
+    _save(tmp_path / "yak" / "4.png", 4)
+    ds = ImageFolder(tmp_path, num_channels=1, classes=["ant", "bee", "zebra"])
+    assert [f.name for f in ds.files] == ["1.png", "2.png"] and ds.labels.tolist() == [0, 2]
+    assert capsys.readouterr().err == (f"warning: '{tmp_path}': class(es) 'yak' (2 images) not in the train "
+                                       "split's classes; their 2 images are left out\n")
+    with pytest.raises(DataError, match=f"no image of '{tmp_path}' is in a class of the train split \\(cat, dog\\); "
+                                        "its sub-folders are ant, yak, zebra"):
+        ImageFolder(tmp_path, num_channels=1, classes=["cat", "dog"])

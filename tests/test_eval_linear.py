@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -143,3 +144,12 @@ def test_errors_name_the_problem(tiny_run, tmp_path, capsys):
     assert "--val-fraction must be in (0, 1)" in capsys.readouterr().err
     assert main(["eval", "linear"]) == 2
     assert "--run RUN_DIR" in capsys.readouterr().err
+
+
+def test_test_split_without_a_class_keeps_its_labels(tiny_run, tmp_path):
+    """Test split = the train split's 'light' images only, numbered by the train split's class names
+    (before: 'light' was class 0 there, i.e. 'dark' for the probe)."""
+    shutil.copytree(tiny_run.parent / "images" / "light", tmp_path / "test" / "light")
+    r = evaluate_linear(tiny_run, epochs=15, batch_size=8, val_fraction=0.25, lrs=[0.01, 0.1, 1], cache=False,
+                        overrides=[f"data.test_root={tmp_path / 'test'}"])
+    assert r["num_test"] == 16 and r["top1"] == 100.0  # before: 0.0

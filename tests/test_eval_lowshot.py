@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -128,3 +129,31 @@ def test_errors_name_the_problem(tiny_run, tmp_path, capsys):
         evaluate_lowshot(tiny_run, overrides=[f"data.root={flat}"])
     assert main(["eval", "lowshot", "--run", str(tiny_run), "--subset-file", str(tmp_path / "nope.txt")]) == 2
     assert "nope.txt' not found" in capsys.readouterr().err
+
+
+def test_test_split_without_a_class_keeps_its_labels(tiny_run, tmp_path):
+    """Test split = the train split's 'light' images only: 1-NN finds each image itself (100%); before
+    the labels were taken from the train split's class names, 'light' was numbered 0 there (0%)."""
+    shutil.copytree(tiny_run.parent / "images" / "light", tmp_path / "test" / "light")
+    r = evaluate_lowshot(tiny_run, percents=[100], cache=False,
+                         overrides=[f"data.test_root={tmp_path / 'test'}", "eval.knn_k=[1]"])
+    assert r["num_test"] == 16 and r["subsets"]["100"]["knn_top1"] == {"1": 100.0}
+
+
+def test_unreadable_image_is_left_out_with_its_label_also_from_cache(tiny_run, tmp_path, capsys, monkeypatch):
+    data = shutil.copytree(tiny_run.parent / "images", tmp_path / "images")
+    (data / "dark" / "000_broken.png").write_bytes(b"")  # sorted first: a left-behind label shifts all others
+    listing = tmp_path / "list.txt"
+    listing.write_text("dark/000_broken.png\ndark/img_000.png\nlight/img_000.png\n")
+    overrides = [f"data.root={data}", f"data.test_root={data}", "eval.knn_k=[1]"]
+    r = evaluate_lowshot(tiny_run, percents=[100], overrides=overrides)  # extracts, caches NaN marker rows
+    assert (r["num_train"], r["num_test"]) == (32, 32) and r["subsets"]["100"]["knn_top1"] == {"1": 100.0}
+    monkeypatch.setattr("sove.eval.frozen.extract", None)  # the second run reads the cached features
+    r = evaluate_lowshot(tiny_run, subset_files=[str(listing)], overrides=overrides)
+    assert r["subsets"][str(listing)]["num_labelled"] == 2 and r["subsets"][str(listing)]["percent"] == 6.25
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning")]
+    assert err == [f"warning: {split} split: skipped 1 unreadable file of 33 (list in "
+                   f"{tiny_run / 'eval' / f'unreadable_{split}.txt'}); 32 images used"
+                   for _ in range(2) for split in ("train", "test")]
+    assert (tiny_run / "eval" / "unreadable_test.txt").read_text() == (  # read again for the reason
+        f"cannot decode image '{data / 'dark' / '000_broken.png'}': empty file (0 bytes)\n")

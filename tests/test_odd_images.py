@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import torch
 from PIL import Image
 
 from sove.data import ImageFolder, MultiCropAugmentation, SSLDataset, collate_views, decode_image
-from sove.errors import DataError
+from sove.errors import DataError, SoveError
 
 RGB = (30, 120, 200)
 RED, BLUE = (220, 20, 20), (20, 20, 220)
@@ -226,13 +227,15 @@ def test_pretraining_on_the_odd_folder_skips_and_reports(folder, tmp_path, capsy
     # 10 good + 3 bad files, batch 8: one step per epoch over 13 listed files.
     cfg = load_config(None, TINY + [f"data.root={folder}", f"trainer.out_dir={tmp_path}", "trainer.name=odd",
                                     "optim.epochs=1", "data.local_crop_size=8"])
-    pretrain(cfg)
+    run = pretrain(cfg)
     out = capsys.readouterr().out
-    report = [line for line in out.splitlines() if "unreadable image" in line]
-    assert len(report) == 1
-    named = {name for name in BAD if name in report[0]}
-    # The shuffled first batch of 8 holds some of the bad files; each one it met is named.
-    assert named and "skipped" in report[0] and report[0].count("cannot decode image") == len(named)
+    report = [line for line in out.splitlines() if "unreadable" in line]
+    # The shuffled first batch of 8 holds some of the bad files; each one it met is listed once.
+    listed = (run / "unreadable_train.txt").read_text().splitlines()
+    n = len(listed)
+    assert report == [f"epoch 0: skipped {n} unreadable file{'s' if n > 1 else ''} of 13 (list in "
+                      f"{run / 'unreadable_train.txt'}); {13 - n} images used (data.on_error=skip)"]
+    assert n >= 1 and all(any(f"'{folder / name}': {BAD[name]}" in m for name in BAD) for m in listed)
 
 
 def test_pretraining_with_on_error_raise_stops_at_a_bad_file(folder, tmp_path):
@@ -245,3 +248,85 @@ def test_pretraining_with_on_error_raise_stops_at_a_bad_file(folder, tmp_path):
                                     "optim.epochs=2", "data.on_error=raise"])
     with pytest.raises(DataError, match="|".join(BAD)):
         pretrain(cfg)
+
+
+def _bad_file_run(tmp_path: Path) -> Path:
+    """Train a, b, c (4 images each) + a/000_bad.png, sorted first (a label left behind would shift
+    every later one); test a, c (3 each) + c/bad.png; a config-only run for `sove eval knn --pixels`."""
+    from conftest import config_only_run, make_image_folder
+
+    train = make_image_folder(tmp_path / "train", num_per_class=4, size=8, classes=("a", "b", "c"))
+    test = make_image_folder(tmp_path / "test", num_per_class=3, size=8, classes=("a", "b", "c"), seed=1)
+    shutil.rmtree(test / "b")
+    (train / "a" / "000_bad.png").write_bytes(b"")
+    (test / "c" / "bad.png").write_text("not an image")
+    return config_only_run(tmp_path / "run", [f"data.root={train}", f"data.test_root={test}"])
+
+
+def test_eval_skips_unreadable_files_with_their_labels(tmp_path, capsys):
+    from sove.eval.knn import evaluate_knn
+
+    run = _bad_file_run(tmp_path)
+    result = evaluate_knn(run, "pixels")  # data.on_error=skip (default); before: stopped at 000_bad.png
+    assert result["top1"] == {"1": 100.0, "3": 100.0} and (result["num_train"], result["num_test"]) == (12, 6)
+    lists = run / "eval" / "unreadable_train.txt", run / "eval" / "unreadable_test.txt"
+    assert capsys.readouterr().err.splitlines() == [
+        f"warning: train split: skipped 1 unreadable file of 13 (list in {lists[0]}); 12 images used",
+        f"warning: test split: skipped 1 unreadable file of 7 (list in {lists[1]}); 6 images used"]
+    assert lists[0].read_text() == f"cannot decode image '{tmp_path / 'train/a/000_bad.png'}': empty file (0 bytes)\n"
+    assert lists[1].read_text() == (f"cannot decode image '{tmp_path / 'test/c/bad.png'}': not an image in a "
+                                    "format Pillow can read\n")
+
+
+def test_eval_with_on_error_raise_stops_naming_the_file(tmp_path):
+    from sove.eval.knn import evaluate_knn
+
+    run = _bad_file_run(tmp_path)
+    bad = re.escape(str(tmp_path / "train/a/000_bad.png"))
+    with pytest.raises(DataError, match=f"^cannot decode image '{bad}': empty file \\(0 bytes\\); data.on_error=raise "
+                                        "stops at the first unreadable image; data.on_error=skip leaves such files out$"):
+        evaluate_knn(run, "pixels", ["data.on_error=raise"])
+
+
+class _SecondUnreadable:
+    """A source of 2 images whose second one cannot be decoded."""
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        if i == 1:
+            raise DataError("cannot decode image 'x.png': empty file (0 bytes)")
+        return torch.zeros(3, 4, 4, dtype=torch.uint8), 0
+
+
+def test_cached_unreadable_rows_follow_on_error_and_nan_features_stop():
+    from sove.eval.features import EvalImages, batch_features, readable_rows
+
+    cached = torch.tensor([[1.0, 0.0], [float("nan")] * 2])  # row 1 was unreadable when it was cached
+    dataset = EvalImages(_SecondUnreadable(), 4, [0.5] * 3, [0.25] * 3, on_error="raise")
+    with pytest.raises(DataError, match="^cannot decode image 'x.png': empty file \\(0 bytes\\); data.on_error=raise"):
+        readable_rows(cached, dataset, "test", "unused")
+    images = torch.stack([dataset[0][0], torch.full((3, 4, 4), float("nan"))])  # readable, unreadable marker
+    out = batch_features(lambda x: x.flatten(1)[:, :2] + 1.0, images)
+    assert out[0].tolist() == [-1.0, -1.0] and out[1].isnan().all()
+    with pytest.raises(SoveError, match="non-finite \\(NaN/inf\\) features for readable images"):
+        batch_features(lambda x: x.flatten(1)[:, :2] / 0.0, images)
+
+
+def test_skip_report_counts_each_file_once(tmp_path):
+    """One bad file met in 2 epochs and again as a neighbour's replacement counts once."""
+    from types import SimpleNamespace
+
+    from sove.train.trainer import Trainer
+
+    printed = []
+    bad = ["cannot decode image '/d/x.png': empty file (0 bytes)", "cannot decode image '/d/y.png': empty file"]
+    trainer = SimpleNamespace(skipped=[bad[0], bad[1], bad[1]], unreadable={}, dataset=range(33), run_dir=tmp_path,
+                              epoch=0, fabric=SimpleNamespace(is_global_zero=True, print=printed.append))
+    Trainer.report_skipped(trainer)
+    trainer.epoch, trainer.skipped = 1, [bad[1], bad[0]]
+    Trainer.report_skipped(trainer)  # nothing new: nothing printed
+    assert printed == [f"epoch 0: skipped 2 unreadable files of 33 (list in {tmp_path / 'unreadable_train.txt'}); "
+                       "31 images used (data.on_error=skip)"]  # before: 3, then 2 again
+    assert (tmp_path / "unreadable_train.txt").read_text() == bad[0] + "\n" + bad[1] + "\n"

@@ -80,20 +80,34 @@ def test_embed_split_matches_eval_knn(run):
     assert main(["embed", "--run", str(run), "--split", "test", "--out", str(run / "emb" / "test")]) == 0
     train, test = np.load(run / "emb" / "train.npy"), np.load(run / "emb" / "test.npy")
     assert train.shape == (32, 32) and test.shape == (32, 32)
-    labels = lambda p: torch.tensor([int(r["label"]) for r in csv.DictReader(open(p))])  # noqa: E731
+    names = [r["label"] for r in csv.DictReader(open(run / "emb" / "test.csv"))]
+    assert names == ["dark"] * 16 + ["light"] * 16  # class names, not numbers
+    labels = lambda p: torch.tensor([["dark", "light"].index(r["label"]) for r in csv.DictReader(open(p))])  # noqa
     r = knn_classify(torch.from_numpy(train), labels(run / "emb" / "train.csv"), torch.from_numpy(test),
                      labels(run / "emb" / "test.csv"), ks=[1, 3])
     assert r["top1"] == knn["top1"]
 
 
 def test_embed_folder_with_an_unreadable_file(run, tmp_path, image_folder, capsys):
-    (image_folder / "dark" / "broken.png").write_bytes(b"not a png")
+    bad = image_folder / "dark" / "broken.png"
+    bad.write_bytes(b"not a png")
     assert main(["embed", "--run", str(run), "--images", str(image_folder), "--out", str(tmp_path / "e")]) == 0
-    out = capsys.readouterr().out
-    assert "skipped 1 unreadable" in out and "broken.png" in out
+    listing = tmp_path / "e.unreadable.txt"
+    assert capsys.readouterr().out.splitlines() == [
+        f"wrote {tmp_path / 'e.npy'} (32, 32) and {tmp_path / 'e.csv'}; skipped 1 unreadable file of 33 "
+        f"(list in {listing}); 32 images used"]
+    assert listing.read_text() == f"cannot decode image '{bad}': not an image in a format Pillow can read\n"
     assert np.load(tmp_path / "e.npy").shape == (32, 32)
-    items = [r["item"] for r in csv.DictReader(open(tmp_path / "e.csv"))]
-    assert len(items) == 32 and not any("broken" in i for i in items)
+    rows = list(csv.DictReader(open(tmp_path / "e.csv")))
+    assert len(rows) == 32 and not any("broken" in r["item"] for r in rows)
+    assert [r["label"] for r in rows] == ["dark"] * 16 + ["light"] * 16  # labels dropped with the image
+    # data.on_error=raise (here --on-error raise) stops at the file, naming it
+    assert main(["embed", "--run", str(run), "--images", str(image_folder), "--out", str(tmp_path / "r"),
+                 "--on-error", "raise"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"sove: error: cannot decode image '{bad}': not an image in a format Pillow can read; data.on_error=raise "
+        "stops at the first unreadable image; data.on_error=skip leaves such files out")
+    assert not (tmp_path / "r.npy").exists()
 
 
 def test_periodic_knn_is_logged_each_epoch(tmp_path, image_folder):

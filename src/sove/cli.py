@@ -121,13 +121,15 @@ def _plot(args: argparse.Namespace) -> None:
 
     print(f"wrote {plot_curves(args.run)}")
     if args.embedding:
-        from sove.eval.features import eval_split, extract_features, labels_of, load_run_config, teacher_backbone
+        from sove.eval.features import (eval_split, extract_features, labels_of, load_run_config, readable_rows,
+                                        teacher_backbone)
         from sove.viz.curves import plot_embedding
 
         cfg = load_run_config(args.run)
-        test = eval_split(cfg, "test")
+        test = eval_split(cfg, "test")  # labels index its own class names, as the legend shows them
         feats = extract_features(teacher_backbone(args.run, cfg), test, cfg.eval.batch_size, "cpu", "test features")
-        path = plot_embedding(feats.numpy(), labels_of(test).numpy(), getattr(test.source, "classes", None),
+        keep = readable_rows(feats, test, "test", Path(args.run) / "eval")
+        path = plot_embedding(feats[keep].numpy(), labels_of(test)[keep].numpy(), test.source.classes,
                               Path(args.run) / "plots" / "embedding.png", f"teacher CLS features, PCA ({args.run})")
         print(f"wrote {path}")
 
@@ -135,10 +137,8 @@ def _plot(args: argparse.Namespace) -> None:
 def _embed(args: argparse.Namespace) -> None:
     from sove.eval.embed import embed
 
-    r = embed(args.out, args.run, args.backbone, args.images, args.split, args.batch_size)
-    print(f"wrote {r['npy']} {tuple(r['shape'])} and {r['csv']}")
-    if r["skipped"]:
-        print(f"skipped {len(r['skipped'])} unreadable file(s): " + "; ".join(r["skipped"][:5]))
+    r = embed(args.out, args.run, args.backbone, args.images, args.split, args.batch_size, args.on_error)
+    print(f"wrote {r['npy']} {tuple(r['shape'])} and {r['csv']}" + (f"; {r['report']}" if r["report"] else ""))
 
 
 #: k-NN result files shown by ``sove summary`` and their row labels.
@@ -302,6 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--split", choices=["train", "test"], help="the run's own train/test data")
     emb.add_argument("--out", required=True, help="output prefix, e.g. embeddings/test")
     emb.add_argument("--batch-size", type=int, default=256)
+    emb.add_argument("--on-error", choices=["skip", "raise"],
+                     help="unreadable images: skip (listed in OUT.unreadable.txt) or raise; default: the run's "
+                          "data.on_error, else skip")
     emb.set_defaults(func=_embed)
 
     summ = sub.add_parser("summary", help="print the k-NN results of a run side by side")

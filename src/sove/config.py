@@ -29,7 +29,7 @@ class DataConfig:
     download: bool = False  # torchvision download of Fashion-MNIST when online
     num_channels: int = 3
     num_workers: int = 0  # 0 = augment in the main process (fastest on 2 cores)
-    on_error: str = "skip"  # unreadable image: skip (replaced by the next readable one, reported) | raise
+    on_error: str = "skip"  # unreadable image: skip (pretraining: next readable one; eval/embed: left out) | raise
     global_crop_size: int = 224
     local_crop_size: int = 96
     num_local_crops: int = 10

@@ -40,3 +40,12 @@ def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
     out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
     dist.all_gather(out, x.contiguous())
     return torch.cat(out, dim=0)
+
+
+def all_gather_objects(obj: object) -> list:
+    """``obj`` of every rank, in rank order (picklable objects; ``[obj]`` in a single process)."""
+    if not is_distributed():
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

@@ -1,4 +1,6 @@
-"""User-facing exceptions. The CLI prints their message on one line and exits with status 2."""
+"""User-facing exceptions and warnings. The CLI prints an error's message on one line and exits with status 2."""
+
+import sys
 
 
 class SoveError(Exception):
@@ -11,3 +13,8 @@ class ConfigError(SoveError):
 
 class DataError(SoveError):
     """Missing, empty or unreadable data; the message names the path."""
+
+
+def warn(message: str) -> None:
+    """Print a one-line ``warning: <message>`` to stderr (something was left out or replaced)."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)

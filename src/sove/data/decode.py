@@ -105,3 +105,26 @@ def decode_image(path: str | Path, num_channels: int) -> torch.Tensor:
         raise DataError(f"cannot decode image '{path}': {_failure_reason(path, e)}") from e
     image = torch.from_numpy(array)
     return image.unsqueeze(0) if image.ndim == 2 else image.permute(2, 0, 1).contiguous()
+
+
+def unreadable_report(messages: list[str], total: int, list_path: str | Path) -> str:
+    """Write the unreadable files to ``list_path`` (one message per line) and summarise them.
+
+    Args:
+        messages: one :class:`DataError` message per distinct unreadable file (it names the path).
+        total: images listed, readable or not.
+        list_path: the text file to (over)write; its folder is created.
+
+    Returns:
+        ``skipped N unreadable file(s) of TOTAL (list in LIST_PATH); TOTAL - N images used``.
+    """
+    list_path = Path(list_path)
+    list_path.parent.mkdir(parents=True, exist_ok=True)
+    list_path.write_text("".join(m + "\n" for m in messages))
+    n = len(messages)
+    return (f"skipped {n} unreadable file{'' if n == 1 else 's'} of {total} (list in {list_path}); "
+            f"{total - n} images used")
+
+
+#: Appended to the error of an unreadable image under ``data.on_error=raise``.
+RAISE_HINT = "data.on_error=raise stops at the first unreadable image; data.on_error=skip leaves such files out"

@@ -25,6 +25,7 @@ import torchvision.transforms.v2.functional as F
 from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode
 
+from sove.data.decode import RAISE_HINT
 from sove.data.masking import build_mask_generator
 from sove.errors import DataError
 
@@ -254,7 +255,8 @@ class SSLDataset(Dataset):
     (``index + 1``, ``index + 2``, ... wrapping around), so one bad file never stops
     pretraining; the item's ``index`` is the index actually used and its ``skipped`` lists
     the error message (path and reason) of every image passed over. The replacement image
-    then appears twice in that epoch. ``on_error="raise"`` lets the error propagate.
+    then appears twice in that epoch. ``on_error="raise"`` stops with the file's error (plus
+    what to change).
 
     Args:
         source: dataset returning ``(uint8 image (channels, height, width), int label)``.
@@ -332,7 +334,7 @@ class SSLDataset(Dataset):
                 return image, label, used, skipped
             except DataError as e:
                 if self.on_error == "raise":
-                    raise
+                    raise DataError(f"{e}; {RAISE_HINT}") from e
                 skipped.append(str(e))
         raise DataError(
             f"{len(skipped)} images in a row from index {index} are unreadable (first: "

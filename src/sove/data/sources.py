@@ -13,7 +13,7 @@ what to do about it.
 from __future__ import annotations
 
 import gzip
-import os
+from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
@@ -22,7 +22,8 @@ import torch
 from torch.utils.data import Dataset
 
 from sove.data.decode import decode_image
-from sove.errors import DataError
+from sove.data.listing import list_images
+from sove.errors import DataError, warn
 
 FASHION_MNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -210,42 +211,37 @@ class FashionMNIST(Dataset):
         return self.images[index], int(self.labels[index])
 
 
-def _list_images(root: Path, extensions: Sequence[str]) -> list[Path]:
-    """Image files under ``root`` (recursive, hidden files and folders skipped), sorted."""
-    extensions = tuple(e.lower() for e in extensions)
-    files = []
-    for folder, subdirs, names in os.walk(root, followlinks=True):
-        subdirs[:] = [d for d in subdirs if not d.startswith(".")]
-        files += [
-            Path(folder) / n for n in names
-            if not n.startswith(".") and n.lower().endswith(extensions)
-        ]
-    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
-
-
 class ImageFolder(Dataset):
     """All images under a folder, decoded on each access with :func:`decode_image`.
 
     A flat folder (or any tree where some image is not exactly one level deep) has no
     labels; a folder whose images all lie in immediate sub-folders is labelled by
-    sub-folder name, classes sorted alphabetically. Files are listed recursively in sorted
-    order; names starting with ``.`` (files or folders, e.g. ``.DS_Store``, macOS ``._x.jpg``)
-    are skipped; extensions are matched case-insensitively (``.JPG``, ``.webp``).
+    sub-folder name, classes sorted alphabetically (a sub-folder without images is no class).
+    Files are listed recursively in sorted order, each real file once (see
+    :func:`sove.data.listing.list_images`); names starting with ``.`` (files or folders, e.g. ``.DS_Store``,
+    macOS ``._x.jpg``) are skipped; extensions are matched case-insensitively (``.JPG``, ``.webp``).
 
     Args:
         root: the folder (``data.root``).
         num_channels: 1 decodes to grayscale ("L"), 3 to "RGB".
         extensions: accepted file name endings.
+        classes: the class names of another split, indexed by label (the train split's
+            ``classes``): a labelled folder then numbers its sub-folders by these names, so
+            label ``i`` means ``classes[i]`` in both splits even when this folder lacks a class.
+            Images of a sub-folder not in ``classes`` are left out, with one warning line
+            naming the classes, the folder and the number of images.
 
     Attributes:
         files: the image paths, sorted.
         labels: int64 numpy array of shape (images,), or None when unlabelled.
-        classes: sorted sub-folder names, or None when unlabelled.
+        classes: class names indexed by label (``classes`` when given, else the sorted
+            sub-folder names), or None when unlabelled.
         num_channels: channels of every returned image.
 
     Raises:
-        DataError: ``root`` does not exist, holds no image file, ``num_channels`` is not 1
-            or 3, or (on access) an image cannot be decoded.
+        DataError: ``root`` does not exist, holds no image file (or, with ``classes``, no image
+            of a known class), ``num_channels`` is not 1 or 3, or (on access) an image cannot
+            be decoded.
     """
 
     def __init__(
@@ -253,25 +249,39 @@ class ImageFolder(Dataset):
         root: str | Path,
         num_channels: int = 3,
         extensions: Sequence[str] = IMAGE_EXTENSIONS,
+        classes: Sequence[str] | None = None,
     ) -> None:
         root = Path(root).expanduser()
         if not root.is_dir():
             raise DataError(f"data.root '{root}' does not exist")
         if num_channels not in (1, 3):
             raise DataError(f"data.num_channels must be 1 or 3, got {num_channels}")
-        self.files = _list_images(root, extensions)
+        self.files = list_images(root, extensions)
         if not self.files:
             raise DataError(f"no images found under '{root}' (extensions: {' '.join(extensions)})")
         self.root = root
         self.num_channels = num_channels
+        self.classes, self.labels = None, None
         parts = [f.relative_to(root).parts for f in self.files]
         if all(len(p) == 2 for p in parts):
-            self.classes = sorted({p[0] for p in parts})
-            to_label = {name: i for i, name in enumerate(self.classes)}
-            self.labels = np.array([to_label[p[0]] for p in parts], dtype=np.int64)
-        else:
-            self.classes = None
-            self.labels = None
+            self._label_by_folder([p[0] for p in parts], classes)
+
+    def _label_by_folder(self, folders: list[str], classes: Sequence[str] | None) -> None:
+        """Set ``classes`` and ``labels`` from each file's sub-folder name (see the class docstring)."""
+        self.classes = sorted(set(folders)) if classes is None else list(classes)
+        to_label = {name: i for i, name in enumerate(self.classes)}
+        unknown = Counter(name for name in folders if name not in to_label)
+        if unknown:
+            kept = [name in to_label for name in folders]
+            if not any(kept):
+                raise DataError(f"no image of '{self.root}' is in a class of the train split "
+                                f"({', '.join(self.classes)}); its sub-folders are {', '.join(sorted(unknown))}")
+            listed = ", ".join(f"'{name}' ({n} images)" for name, n in sorted(unknown.items()))
+            warn(f"'{self.root}': class(es) {listed} not in the train split's classes; their "
+                 f"{sum(unknown.values())} images are left out")
+            self.files = [f for f, keep in zip(self.files, kept) if keep]
+            folders = [name for name, keep in zip(folders, kept) if keep]
+        self.labels = np.array([to_label[name] for name in folders], dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -301,6 +311,7 @@ def build_source(
     download: bool = False,
     num_channels: int = 1,
     test_root: str | Path | None = None,
+    classes: Sequence[str] | None = None,
 ) -> Dataset:
     """Build the image source named by the ``data.*`` config keys.
 
@@ -312,6 +323,9 @@ def build_source(
         download: ``data.download``, Fashion-MNIST only.
         num_channels: ``data.num_channels``; must be 1 for Fashion-MNIST.
         test_root: ``data.test_root``, the test images folder for ``"folder"``.
+        classes: a labelled folder's class names by label, from the train split (see
+            :class:`ImageFolder`); pass the train split's ``classes`` when building the test
+            split so that a label means the same class in both. Fashion-MNIST always has its 10.
 
     Returns:
         A dataset returning ``(uint8 image (channels, height, width), int label)``.
@@ -332,8 +346,8 @@ def build_source(
         if split == "test":
             if test_root is None:
                 raise DataError("data.test_root is needed for the test split of data.source=folder")
-            return ImageFolder(test_root, num_channels=num_channels)
+            return ImageFolder(test_root, num_channels=num_channels, classes=classes)
         if root is None:
             raise DataError("data.root is needed for data.source=folder")
-        return ImageFolder(root, num_channels=num_channels)
+        return ImageFolder(root, num_channels=num_channels, classes=classes)
     raise DataError(f"data.source '{source}' is unknown; allowed: {', '.join(SOURCES)}")

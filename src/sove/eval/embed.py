@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from sove.errors import DataError, SoveError
+from sove.errors import SoveError
 
 
 def _encoder(run_dir: str | Path | None, backbone: str | Path | None) -> tuple[Callable, dict[str, Any]]:
@@ -30,7 +30,8 @@ def _encoder(run_dir: str | Path | None, backbone: str | Path | None) -> tuple[C
 
 @torch.no_grad()
 def embed(out: str | Path, run_dir: str | Path | None = None, backbone: str | Path | None = None,
-          images: str | Path | None = None, split: str | None = None, batch_size: int = 256) -> dict[str, Any]:
+          images: str | Path | None = None, split: str | None = None, batch_size: int = 256,
+          on_error: str | None = None) -> dict[str, Any]:
     """Embed images with a trained teacher backbone; L2-normalised global feature after the final
     norm ([CLS], or the mean patch token with ``model.global_pool=mean_patch``; Swin: mean final-stage token).
 
@@ -38,20 +39,26 @@ def embed(out: str | Path, run_dir: str | Path | None = None, backbone: str | Pa
 
     Args:
         out: output prefix: writes ``<out>.npy`` (float32, shape (N, D)) and ``<out>.csv``
-            (columns ``row, item, label``: ``item`` is the file path or the dataset index).
+            (columns ``row, item, label``: ``item`` is the file path or the dataset index, ``label``
+            the class name — the sub-folder name, or the Fashion-MNIST class — empty when unlabelled).
         run_dir: a run directory (its teacher backbone and preprocessing), or
         backbone: an exported ``backbone.json`` (``sove export``).
         images: a folder of images (flat or one sub-folder per class), or
         split: ``train`` / ``test`` of the run's own data (needs ``run_dir``).
         batch_size: images per forward.
+        on_error: unreadable images: ``skip`` (left out, listed in ``<out>.unreadable.txt``) or ``raise``
+            (stop at the first, naming it); default: the run's ``data.on_error``, else ``skip``.
 
     Returns:
-        dict with ``npy``, ``csv``, ``shape``, ``skipped`` (messages of unreadable files).
+        dict with ``npy``, ``csv``, ``shape``, ``skipped`` (messages of the distinct unreadable files) and
+        ``report`` (the one-line summary of them, None when every image was read).
 
     Raises:
-        SoveError: neither or both of run_dir/backbone, or of images/split; an empty folder.
+        SoveError: neither or both of run_dir/backbone, or of images/split; an empty folder; a bad
+            ``on_error``; an unreadable image with ``on_error=raise`` (DataError).
     """
     from sove.data import ImageFolder, build_source
+    from sove.data.decode import unreadable_report
     from sove.eval.features import EvalImages
 
     if (run_dir is None) == (backbone is None):
@@ -59,6 +66,9 @@ def embed(out: str | Path, run_dir: str | Path | None = None, backbone: str | Pa
     if (images is None) == (split is None):
         raise SoveError("sove embed: give exactly one of --images DIR or --split train|test")
     encode, prep = _encoder(run_dir, backbone)
+    on_error = on_error or (prep["cfg"].data.on_error if "cfg" in prep else "skip")
+    if on_error not in ("skip", "raise"):
+        raise SoveError(f"sove embed: --on-error must be skip or raise, got {on_error!r}")
     if images is not None:
         source = ImageFolder(images, num_channels=prep["channels"])
         names = [str(source.path(i)) for i in range(len(source))]
@@ -68,28 +78,17 @@ def embed(out: str | Path, run_dir: str | Path | None = None, backbone: str | Pa
         d = prep["cfg"].data
         source = build_source(d.source, d.root, split, d.download, d.num_channels, d.test_root)
         names = [str(i) for i in range(len(source))]
-    dataset = EvalImages(source, prep["size"], prep["mean"], prep["std"])
-    feats, rows, skipped = [], [], []
-    batch, meta = [], []
-
-    def flush() -> None:
+    labels, classes = getattr(source, "labels", None), getattr(source, "classes", None)
+    dataset = EvalImages(source, prep["size"], prep["mean"], prep["std"], on_error)
+    feats, rows = [], []
+    for start in tqdm(range(0, len(dataset), batch_size), desc="embed", unit="batch", leave=False):
+        batch = [(i, dataset[i][0]) for i in range(start, min(start + batch_size, len(dataset)))]
+        batch = [(i, image) for i, image in batch if i not in dataset.unreadable]
         if batch:
-            feats.append(torch.nn.functional.normalize(encode(torch.stack(batch)).float(), dim=1).numpy())
-            rows.extend(meta)
-            batch.clear()
-            meta.clear()
-
-    for i in tqdm(range(len(dataset)), desc="embed", unit="img", leave=False):
-        try:
-            image, label = dataset[i]
-        except DataError as e:
-            skipped.append(str(e))
-            continue
-        batch.append(image)
-        meta.append((names[i], label))
-        if len(batch) == batch_size:
-            flush()
-    flush()
+            x = torch.stack([image for _, image in batch])
+            feats.append(torch.nn.functional.normalize(encode(x).float(), dim=1).numpy())
+            rows += [(names[i], "" if labels is None else classes[labels[i]]) for i, _ in batch]
+    skipped = list(dataset.unreadable.values())
     if not rows:
         raise SoveError(f"sove embed: no readable image ({len(skipped)} unreadable)")
     array = np.concatenate(feats)
@@ -100,5 +99,6 @@ def embed(out: str | Path, run_dir: str | Path | None = None, backbone: str | Pa
         writer = csv.writer(f)
         writer.writerow(["row", "item", "label"])
         writer.writerows((r, name, label) for r, (name, label) in enumerate(rows))
+    report = unreadable_report(skipped, len(dataset), out.with_suffix(".unreadable.txt")) if skipped else None
     return {"npy": str(out.with_suffix(".npy")), "csv": str(out.with_suffix(".csv")), "shape": array.shape,
-            "skipped": skipped}
+            "skipped": skipped, "report": report}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable, Sequence
 
 import torch
 from omegaconf import DictConfig
@@ -12,7 +13,8 @@ from tqdm.auto import tqdm
 
 from sove.config import load_config
 from sove.data import build_source
-from sove.errors import DataError, SoveError
+from sove.data.decode import RAISE_HINT, unreadable_report
+from sove.errors import DataError, SoveError, warn
 from sove.models import MaskedViT, build_networks, build_teacher_backbone
 from sove.train.checkpoint import load_checkpoint, load_state_strict
 
@@ -20,42 +22,134 @@ from sove.train.checkpoint import load_checkpoint, load_state_strict
 class EvalImages(Dataset):
     """Deterministic evaluation view of a source: resize + centre crop to the global crop size, normalise.
 
-    Items are ``(float32 image (channels, size, size), int label)``.
+    Items are ``(float32 image (channels, size, size), int label)``. An unreadable image follows
+    ``on_error`` (``data.on_error``): ``"raise"`` stops with a :class:`DataError` naming the file;
+    ``"skip"`` returns an all-NaN image in its place (the *unreadable marker*, never produced by a
+    decoded image) and records the error message in :attr:`unreadable` (index -> message). The
+    feature extractors turn a marker into an all-NaN feature row and :func:`readable_rows` drops
+    such rows together with their labels.
     """
 
-    def __init__(self, source: Dataset, size: int, mean: list[float], std: list[float]) -> None:
+    def __init__(self, source: Dataset, size: int, mean: list[float], std: list[float],
+                 on_error: str = "raise") -> None:
         self.source, self.size = source, size
         self.mean, self.std = list(mean), list(std)
+        self.on_error = on_error
+        self.unreadable: dict[int, str] = {}
 
     def __len__(self) -> int:
         return len(self.source)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        image, label = self.source[i]
+        try:
+            image, label = self.source[i]
+        except DataError as e:
+            if self.on_error == "raise":
+                raise DataError(f"{e}; {RAISE_HINT}") from e
+            self.unreadable[i] = str(e)
+            labels = getattr(self.source, "labels", None)
+            marker = torch.full((len(self.mean), self.size, self.size), float("nan"))
+            return marker, -1 if labels is None else int(labels[i])
         if image.shape[-2:] != (self.size, self.size):
             image = TF.center_crop(TF.resize(image, self.size, antialias=True), [self.size, self.size])
         image = TF.to_dtype(image, torch.float32, scale=True)
         return TF.normalize(image, self.mean, self.std), int(label)
 
 
-def eval_split(cfg: DictConfig, split: str) -> EvalImages:
-    """The labelled ``train`` or ``test`` split of the run's data, as :class:`EvalImages`.
+def eval_split(cfg: DictConfig, split: str, classes: Sequence[str] | None = None) -> EvalImages:
+    """The labelled ``train`` or ``test`` split of the run's data, as :class:`EvalImages` following
+    ``data.on_error``.
+
+    Args:
+        classes: class names by label of a labelled folder (the train split's, see
+            :class:`sove.data.ImageFolder`); use :func:`eval_splits` to get both splits consistently.
 
     Raises:
         DataError: the split has no labels (a flat folder) or no test folder is configured.
     """
     d = cfg.data
-    source = build_source(d.source, d.root, split, d.download, d.num_channels, d.test_root)
+    source = build_source(d.source, d.root, split, d.download, d.num_channels, d.test_root, classes)
     if getattr(source, "labels", None) is None:
         where = d.test_root if split == "test" else d.root
         raise DataError(f"'{where}' has no labels (images must lie in one sub-folder per class) "
                         f"for a supervised evaluation of the {split} split")
-    return EvalImages(source, d.global_crop_size, d.mean, d.std)
+    return EvalImages(source, d.global_crop_size, d.mean, d.std, d.on_error)
+
+
+def eval_splits(cfg: DictConfig) -> tuple[EvalImages, EvalImages]:
+    """The labelled train and test splits, the test split's labels numbered by the train split's class
+    names (a test folder lacking a class, or holding an empty one, keeps every label meaning the same
+    class; a test class unknown to the train split is left out with a warning).
+
+    Raises:
+        DataError: see :func:`eval_split`; no test image is in a train class.
+    """
+    train = eval_split(cfg, "train")
+    return train, eval_split(cfg, "test", train.source.classes)
 
 
 def labels_of(dataset: EvalImages) -> torch.Tensor:
-    """int64 tensor (N,) of the dataset's labels."""
+    """int64 tensor (N,) of the dataset's labels (unreadable images included, as feature rows are)."""
     return torch.as_tensor(dataset.source.labels, dtype=torch.long)
+
+
+def batch_features(forward: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor) -> torch.Tensor:
+    """``forward(images)`` as float32 (B, F), with an all-NaN row for each unreadable marker image.
+
+    Args:
+        forward: images (B, C, H, W) -> features (B, F).
+        images: float tensor (B, C, H, W); an all-NaN image is an unreadable marker (:class:`EvalImages`)
+            and is replaced by zeros for the forward pass.
+
+    Raises:
+        SoveError: a readable image gives a non-finite feature (the backbone's weights are non-finite).
+    """
+    bad = images.flatten(1).isnan().all(1)  # (B,)
+    out = forward(images.masked_fill(bad.view(-1, 1, 1, 1), 0.0)).float()
+    if not bool(out[~bad].isfinite().all()):
+        raise SoveError("the backbone gives non-finite (NaN/inf) features for readable images: its weights are "
+                        "non-finite (a diverged run); evaluate an earlier checkpoint")
+    out[bad] = float("nan")
+    return out
+
+
+def readable_rows(features: torch.Tensor, dataset: EvalImages, split: str, list_dir: str | Path,
+                  index: Sequence[int] | None = None) -> torch.Tensor:
+    """Which feature rows come from readable images (all-NaN rows mark unreadable ones), following the
+    dataset's ``on_error``.
+
+    With ``"skip"`` one line is printed to stderr, ``warning: <split> split: skipped N unreadable file(s)
+    of M (list in <list_dir>/unreadable_<split>.txt); M - N images used``, and the list is written. Drop
+    the same rows from the labels (``labels_of(dataset)[keep]``) to keep them aligned.
+
+    Args:
+        features: float tensor (M, F) extracted from ``dataset`` (possibly read back from a cache).
+        index: the dataset index of each row when the rows come from a subset (default: row i = item i).
+
+    Returns:
+        bool tensor (M,), True for the rows to keep.
+
+    Raises:
+        DataError: an unreadable image under ``on_error="raise"`` (first one named; possible when the
+            features were cached under ``skip``: such rows are read again for the reason), a cached
+            unreadable row whose image is readable now under ``"raise"``, or every image is unreadable.
+    """
+    bad = features.isnan().all(1)
+    if not bool(bad.any()):
+        return ~bad
+    items = [index[r] if index is not None else r for r in bad.nonzero().squeeze(1).tolist()]
+    for i in items:
+        if i not in dataset.unreadable:  # a cached row: read it again for the reason (raises under "raise")
+            dataset[i]
+    path = getattr(dataset.source, "path", None)
+    messages = [dataset.unreadable.get(i) or f"'{path(i) if path else f'{split} item {i}'}' was unreadable when its "
+                "cached features were extracted but is readable now; delete the feature cache" for i in items]
+    if dataset.on_error == "raise":
+        raise DataError(f"{messages[0]}; {RAISE_HINT}")
+    if bool(bad.all()):
+        raise DataError(f"every image of the {split} split is unreadable (first: {messages[0]})")
+    warn(f"{split} split: " + unreadable_report(messages, len(features), Path(list_dir) / f"unreadable_{split}.txt"))
+    return ~bad
 
 
 @torch.no_grad()
@@ -71,25 +165,29 @@ def extract_features(backbone: MaskedViT, dataset: Dataset, batch_size: int = 25
         device: where to run the backbone.
 
     Returns:
-        float32 tensor of shape (N, embed_dim) on the CPU, unit-norm rows.
+        float32 tensor of shape (N, embed_dim) on the CPU, unit-norm rows; all-NaN rows for unreadable
+        images (see :func:`batch_features`, :func:`readable_rows`).
     """
     backbone = backbone.to(device).eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
-    out = []
-    for images, _ in tqdm(loader, desc=desc, unit="batch", leave=False):
-        out.append(torch.nn.functional.normalize(backbone(images.to(device))["global"].float(), dim=1).cpu())
-    return torch.cat(out)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.normalize(backbone(x)["global"].float(), dim=1)
+
+    return torch.cat([batch_features(forward, images.to(device)).cpu()
+                      for images, _ in tqdm(loader, desc=desc, unit="batch", leave=False)])
 
 
 def pixel_features(dataset: Dataset, center: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Raw-pixel baseline: flattened normalised pixels, minus ``center`` (default: their mean), L2-normalised.
+    """Raw-pixel baseline: flattened normalised pixels, minus ``center`` (default: the mean of the readable
+    images), L2-normalised; all-NaN rows for unreadable images.
 
     Returns:
         (features (N, C*H*W) float32, the centre used (C*H*W,)).
     """
     loader = DataLoader(dataset, batch_size=1024, shuffle=False, num_workers=0)
     x = torch.cat([images.flatten(1) for images, _ in loader])
-    center = x.mean(0) if center is None else center
+    center = x[~x.isnan().all(1)].mean(0) if center is None else center
     return torch.nn.functional.normalize(x - center, dim=1), center
 
 

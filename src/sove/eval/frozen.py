@@ -227,15 +227,16 @@ def extract(backbone: torch.nn.Module, dataset: Dataset, mode: str, batch_size: 
         mode: one of :data:`FEATURE_MODES`.
 
     Returns:
-        float32 tensor (N, F): F = 4*dim (``cls4``), 2*dim (``cls_mean``) or dim (``global``, unit rows).
+        float32 tensor (N, F): F = 4*dim (``cls4``), 2*dim (``cls_mean``) or dim (``global``, unit rows);
+        all-NaN rows for unreadable images (:func:`sove.eval.features.readable_rows` drops them).
     """
-    from sove.eval.features import extract_features
+    from sove.eval.features import batch_features, extract_features
 
     if mode == "global":
         return extract_features(backbone, dataset, batch_size, device, desc)
     backbone = backbone.to(device).eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
-    return torch.cat([token_features(backbone, images.to(device), mode).cpu()
+    return torch.cat([batch_features(lambda x: token_features(backbone, x, mode), images.to(device)).cpu()
                       for images, _ in tqdm(loader, desc=desc, unit="batch", leave=False)])
 
 

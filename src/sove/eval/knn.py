@@ -70,6 +70,23 @@ def knn_classify(
             "num_train": int(train_features.shape[0]), "num_test": int(n), "temperature": temperature}
 
 
+def knn_on_splits(train_features: torch.Tensor, train: Any, test_features: torch.Tensor, test: Any,
+                  ks: list[int] | tuple[int, ...], temperature: float, list_dir: str | Path) -> dict[str, Any]:
+    """:func:`knn_classify` on the features of :func:`sove.eval.features.eval_splits`' train and test
+    splits, the rows of unreadable images dropped with their labels (:func:`sove.eval.features.readable_rows`,
+    lists in ``list_dir``); C = the train split's number of classes.
+
+    Raises:
+        DataError: an unreadable image with ``data.on_error=raise``, or every image of a split unreadable.
+    """
+    from sove.eval.features import labels_of, readable_rows
+
+    keep_train = readable_rows(train_features, train, "train", list_dir)
+    keep_test = readable_rows(test_features, test, "test", list_dir)
+    return knn_classify(train_features[keep_train], labels_of(train)[keep_train], test_features[keep_test],
+                        labels_of(test)[keep_test], ks, temperature, num_classes=len(train.source.classes))
+
+
 def evaluate_knn(run_dir: str | Path, mode: str = "trained", overrides: list[str] | tuple[str, ...] = (),
                  device: str = "cpu") -> dict[str, Any]:
     """``sove eval knn``: k-NN on a run's labelled train/test splits; writes ``eval/knn*.json``.
@@ -87,18 +104,21 @@ def evaluate_knn(run_dir: str | Path, mode: str = "trained", overrides: list[str
         teacher, None for the baselines; ``inputs``; ``fingerprint``); saved to ``eval/knn.json``,
         ``eval/knn_random_init.json`` or ``eval/knn_pixels.json``.
 
+    Test labels are numbered by the train split's class names (:func:`sove.eval.features.eval_splits`);
+    unreadable images follow ``data.on_error`` (:func:`sove.eval.features.readable_rows`).
+
     Raises:
-        SoveError: not a run directory, no checkpoint, unlabelled data.
+        SoveError: not a run directory, no checkpoint, unlabelled data, an unreadable image with
+            ``data.on_error=raise``.
     """
-    from sove.eval.features import (eval_split, extract_features, labels_of, load_run_config, pixel_features,
-                                    random_init_backbone)
+    from sove.eval.features import eval_splits, extract_features, load_run_config, pixel_features, random_init_backbone
     from sove.eval.frozen import command_line, load_eval_backbone, write_json
     from sove.eval.provenance import data_identity, items_identity, stamp
 
     if mode not in ("trained", "random_init", "pixels"):
         raise SoveError(f"unknown k-NN mode {mode!r}; use trained, random_init or pixels")
     cfg = load_run_config(run_dir, overrides)
-    train, test = eval_split(cfg, "train"), eval_split(cfg, "test")
+    train, test = eval_splits(cfg)
     encoder = None
     if mode == "pixels":
         train_f, center = pixel_features(train)
@@ -111,8 +131,8 @@ def evaluate_knn(run_dir: str | Path, mode: str = "trained", overrides: list[str
             backbone = random_init_backbone(cfg)
         train_f = extract_features(backbone, train, cfg.eval.batch_size, device, "train features")
         test_f = extract_features(backbone, test, cfg.eval.batch_size, device, "test features")
-    result = knn_classify(train_f, labels_of(train), test_f, labels_of(test), list(cfg.eval.knn_k),
-                          cfg.eval.knn_temperature)
+    result = knn_on_splits(train_f, train, test_f, test, list(cfg.eval.knn_k), cfg.eval.knn_temperature,
+                           Path(run_dir) / "eval")
     result.update(mode=mode, command=command_line())
     settings = {"mode": mode, "knn_k": list(cfg.eval.knn_k), "knn_temperature": cfg.eval.knn_temperature,
                 "seed": cfg.trainer.seed if mode == "random_init" else None, "arch": cfg.model.arch}
@@ -140,15 +160,15 @@ def periodic_subsets(cfg: DictConfig) -> tuple[Subset, Subset, str]:
         train / 500 test images of 10 classes, seed 0``).
 
     Raises:
-        DataError: the data has no labels or no test split (see :func:`sove.eval.features.eval_split`).
+        DataError: the data has no labels or no test split (see :func:`sove.eval.features.eval_splits`).
     """
-    from sove.eval.features import eval_split, labels_of
+    from sove.eval.features import eval_splits, labels_of
     from sove.eval.frozen import balanced_subset
 
     e, seed = cfg.eval, int(cfg.trainer.seed)
     subsets = []
-    for code, (split, num) in enumerate((("train", e.knn_train_subset), ("test", e.knn_test_subset))):
-        dataset = eval_split(cfg, split)
+    splits = eval_splits(cfg)  # test labels numbered by the train split's class names
+    for code, (dataset, num) in enumerate(zip(splits, (e.knn_train_subset, e.knn_test_subset))):
         idx = balanced_subset(labels_of(dataset), num, [seed % 2**32, PERIODIC_KNN_STREAM, code])
         subsets.append(Subset(dataset, idx.tolist()))
     train, test = subsets

@@ -230,10 +230,15 @@ def evaluate_linear(
         :func:`sove.eval.frozen.write_result` (``checkpoint_step``, ``weights_sha256``, ``inputs``,
         ``fingerprint``); also written to ``<out_dir>/linear.json``.
 
+    Test labels are numbered by the train split's class names (:func:`sove.eval.features.eval_splits`);
+    unreadable images follow ``data.on_error`` (:func:`sove.eval.features.readable_rows`; skipped ones are
+    left out of every count).
+
     Raises:
-        SoveError: bad arguments, unlabelled data (DataError), every learning rate diverged.
+        SoveError: bad arguments, unlabelled data or an unreadable image with ``data.on_error=raise``
+            (DataError), every learning rate diverged.
     """
-    from sove.eval.features import eval_split, labels_of
+    from sove.eval.features import eval_splits, labels_of, readable_rows
     from sove.eval.frozen import (FEATURE_MODES, cached_extract, command_line, load_frozen, stratified_subset,
                                   write_result)
 
@@ -245,25 +250,28 @@ def evaluate_linear(
         raise SoveError("--lrs must be positive numbers, --epochs and --batch-size at least 1")
     lrs = [float(lr) for lr in lrs]
     encoder = load_frozen(run_dir, backbone, overrides)
-    train, test = eval_split(encoder.cfg, "train"), eval_split(encoder.cfg, "test")
-    y_train, y_test = labels_of(train), labels_of(test)
-    num_classes = int(max(y_train.max(), y_test.max())) + 1
+    train, test = eval_splits(encoder.cfg)
+    test_f = cached_extract(encoder, test, "test", features, "linear", device, cache)
+    train_f = cached_extract(encoder, train, "train", features, "linear", device, cache)
+    keep_train = readable_rows(train_f, train, "train", encoder.out_dir)
+    keep_test = readable_rows(test_f, test, "test", encoder.out_dir)
+    train_f, y_train = train_f[keep_train], labels_of(train)[keep_train]
+    test_f, y_test = test_f[keep_test], labels_of(test)[keep_test]
     val_idx = stratified_subset(y_train, val_fraction, seed, leave_one=True)
     fit_mask = torch.ones(len(y_train), dtype=torch.bool)
     fit_mask[val_idx] = False
     fit_idx = fit_mask.nonzero().squeeze(1)
-    test_f = cached_extract(encoder, test, "test", features, "linear", device, cache)
-    train_f = cached_extract(encoder, train, "train", features, "linear", device, cache)
     val_f = train_f[val_idx]
-    if augment:
-        fit_x = _AugmentedFeatures(encoder, train, fit_idx, features, standardize, seed, device)
+    if augment:  # the augmented images are read again: pass their indices in the split
+        fit_x = _AugmentedFeatures(encoder, train, keep_train.nonzero().squeeze(1)[fit_idx], features, standardize,
+                                   seed, device)
         scale = fit_x.scale
     else:
         fit_x = train_f[fit_idx]
         scale = _standardizer(fit_x) if standardize else _identity
         fit_x = scale(fit_x)
-    heads = train_linear_heads(fit_x, y_train[fit_idx], list(lrs), num_classes, epochs, batch_size, seed,
-                               device=device)
+    heads = train_linear_heads(fit_x, y_train[fit_idx], list(lrs), len(train.source.classes), epochs, batch_size,
+                               seed, device=device)
     val_acc = head_accuracy(heads, scale(val_f), y_train[val_idx])
     best = select_lr(val_acc, lrs)
     top1, top5 = head_accuracy(nn.ModuleList([heads[best]]), scale(test_f), y_test)[0]

@@ -171,10 +171,15 @@ def evaluate_lowshot(
         provenance of :func:`sove.eval.frozen.write_result` (the settings include the SHA-256 of
         every subset file); written to ``<out_dir>/lowshot.json``.
 
+    Test labels are numbered by the train split's class names (:func:`sove.eval.features.eval_splits`);
+    unreadable images follow ``data.on_error`` (:func:`sove.eval.features.readable_rows`; skipped ones are
+    left out of every count and subset).
+
     Raises:
-        SoveError: a percent outside (0, 100], a bad subset file, unlabelled data (DataError).
+        SoveError: a percent outside (0, 100], a bad subset file, unlabelled data or an unreadable image
+            with ``data.on_error=raise`` (DataError).
     """
-    from sove.eval.features import eval_split, labels_of
+    from sove.eval.features import eval_splits, labels_of, readable_rows
     from sove.eval.frozen import cached_extract, command_line, load_frozen, stratified_subset, write_result
 
     bad = [p for p in percents if not 0.0 < p <= 100.0]
@@ -183,14 +188,22 @@ def evaluate_lowshot(
     if not percents and not subset_files:
         raise SoveError("give --percent values or --subset-file lists")
     encoder = load_frozen(run_dir, backbone, overrides)
-    train, test = eval_split(encoder.cfg, "train"), eval_split(encoder.cfg, "test")
-    y_train, y_test = labels_of(train), labels_of(test)
-    if subset_files:
-        subsets = {str(f): (read_subset_file(f, train.source), str(f)) for f in subset_files}
-    else:
-        subsets = {f"{p:g}": (stratified_subset(y_train, p / 100.0, seed), None) for p in percents}
+    train, test = eval_splits(encoder.cfg)
+    listed = {str(f): read_subset_file(f, train.source) for f in subset_files}
     train_f = cached_extract(encoder, train, "train", "global", "lowshot", device, cache)
     test_f = cached_extract(encoder, test, "test", "global", "lowshot", device, cache)
+    keep_train = readable_rows(train_f, train, "train", encoder.out_dir)
+    keep_test = readable_rows(test_f, test, "test", encoder.out_dir)
+    train_f, y_train = train_f[keep_train], labels_of(train)[keep_train]
+    test_f, y_test = test_f[keep_test], labels_of(test)[keep_test]
+    row = torch.cumsum(keep_train, 0) - 1  # split index -> row of the readable train features
+    if subset_files:  # unreadable listed images are left out of their subset
+        subsets = {f: (row[idx[keep_train[idx]]], f) for f, idx in listed.items()}
+        empty = [f for f, (idx, _) in subsets.items() if len(idx) == 0]
+        if empty:
+            raise SoveError(f"every image listed in subset file '{empty[0]}' is unreadable")
+    else:
+        subsets = {f"{p:g}": (stratified_subset(y_train, p / 100.0, seed), None) for p in percents}
     e = encoder.cfg.eval
     results = {}
     for name, (idx, path) in tqdm(subsets.items(), desc="low-shot", unit="subset", leave=False):

@@ -74,12 +74,14 @@ class Diagnostics:
         """k-NN top-1 of the current teacher on class-balanced labelled subsets, logged as ``knn_top1`` (rank 0).
 
         The subsets (:func:`sove.eval.knn.periodic_subsets`) are drawn once per process from the run
-        seed and described in the log on first use; features and votes follow ``sove eval knn``, so the
-        value equals the offline protocol on the same images. The global RNG states are restored
-        afterwards (the feature loader draws a seed), so enabling it never changes training. Skipped
-        with a warning when the data has no labels or no test split. Features are freed right after.
+        seed and described in the log on first use; test labels are numbered by the train split's class
+        names and unreadable images follow ``data.on_error`` (skipped ones are left out with their
+        labels); features and votes follow ``sove eval knn``, so the value equals the offline protocol
+        on the same images. The global RNG states are restored afterwards (the feature loader draws a
+        seed), so enabling it never changes training. Skipped with a warning when the data has no
+        labels or no test split. Features are freed right after.
         """
-        from sove.eval.features import extract_features
+        from sove.eval.features import extract_features, readable_rows
         from sove.eval.knn import knn_classify, periodic_subsets, subset_labels
 
         if getattr(self, "_knn_subsets", None) is None:
@@ -91,15 +93,19 @@ class Diagnostics:
             self.fabric.print(f"periodic k-NN on a {self._knn_subsets[2]}")
         train, test, _ = self._knn_subsets
         e = self.cfg.eval
+        feats, labels = [], []
         with torch.random.fork_rng(devices=[]):
-            feats = [extract_features(self.teacher.backbone, ds, e.batch_size, self.fabric.device, "k-NN")
-                     for ds in (train, test)]
-        result = knn_classify(feats[0], subset_labels(train), feats[1], subset_labels(test),
-                              list(e.knn_k), e.knn_temperature)
+            for subset, split in ((train, "train"), (test, "test")):
+                f = extract_features(self.teacher.backbone, subset, e.batch_size, self.fabric.device, "k-NN")
+                keep = readable_rows(f, subset.dataset, split, self.run_dir / "eval", subset.indices)
+                feats.append(f[keep])  # unreadable images: dropped with their labels
+                labels.append(subset_labels(subset)[keep])
+        result = knn_classify(feats[0], labels[0], feats[1], labels[1], list(e.knn_k), e.knn_temperature,
+                              num_classes=len(train.dataset.source.classes))
         del feats
         self.fabric.log_dict({"knn_top1": result["best_top1"]}, step=self.step)
-        self.fabric.print(f"epoch {self.epoch}: k-NN top-1 {result['best_top1']:.2f}% "
-                          f"({len(train)} train / {len(test)} test images, best k={result['best_k']})")
+        self.fabric.print(f"epoch {self.epoch}: k-NN top-1 {result['best_top1']:.2f}% ({result['num_train']} train / "
+                          f"{result['num_test']} test images, best k={result['best_k']})")
 
     def concept_purity(self) -> float | None:
         """Purity of the next step's task-0 CLS concepts (a diagnostic; labels are never used by the loss).

@@ -26,7 +26,9 @@ from tqdm.auto import tqdm
 
 from sove import __version__
 from sove.data import SSLDataset, collate_views
+from sove.data.decode import unreadable_report
 from sove.data.sampler import ResumableSampler
+from sove.distributed import all_gather_objects
 from sove.errors import DataError, SoveError
 from sove.method import FeatureSet, anchor_generator
 from sove.models import build_networks
@@ -96,7 +98,8 @@ class Trainer(Diagnostics):
         self.schedules: Schedules = build_schedules(cfg.optim, lo, self.sampler.batches_per_epoch, b * world)
         self.total_steps = min(self.schedules.total_iters, t.max_steps or self.schedules.total_iters)
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
-        self.skipped: list[str] = []
+        self.skipped: list[str] = []  # messages of unreadable images met since the last report
+        self.unreadable: dict[str, None] = {}  # every distinct one reported so far, in order
         labels = getattr(self.dataset.source, "labels", None)
         self.labels = torch.as_tensor(labels, dtype=torch.long) if labels is not None else None
         self.fabric.print(f"sove {__version__}: {len(self.dataset)} images, global batch {b * world}, "
@@ -275,12 +278,17 @@ class Trainer(Diagnostics):
             self.periodic_knn()
 
     def report_skipped(self) -> None:
-        """Print how many unreadable images were skipped since the last report, and the first five."""
-        if self.skipped:
-            shown = "; ".join(self.skipped[:5])
-            self.fabric.print(f"epoch {self.epoch}: skipped {len(self.skipped)} unreadable image(s) "
-                              f"(data.on_error=skip): {shown}" + (" ..." if len(self.skipped) > 5 else ""))
+        """When some rank met a new unreadable file: ``epoch E: skipped N unreadable file(s) of TOTAL (list
+        in RUN/unreadable_train.txt); TOTAL - N images used``, N counting each file of the run once."""
+        met = [m for messages in all_gather_objects(self.skipped) for m in messages]
         self.skipped = []
+        new = [m for m in dict.fromkeys(met) if m not in self.unreadable]
+        if not new:
+            return
+        self.unreadable.update(dict.fromkeys(new))
+        if self.fabric.is_global_zero:
+            line = unreadable_report(list(self.unreadable), len(self.dataset), self.run_dir / "unreadable_train.txt")
+            self.fabric.print(f"epoch {self.epoch}: {line} (data.on_error=skip)")
 
     def log(self, terms: dict[str, torch.Tensor], img_per_s: float) -> None:
         it, sch = self.step - 1, self.schedules
