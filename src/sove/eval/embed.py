@@ -11,6 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sove.errors import DataError, SoveError
+from sove.preflight import check_writable
 
 
 def _encoder(run_dir: str | Path | None, backbone: str | Path | None) -> tuple[Callable, dict[str, Any]]:
@@ -49,7 +50,8 @@ def embed(out: str | Path, run_dir: str | Path | None = None, backbone: str | Pa
         dict with ``npy``, ``csv``, ``shape``, ``skipped`` (messages of unreadable files).
 
     Raises:
-        SoveError: neither or both of run_dir/backbone, or of images/split; an empty folder.
+        SoveError: neither or both of run_dir/backbone, or of images/split; an empty folder; the
+            output folder is not writable.
     """
     from sove.data import ImageFolder, build_source
     from sove.eval.features import EvalImages
@@ -58,6 +60,7 @@ def embed(out: str | Path, run_dir: str | Path | None = None, backbone: str | Pa
         raise SoveError("sove embed: give exactly one of --run RUN_DIR or --backbone backbone.json")
     if (images is None) == (split is None):
         raise SoveError("sove embed: give exactly one of --images DIR or --split train|test")
+    check_writable(Path(out).parent, "embeddings")
     encode, prep = _encoder(run_dir, backbone)
     if images is not None:
         source = ImageFolder(images, num_channels=prep["channels"])

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from sove.errors import SoveError
+from sove.preflight import check_writable
 
 
 @torch.no_grad()
@@ -86,7 +87,7 @@ def evaluate_knn(run_dir: str | Path, mode: str = "trained", overrides: list[str
         ``eval/knn.json``, ``eval/knn_random_init.json`` or ``eval/knn_pixels.json``.
 
     Raises:
-        SoveError: not a run directory, no checkpoint, unlabelled data.
+        SoveError: not a run directory, no checkpoint, unlabelled data, ``RUN/eval`` not writable.
     """
     from sove.eval.features import (eval_split, extract_features, labels_of, load_run_config, pixel_features,
                                     random_init_backbone, teacher_backbone)
@@ -94,6 +95,7 @@ def evaluate_knn(run_dir: str | Path, mode: str = "trained", overrides: list[str
     if mode not in ("trained", "random_init", "pixels"):
         raise SoveError(f"unknown k-NN mode {mode!r}; use trained, random_init or pixels")
     cfg = load_run_config(run_dir, overrides)
+    check_writable(Path(run_dir) / "eval", "k-NN results")  # before minutes of feature extraction
     train, test = eval_split(cfg, "train"), eval_split(cfg, "test")
     if mode == "pixels":
         train_f, center = pixel_features(train)
