@@ -167,6 +167,21 @@ def test_absent_device_fails_before_the_run_directory_exists(tmp_path, capsys, m
     assert not (tmp_path / "runs").exists()
 
 
+def test_unwritable_out_dir_fails_before_any_work(tmp_path, capsys, monkeypatch):
+    import sove.preflight as preflight
+
+    def read_only(path):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(preflight, "_probe", read_only)
+    status, err = cli(capsys, ["pretrain", *TINY, "data.root=/nonexistent", f"trainer.out_dir={tmp_path / 'runs'}",
+                               "trainer.name=r"])
+    assert (status, err) == (2, f"sove: error: cannot write the run directory to '{tmp_path / 'runs' / 'r'}': "
+                                f"'{tmp_path}' is not writable (Read-only file system); make it writable or "
+                                "choose another trainer.out_dir")
+    assert not (tmp_path / "runs").exists()
+
+
 def test_resume_with_an_absent_device_leaves_the_run_as_it_was(run_copy, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     before = listing(run_copy)

@@ -38,13 +38,15 @@ def _probe(folder: Path) -> None:
         pass
 
 
-def check_writable(folder: str | Path, what: str) -> None:
+def check_writable(folder: str | Path, what: str,
+                   hint: str = "write elsewhere (copy the run, or --out where offered)") -> None:
     """Pre-flight: ``folder`` (or, while it does not exist, its nearest existing parent, where it
     would be created) is a folder this process can write to. Creates nothing.
 
     Args:
         folder: where the command will write.
         what: what would be written, for the message (e.g. "k-NN results").
+        hint: the alternative the message offers besides making the folder writable.
 
     Raises:
         SoveError: naming the folder and the reason (read-only, permission denied, not a folder).
@@ -59,7 +61,7 @@ def check_writable(folder: str | Path, what: str) -> None:
         _probe(existing)
     except OSError as e:
         raise SoveError(f"cannot write {what} to '{folder}': '{existing}' is not writable ({e.strerror}); "
-                        "make it writable or write elsewhere (copy the run, or --out where offered)") from None
+                        f"make it writable or {hint}") from None
 
 
 def check_torch_device(device: str, option: str = "--device") -> None:
@@ -89,6 +91,7 @@ def check_trainer_device(cfg: DictConfig, precision: str) -> None:
         ConfigError: naming the key and what this machine has.
     """
     from lightning.fabric import Fabric
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
 
     t = cfg.trainer
     acc = str(t.accelerator)
@@ -112,7 +115,7 @@ def check_trainer_device(cfg: DictConfig, precision: str) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             Fabric(accelerator=acc, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy, precision=precision)
-    except (ValueError, RuntimeError, TypeError, ImportError) as e:
+    except (ValueError, RuntimeError, TypeError, ImportError, MisconfigurationException) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"trainer.accelerator={acc} devices={t.devices} strategy={t.strategy} "
                           f"precision={precision}: {reason}") from None

@@ -157,10 +157,11 @@ def load_frozen(run_dir: str | Path | None = None, backbone: str | Path | None =
     from sove.config import load_config
     from sove.eval.features import load_run_config
 
-    if run_dir is not None or backbone is not None:  # before loading or extracting anything
-        given = Path(run_dir if run_dir is not None else backbone)
-        check_writable((given if run_dir is not None or given.is_dir() else given.parent) / "eval",
-                       "results and feature caches")
+    if run_dir is not None:  # where results go, checked before loading or extracting anything
+        check_writable(Path(run_dir) / "eval", "results and feature caches")
+    elif backbone is not None:
+        folder = Path(backbone) if Path(backbone).is_dir() else Path(backbone).parent
+        check_writable(folder / "eval", "results and feature caches")
     loaded = load_eval_backbone(run_dir, backbone, overrides)
     if loaded.cfg is not None:
         cfg, out_dir = loaded.cfg, Path(run_dir) / "eval"

@@ -111,7 +111,7 @@ def preflight(cfg: DictConfig, overwrite: bool) -> Path:
     run_dir = Path(cfg.trainer.out_dir) / check_run_name(cfg.trainer.name)
     check_trainer_device(cfg, resolve_precision(cfg))
     check_run_dir(run_dir, overwrite)
-    check_writable(run_dir, "the run directory")
+    check_writable(run_dir, "the run directory", "choose another trainer.out_dir")
     return run_dir
 
 
