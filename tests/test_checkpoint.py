@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
 import sys
 import textwrap
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from sove.errors import SoveError
-from sove.train.checkpoint import atomic_save, load_checkpoint, load_state_strict, strip_prefixes
+from sove.errors import DiskFullError, SoveError
+from sove.train.checkpoint import (atomic_save, load_checkpoint, load_state_strict, remove_stale_temporaries,
+                                   rng_state, set_rng_state, strip_prefixes)
 
 WRITER = textwrap.dedent("""
     import sys, torch
@@ -68,3 +71,95 @@ def test_wrapper_prefixes_are_stripped_and_keys_checked():
     assert torch.equal(plain[0].bias, net[0].bias + 1)
     with pytest.raises(SoveError, match=r"missing keys \['0.bias'\].*unexpected keys \['0.extra'\]"):
         load_state_strict(plain, {"0.weight": net[0].weight, "0.extra": net[0].bias}, "bad checkpoint")
+
+
+def _previous(tmp_path):
+    path = tmp_path / "last.pt"
+    atomic_save({"version": 0, "w": torch.arange(4.0)}, path)
+    return path
+
+
+REAL_SAVE = torch.save
+
+
+def _enospc_in_write(obj, f):  # torch's C++ writer: the OSError of f.write surfaces as a RuntimeError
+    class Full:
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    REAL_SAVE(obj, Full())
+
+
+@pytest.mark.parametrize("where", ["torch.save", "torch.save C++", "os.replace"])
+def test_disk_full_keeps_the_previous_file_and_leaves_no_temporary(tmp_path, monkeypatch, where):
+    import sove.train.checkpoint as ckpt
+
+    path = _previous(tmp_path)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    target = {"torch.save": (ckpt.torch, "save", full), "torch.save C++": (ckpt.torch, "save", _enospc_in_write),
+              "os.replace": (ckpt.os, "replace", full)}[where]
+    monkeypatch.setattr(*target)
+    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda p: SimpleNamespace(free=int(1.5 * 2**20)))
+    with pytest.raises(DiskFullError) as e:
+        atomic_save({"version": 1, "w": torch.zeros(4)}, path)
+    assert str(e.value) == (f"no space left on device while saving '{path}' (1.5 MiB free there); the previous "
+                            "'last.pt' is intact and nothing was replaced; free some space, then run again (a run "
+                            "continues with `sove pretrain --resume RUN_DIR`)")
+    monkeypatch.undo()
+    assert load_checkpoint(path)["version"] == 0
+    assert os.listdir(tmp_path) == ["last.pt"]
+
+
+def test_other_write_errors_are_not_called_a_full_disk(tmp_path, monkeypatch):
+    import sove.train.checkpoint as ckpt
+
+    path = _previous(tmp_path)
+
+    def broken(*args, **kwargs):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(ckpt.torch, "save", broken)
+    with pytest.raises(OSError, match="Input/output error"):
+        atomic_save({"version": 1}, path)
+    monkeypatch.undo()
+    assert load_checkpoint(path)["version"] == 0 and os.listdir(tmp_path) == ["last.pt"]
+
+
+def test_stale_temporaries_of_dead_processes_are_removed_live_ones_kept(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    dead = tmp_path / f".last.pt.tmp-{proc.pid}"
+    live = tmp_path / f".last.pt.tmp-{os.getpid()}"
+    other = tmp_path / ".notes.tmp-abc"
+    for p in (dead, live, other):
+        p.write_bytes(b"x")
+    assert remove_stale_temporaries(tmp_path) == [dead]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name])
+
+
+def test_rng_state_saves_and_restores_cuda_generators(tmp_path, monkeypatch):
+    """GPU resume is exact: the per-device CUDA generator states travel in the checkpoint (mocked here)."""
+    saved = [torch.arange(16, dtype=torch.uint8), torch.arange(16, 32, dtype=torch.uint8)]
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [s.clone() for s in saved])
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: restored.append(list(states)))
+    atomic_save({"rng": rng_state()}, tmp_path / "c.pt")
+    state = load_checkpoint(tmp_path / "c.pt")["rng"]  # weights_only round trip
+    set_rng_state(state)
+    assert len(restored) == 1 and all(torch.equal(a, b) for a, b in zip(restored[0], saved))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # fewer GPUs now: the first device's state
+    set_rng_state(state)
+    assert len(restored[1]) == 1 and torch.equal(restored[1][0], saved[0])
+    del state["cuda"]  # a checkpoint written without CUDA still loads, and leaves the CUDA RNG alone
+    set_rng_state(state)
+    assert len(restored) == 2
+
+
+def test_rng_state_without_cuda_has_no_cuda_key(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "cuda" not in rng_state()

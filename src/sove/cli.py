@@ -313,13 +313,51 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def written_run(args: argparse.Namespace) -> Path | None:
+    """The sove run directory a command writes into (its output folder or a parent), or None.
+
+    ``pretrain`` locks its run itself; ``summary`` only reads.
+    """
+    from sove.run_lock import run_containing
+
+    if args.command in ("pretrain", "summary"):
+        return None
+    out = getattr(args, "out", None)
+    target = Path(out).parent if out else getattr(args, "run", None) or getattr(args, "backbone", None)
+    return run_containing(target) if target else None
+
+
+def _run(args: argparse.Namespace) -> None:
+    """Check ``--device``, then run the command holding the lock of the run it writes into."""
+    import contextlib
+
+    from sove.preflight import check_torch_device
+    from sove.run_lock import RunLock
+
+    if getattr(args, "device", None):
+        check_torch_device(args.device)
+    run = written_run(args)
+    with RunLock(run) if run is not None else contextlib.nullcontext():
+        args.func(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``sove`` console script; returns the exit status (2 on user errors)."""
+    from sove.errors import disk_full
+
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        _run(args)
     except SoveError as e:
         print(f"sove: error: {e}", file=sys.stderr)
+        return 2
+    except (OSError, RuntimeError) as e:
+        full = disk_full(e)
+        if full is None:
+            raise
+        where = f" while writing '{full.filename}'" if full.filename else ""
+        print(f"sove: error: no space left on device{where}; free some space and run the command again",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("sove: interrupted", file=sys.stderr)

@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import save_file
 
 from sove.errors import SoveError
+from sove.preflight import check_writable
 
 
 def export_backbone(run_dir: str | Path, checkpoint: str = "last.pt") -> tuple[Path, Path]:
@@ -34,7 +35,7 @@ def export_backbone(run_dir: str | Path, checkpoint: str = "last.pt") -> tuple[P
         (path of ``backbone.safetensors``, path of ``backbone.json``).
 
     Raises:
-        SoveError: not a run directory, missing checkpoint, or key mismatch.
+        SoveError: not a run directory, missing checkpoint, key mismatch, run directory not writable.
     """
     from sove.eval.features import load_run_config, teacher_backbone
     from sove.eval.provenance import checkpoint_step
@@ -42,6 +43,7 @@ def export_backbone(run_dir: str | Path, checkpoint: str = "last.pt") -> tuple[P
 
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
+    check_writable(run_dir, "the exported backbone")
     backbone = teacher_backbone(run_dir, cfg, checkpoint)
     model = backbone.timm_model
     weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}

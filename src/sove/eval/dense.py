@@ -22,6 +22,7 @@ from torchvision.transforms.v2 import functional as TF
 from sove.data.decode import decode_image
 from sove.errors import SoveError
 from sove.eval.frozen import command_line, load_eval_backbone, write_json
+from sove.preflight import check_writable
 
 
 @dataclass
@@ -120,16 +121,20 @@ def result_path(protocol: str, run_dir: str | Path | None, backbone: str | Path 
     ``<folder of backbone.json>/eval/<protocol>.json`` (as ``sove eval linear|lowshot``).
 
     Raises:
-        SoveError: none of ``out``, ``run_dir``, ``backbone``.
+        SoveError: none of ``out``, ``run_dir``, ``backbone``; its folder is not writable (checked
+            here, before any image is read).
     """
     if out is not None:
-        return Path(out)
-    if run_dir is not None:
-        return Path(run_dir) / "eval" / f"{protocol}.json"
-    if backbone is not None:
+        path = Path(out)
+    elif run_dir is not None:
+        path = Path(run_dir) / "eval" / f"{protocol}.json"
+    elif backbone is not None:
         folder = Path(backbone) if Path(backbone).is_dir() else Path(backbone).parent
-        return folder / "eval" / f"{protocol}.json"
-    raise SoveError(f"no place to write the {protocol} result: give --out RESULT.json")
+        path = folder / "eval" / f"{protocol}.json"
+    else:
+        raise SoveError(f"no place to write the {protocol} result: give --out RESULT.json")
+    check_writable(path.parent, f"the {protocol} result")
+    return path
 
 
 def write_result(result: dict[str, Any], path: Path, encoder: DenseEncoder, settings: dict[str, Any]) -> Path:

@@ -11,6 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sove.errors import SoveError
+from sove.preflight import check_writable
 
 
 def _encoder(run_dir: str | Path | None, backbone: str | Path | None) -> tuple[Callable, dict[str, Any]]:
@@ -55,7 +56,8 @@ def embed(out: str | Path, run_dir: str | Path | None = None, backbone: str | Pa
 
     Raises:
         SoveError: neither or both of run_dir/backbone, or of images/split; an empty folder; a bad
-            ``on_error``; an unreadable image with ``on_error=raise`` (DataError).
+            ``on_error``; an unreadable image with ``on_error=raise`` (DataError); the output folder is
+            not writable.
     """
     from sove.data import ImageFolder, build_source
     from sove.data.decode import unreadable_report
@@ -65,6 +67,7 @@ def embed(out: str | Path, run_dir: str | Path | None = None, backbone: str | Pa
         raise SoveError("sove embed: give exactly one of --run RUN_DIR or --backbone backbone.json")
     if (images is None) == (split is None):
         raise SoveError("sove embed: give exactly one of --images DIR or --split train|test")
+    check_writable(Path(out).parent, "embeddings")
     encode, prep = _encoder(run_dir, backbone)
     on_error = on_error or (prep["cfg"].data.on_error if "cfg" in prep else "skip")
     if on_error not in ("skip", "raise"):

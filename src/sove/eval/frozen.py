@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from sove.errors import SoveError
 from sove.models import MaskedViT
+from sove.preflight import check_writable
 
 #: Feature modes: ``cls4`` = CLS of the last 4 blocks, each after the final norm, concatenated (ViT-S
 #: linear protocol); ``cls_mean`` = last CLS ⊕ mean patch token (ViT-B/L protocol); ``global`` = the
@@ -162,12 +163,18 @@ def load_frozen(run_dir: str | Path | None = None, backbone: str | Path | None =
       ``<backbone dir>/eval``).
 
     Raises:
-        SoveError: neither given, not a run directory, missing checkpoint / backbone file.
+        SoveError: neither given, not a run directory, missing checkpoint / backbone file, results
+            folder not writable.
     """
     from sove.config import load_config
     from sove.eval.features import load_run_config
     from sove.eval.provenance import data_identity
 
+    if run_dir is not None:  # where results go, checked before loading or extracting anything
+        check_writable(Path(run_dir) / "eval", "results and feature caches")
+    elif backbone is not None:
+        folder = Path(backbone) if Path(backbone).is_dir() else Path(backbone).parent
+        check_writable(folder / "eval", "results and feature caches")
     loaded = load_eval_backbone(run_dir, backbone, overrides)
     if loaded.cfg is not None:
         cfg, out_dir = loaded.cfg, Path(run_dir) / "eval"

@@ -10,6 +10,7 @@ from omegaconf import DictConfig
 from torch.utils.data import Subset
 
 from sove.errors import SoveError
+from sove.preflight import check_writable
 
 
 @torch.no_grad()
@@ -109,7 +110,7 @@ def evaluate_knn(run_dir: str | Path, mode: str = "trained", overrides: list[str
 
     Raises:
         SoveError: not a run directory, no checkpoint, unlabelled data, an unreadable image with
-            ``data.on_error=raise``.
+            ``data.on_error=raise``, ``RUN/eval`` not writable.
     """
     from sove.eval.features import eval_splits, extract_features, load_run_config, pixel_features, random_init_backbone
     from sove.eval.frozen import command_line, load_eval_backbone, write_json
@@ -118,6 +119,7 @@ def evaluate_knn(run_dir: str | Path, mode: str = "trained", overrides: list[str
     if mode not in ("trained", "random_init", "pixels"):
         raise SoveError(f"unknown k-NN mode {mode!r}; use trained, random_init or pixels")
     cfg = load_run_config(run_dir, overrides)
+    check_writable(Path(run_dir) / "eval", "k-NN results")  # before minutes of feature extraction
     train, test = eval_splits(cfg)
     encoder = None
     if mode == "pixels":

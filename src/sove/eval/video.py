@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from sove.errors import DataError
 from sove.eval.dense import DenseEncoder, load_dense_encoder, result_path, write_result
+from sove.preflight import check_writable
 
 VOID = 255  # DAVIS "void" label: never an object; scored as background (see _sequence_scores)
 
@@ -292,6 +293,7 @@ def evaluate_video(data: str | Path, run_dir: str | Path | None = None, backbone
     seqs = davis_sequences(data, split, resolution)
     path = result_path("video", run_dir, backbone, out)
     masks = Path(masks_dir) if masks_dir is not None else path.parent / "video_masks"
+    check_writable(masks, "the predicted masks")
     encoder = encoder or load_dense_encoder(run_dir, backbone, device)
     per_seq, js, fs = {}, [], []
     with tqdm(total=sum(len(s["frames"]) for s in seqs), desc="video propagation", unit="frame", leave=False) as bar:

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from sove.errors import SoveError
+from sove.errors import DiskFullError, SoveError, disk_full
+from sove.run_lock import pid_alive
 
 #: Wrapper prefixes stripped from state-dict keys on load (DDP, torch.compile, Fabric).
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_forward_module.")
@@ -19,25 +21,58 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_forward_module.")
 def atomic_save(obj: Any, path: str | Path) -> None:
     """``torch.save`` to a temporary file in the same directory, fsync, then rename over ``path``.
 
-    A crash at any moment leaves either the previous file or the new one, never a partial file.
+    A crash at any moment leaves either the previous file or the new one, never a partial file; a
+    kill leaves at most a hidden ``.NAME.tmp-PID`` (see :func:`remove_stale_temporaries`).
+
+    Raises:
+        DiskFullError: no space left (or quota exceeded) while writing: the message names the file
+            and the free space; the previous ``path`` is intact and the temporary file is removed.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    existed = path.is_file()
     try:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+    except (OSError, RuntimeError) as e:
+        if disk_full(e) is None:
+            raise
+        tmp.unlink(missing_ok=True)
+        free = shutil.disk_usage(path.parent).free / 2**20
+        kept = f"the previous '{path.name}' is intact" if existed else f"no earlier '{path.name}' existed"
+        raise DiskFullError(f"no space left on device while saving '{path}' ({free:.1f} MiB free there); {kept} "
+                            "and nothing was replaced; free some space, then run again (a run continues "
+                            "with `sove pretrain --resume RUN_DIR`)") from None
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the ``.NAME.tmp-PID`` files :func:`atomic_save` left in ``folder`` when its process was
+    killed mid-write (up to a checkpoint's size each). Only files whose PID is no longer alive are
+    removed; a live writer's temporary file is never touched.
+
+    Returns:
+        The removed paths.
+    """
+    removed = []
+    for tmp in sorted(Path(folder).glob(".*.tmp-*")):
+        pid = tmp.name.rsplit("-", 1)[1]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    if removed:
+        print(f"removed {len(removed)} temporary file(s) of interrupted saves in {folder}")
+    return removed
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -84,21 +119,31 @@ def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], w
 
 
 def rng_state() -> dict[str, Any]:
-    """Python, numpy and torch RNG states in a ``weights_only``-loadable form."""
+    """Python, numpy, torch CPU and (where present) CUDA RNG states in a ``weights_only``-loadable form.
+
+    ``cuda`` is the list of per-device generator states (``torch.cuda.get_rng_state_all``), absent
+    when CUDA is not available.
+    """
     np_state = np.random.get_state()
-    return {
+    state = {
         "python": repr(random.getstate()),
         "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
                   "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
         "torch": torch.get_rng_state(),
     }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore the states saved by :func:`rng_state`."""
+    """Restore the states saved by :func:`rng_state`. CUDA states are restored when saved and CUDA
+    is available (for the first ``min(saved, present)`` devices); a checkpoint without them loads too."""
     import ast
 
     random.setstate(ast.literal_eval(state["python"]))
     n = state["numpy"]
     np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(state["cuda"])[:torch.cuda.device_count()])

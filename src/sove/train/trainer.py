@@ -33,7 +33,10 @@ from sove.errors import DataError, SoveError
 from sove.method import FeatureSet, anchor_generator
 from sove.models import build_networks
 from sove.train import checkpoint as ckpt
-from sove.train.builders import build_loss, build_train_dataset, prepare_run_dir, resolve_precision
+from sove.preflight import check_trainer_device
+from sove.run_lock import rank_zero_lock
+from sove.train.builders import (build_loss, build_train_dataset, preflight, prepare_run_dir, resolve_precision,
+                                 resume_checkpoint)
 from sove.train.diagnostics import Diagnostics, NonFiniteLossError  # noqa: F401 (re-exported)
 from sove.train.optim import EMA, clip_per_tensor, param_groups
 from sove.train.schedules import Schedules, build_schedules
@@ -350,22 +353,23 @@ def pretrain(cfg: DictConfig, overwrite: bool = False) -> Path:
     checkpoint (a fresh run: new optimizer, feature sets and step 0).
 
     Raises:
-        SoveError: existing run directory without ``overwrite``; data or config problems.
+        SoveError: existing run without ``overwrite`` (a folder that is not a sove run: never replaced), run
+            in use, absent device, unwritable ``trainer.out_dir`` (checked before any work); data or config problems.
     """
-    run_dir = Path(cfg.trainer.out_dir) / cfg.trainer.name
+    run_dir = preflight(cfg, overwrite)  # name, device, existing folder, writable: before any work
     dataset = build_train_dataset(cfg)  # bad data stops here, before the run directory exists
     if len(dataset) < cfg.optim.batch_size:
         raise DataError(f"data.root: {len(dataset)} images is fewer than one batch "
                         f"(optim.batch_size={cfg.optim.batch_size}); lower optim.batch_size")
-    if rank_zero_only.rank == 0:  # before the launch: the processes Fabric spawns skip this
-        prepare_run_dir(cfg, overwrite)
-        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-    trainer = Trainer(cfg, run_dir, dataset)
-    if cfg.trainer.init_from:
-        state = ckpt.load_checkpoint(cfg.trainer.init_from)
-        ckpt.load_state_strict(trainer.student_module, state["student"], f"student in {cfg.trainer.init_from}")
-        ckpt.load_state_strict(trainer.teacher, state["teacher"], f"teacher in {cfg.trainer.init_from}")
-    return _fit(trainer, run_dir)
+    with rank_zero_lock(run_dir):
+        if rank_zero_only.rank == 0:  # before the launch: the processes Fabric spawns skip this
+            prepare_run_dir(cfg, overwrite)
+        trainer = Trainer(cfg, run_dir, dataset)
+        if cfg.trainer.init_from:
+            state = ckpt.load_checkpoint(cfg.trainer.init_from)
+            ckpt.load_state_strict(trainer.student_module, state["student"], f"student in {cfg.trainer.init_from}")
+            ckpt.load_state_strict(trainer.teacher, state["teacher"], f"teacher in {cfg.trainer.init_from}")
+        return _fit(trainer, run_dir)
 
 
 def resume(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Path:
@@ -374,7 +378,7 @@ def resume(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
     The run's own ``config.yaml`` is used; ``overrides`` may change e.g. ``trainer.max_steps``.
 
     Raises:
-        SoveError: not a run directory or no checkpoint in it.
+        SoveError: not a run directory, no checkpoint in it, in use by another process, absent device.
     """
     from sove.config import load_config
 
@@ -382,17 +386,21 @@ def resume(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
     if not (run_dir / "config.yaml").is_file():
         raise SoveError(f"--resume: '{run_dir}' is not a sove run directory (no config.yaml)")
     cfg = load_config(str(run_dir / "config.yaml"), overrides)
-    path = run_dir / "checkpoints" / "last.pt"
-    state = ckpt.load_checkpoint(path)
-    metrics, kept = run_dir / "metrics.csv", run_dir / ".metrics.csv.resume"
-    if rank_zero_only.rank == 0 and metrics.is_file():
-        metrics.replace(kept)  # the CSV logger deletes metrics.csv when it starts; keep the history
-    trainer = Trainer(cfg, run_dir)
-    if rank_zero_only.rank == 0 and kept.is_file():
-        kept.replace(metrics)
-    trainer.load_state_dict(state, str(path))
-    trainer.fabric.print(f"resumed {path} at step {trainer.step} (epoch {trainer.epoch}, batch {trainer.batch_in_epoch})")
-    return _fit(trainer, run_dir)
+    check_trainer_device(cfg, resolve_precision(cfg))
+    with rank_zero_lock(run_dir):
+        path = resume_checkpoint(run_dir)
+        if rank_zero_only.rank == 0:
+            ckpt.remove_stale_temporaries(run_dir / "checkpoints")
+        state = ckpt.load_checkpoint(path)
+        metrics, kept = run_dir / "metrics.csv", run_dir / ".metrics.csv.resume"
+        if rank_zero_only.rank == 0 and metrics.is_file():
+            metrics.replace(kept)  # the CSV logger deletes metrics.csv when it starts; keep the history
+        trainer = Trainer(cfg, run_dir)
+        if rank_zero_only.rank == 0 and kept.is_file():
+            kept.replace(metrics)
+        trainer.load_state_dict(state, str(path))
+        trainer.fabric.print(f"resumed {path} at step {trainer.step} (epoch {trainer.epoch}, batch {trainer.batch_in_epoch})")
+        return _fit(trainer, run_dir)
 
 
 def _fit(trainer: Trainer, run_dir: Path) -> Path:

@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 
 from sove.errors import SoveError
 from sove.method import Concepts
+from sove.preflight import check_writable
 
 
 def concept_purity(concepts: Concepts, row_labels: torch.Tensor) -> float | None:
@@ -164,6 +165,8 @@ def browse_concepts(run_dir: str | Path, num: int = 16, checkpoint: str = "last.
 
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
+    for folder, what in ((run_dir / "plots", "the concept grid"), (run_dir / "eval", "concepts.json")):
+        check_writable(folder, what)  # before re-embedding images
     concepts, row_index, step = run_concepts(run_dir, cfg, checkpoint)
     d = cfg.data
     source = build_source(d.source, d.root, "train", d.download, d.num_channels, d.test_root)

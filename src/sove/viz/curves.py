@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from sove.errors import SoveError
+from sove.preflight import check_writable
 
 #: (column of metrics.csv, panel title); panels without data are left out.
 PANELS = [
@@ -47,6 +48,7 @@ def plot_curves(run_dir: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     metrics = read_metrics(run_dir)
+    check_writable(Path(run_dir) / "plots", "plots")
     panels = [(keys, title) for keys, title in PANELS if any(k in metrics for k in keys)]
     if not panels:
         raise SoveError(f"metrics.csv in '{run_dir}' has no logged values yet")
