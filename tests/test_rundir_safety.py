@@ -20,11 +20,11 @@ import torch
 from conftest import TINY, make_image_folder
 from sove.cli import main
 from sove.config import load_config
-from sove.run_lock import LOCK_NAME, RunLock
+from sove.run_lock import LOCK_NAME, OUTPUTS_LOCK_NAME, RunLock
 from sove.train.builders import preflight, prepare_run_dir
 from sove.train.checkpoint import load_checkpoint
 
-HOLDER = ("import sys, time; from sove.run_lock import RunLock; RunLock(sys.argv[1]).acquire(); "
+HOLDER = ("import sys, time; from sove.run_lock import RunLock; RunLock(*sys.argv[1:]).acquire(); "
           "print('held', flush=True); time.sleep(120)")
 
 
@@ -107,8 +107,8 @@ def test_overwrite_replaces_a_sove_run_and_refuses_without_it(tmp_path):
 
 
 # ------------------------------------------------------------------ items 8, 9: one writer, no debris
-def started(run: Path) -> str:
-    owner = json.loads((run / LOCK_NAME).read_text())
+def started(run: Path, name: str = LOCK_NAME) -> str:
+    owner = json.loads((run / name).read_text())
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(owner["started"]))
 
 
@@ -116,22 +116,30 @@ def test_a_run_in_use_is_refused_to_every_writer_and_a_dead_writers_lock_and_deb
     """Regression: a second `sove pretrain --resume` on a run still training was accepted, and both
     processes wrote the same checkpoint and metrics files; a kill during a checkpoint save left
     `.last.pt.tmp-PID` files (up to a checkpoint's size) that nothing ever removed."""
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(run_copy)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        before = listing(run_copy)
-        line = (f"sove: error: run {run_copy} is in use by process {holder.pid} (started {started(run_copy)}); "
-                f"wait for it to finish or stop it (kill {holder.pid}), then run this again")
-        for args in (["pretrain", "--resume", run_copy, "trainer.max_steps=2"], ["export", run_copy],
-                     ["eval", "knn", "--run", run_copy], ["eval", "linear", "--run", run_copy], ["plot", run_copy],
-                     ["concepts", run_copy], ["embed", "--run", run_copy, "--split", "test", "--out", run_copy / "e"]):
-            assert cli(capsys, args) == (2, line), args
-        assert listing(run_copy) == before
-        with pytest.raises(Exception, match=f"in use by process {holder.pid}"):
-            RunLock(run_copy).acquire()
-    finally:
-        holder.send_signal(signal.SIGKILL)
-        holder.wait()
+    # Training holds RUN/.sove.lock (a second training is refused); the commands that write outputs
+    # into the run hold RUN/.sove-outputs.lock (one at a time; they may run while training goes on).
+    writers = {OUTPUTS_LOCK_NAME: [["export", run_copy], ["eval", "knn", "--run", run_copy],
+                                   ["eval", "linear", "--run", run_copy], ["plot", run_copy], ["concepts", run_copy],
+                                   ["embed", "--run", run_copy, "--split", "test", "--out", run_copy / "e"]],
+               LOCK_NAME: [["pretrain", "--resume", run_copy, "trainer.max_steps=2"]]}  # the last holder: training
+    for name, commands in writers.items():
+        holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(run_copy), name], stdout=subprocess.PIPE,
+                                  text=True)
+        try:
+            assert holder.stdout.readline().strip() == "held"
+            before = listing(run_copy)
+            line = (f"sove: error: run {run_copy} is in use by process {holder.pid} (started "
+                    f"{started(run_copy, name)}); wait for it to finish or stop it (kill {holder.pid}), then run "
+                    "this again")
+            for args in commands:
+                assert cli(capsys, args) == (2, line), args
+            assert listing(run_copy) == before
+            with pytest.raises(Exception, match=f"in use by process {holder.pid}"):
+                RunLock(run_copy, name).acquire()
+        finally:
+            holder.send_signal(signal.SIGKILL)
+            holder.wait()
+    (run_copy / OUTPUTS_LOCK_NAME).unlink()
     # The killed holder's lock file stays behind, naming a dead process, and so do the temporary
     # files of saves killed mid-write: the next writer takes the lock over and removes those
     # temporaries (only a dead process's: a live writer's are kept).

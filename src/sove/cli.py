@@ -328,16 +328,17 @@ def written_run(args: argparse.Namespace) -> Path | None:
 
 
 def _run(args: argparse.Namespace) -> None:
-    """Check ``--device``, then run the command holding the lock of the run it writes into."""
+    """Check ``--device``, then run the command holding the outputs lock of the run it writes into
+    (training may go on meanwhile: :mod:`sove.run_lock`)."""
     import contextlib
 
     from sove.preflight import check_torch_device
-    from sove.run_lock import RunLock
+    from sove.run_lock import OUTPUTS_LOCK_NAME, RunLock
 
     if getattr(args, "device", None):
         check_torch_device(args.device)
     run = written_run(args)
-    with RunLock(run) if run is not None else contextlib.nullcontext():
+    with RunLock(run, OUTPUTS_LOCK_NAME) if run is not None else contextlib.nullcontext():
         args.func(args)
 
 

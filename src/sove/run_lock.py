@@ -1,8 +1,10 @@
 """One writer per run directory, and which folders are sove runs at all.
 
-``sove pretrain`` (new, ``--overwrite`` or ``--resume``) and the commands that write into a run
-(``eval`` into ``RUN/eval``, ``export``, ``plot``, ``concepts``, ``embed`` with its output inside
-the run) hold :class:`RunLock` on ``RUN/.sove.lock`` while they run. The lock is an advisory
+``sove pretrain`` (new, ``--overwrite`` or ``--resume``) holds :class:`RunLock` on ``RUN/.sove.lock``
+while it trains: one training process per run. The commands that write their outputs into a run
+(``eval`` into ``RUN/eval``, ``export``, ``plot``, ``concepts``, ``embed`` with its output inside the
+run) hold a second lock, ``RUN/.sove-outputs.lock``: one of them at a time, while training may go on
+(they read the atomically replaced ``last.pt`` and write files the trainer does not). The lock is an advisory
 ``flock`` on that file: the kernel drops it when its owner exits, however it exits, so the lock of
 a killed process is recovered by the next command (its file, left behind, only says who held it).
 The file records the owner's PID, host and start time for the error message.
@@ -22,8 +24,10 @@ from typing import Any, ContextManager
 
 from sove.errors import SoveError
 
-#: The lock file inside a run directory.
+#: The training lock file inside a run directory (``sove pretrain``).
 LOCK_NAME = ".sove.lock"
+#: The lock file of the commands that write evaluation results, exports and plots into a run.
+OUTPUTS_LOCK_NAME = ".sove-outputs.lock"
 
 
 def pid_alive(pid: int) -> bool:
@@ -68,16 +72,17 @@ def _describe(owner: dict[str, Any]) -> str:
 
 
 class RunLock:
-    """Exclusive lock of one run directory (``RUN/.sove.lock``); a context manager.
+    """Exclusive lock of one run directory (``RUN/<name>``: :data:`LOCK_NAME` for training,
+    :data:`OUTPUTS_LOCK_NAME` for the output commands); a context manager.
 
     Raises (on :meth:`acquire`):
         SoveError: another live process holds the run ("run RUN is in use by process PID (started
             ...)"), or the run directory cannot be written.
     """
 
-    def __init__(self, run_dir: str | Path) -> None:
+    def __init__(self, run_dir: str | Path, name: str = LOCK_NAME) -> None:
         self.run_dir = Path(run_dir)
-        self.path = self.run_dir / LOCK_NAME
+        self.path = self.run_dir / name
         self._fd: int | None = None
 
     def acquire(self) -> RunLock:
