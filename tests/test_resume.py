@@ -75,12 +75,20 @@ def test_resume_of_a_non_run_is_a_clear_error(tmp_path):
         resume(tmp_path)
 
 
-def test_init_from_loads_weights_but_starts_fresh(tmp_path, image_folder):
+def test_init_from_loads_weights_but_starts_fresh(tmp_path, image_folder, capsys):
+    from sove import __version__
+
     base = TINY + [f"data.root={image_folder}", f"trainer.out_dir={tmp_path}"]
     first = pretrain(load_config(None, base + ["trainer.name=a", "trainer.max_steps=2"]))
     src = first / "checkpoints" / "last.pt"
+    capsys.readouterr()
     second = pretrain(load_config(None, base + ["trainer.name=b", "trainer.max_steps=1", f"trainer.init_from={src}",
                                               "optim.base_lr=0", "optim.momentum_teacher=1.0"]))
+    # The start-up line gives the configured peak lr and schedule length (it used to print the
+    # largest scheduled lr, here min_lr 1e-6, and "1 steps").
+    assert capsys.readouterr().out.splitlines()[0] == (
+        f"sove {__version__}: 32 images, global batch 8, 4 steps/epoch, 1 of the schedule's 8 steps "
+        "(trainer.max_steps), peak lr 0.00e+00 (= 0.0 x 8/256), precision 32-true, device cpu")
     a, b = load_checkpoint(src), load_checkpoint(second / "checkpoints" / "last.pt")
     assert b["step"] == 1  # a new run, not a resume
     # lr 0 and momentum 1: the initialised weights pass through one step unchanged.
