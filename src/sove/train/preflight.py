@@ -112,7 +112,16 @@ def check_run_plan(cfg: DictConfig, num_images: int, world_size: int) -> list[st
             out.append(f"{key}={epochs} is 0 steps at {per_epoch} steps/epoch: no {what}")
         elif steps < length:
             out.append(f"trainer.max_steps={steps} stops the run inside the {what} ({length} steps)")
-    out += _feature_set_plan(lo, total, steps, g)
+    out += _feature_set_plan(lo, total, steps, g) + _unused_settings(cfg, per_epoch, steps, g)
+    for message in out:
+        warn(message)
+    return out
+
+
+def _unused_settings(cfg: DictConfig, per_epoch: int, steps: int, g: int) -> list[str]:
+    """Warnings for settings the run will not use as written: a rising lr, an unused start
+    temperature, a periodic k-NN after the last step."""
+    o, lo, out = cfg.optim, cfg.loss, []
     peak = o.base_lr * g / 256
     if o.min_lr > peak:
         out.append(f"optim.min_lr {o.min_lr:g} is above the peak lr {peak:g} (optim.base_lr {o.base_lr:g} x {g}/256): "
@@ -124,8 +133,6 @@ def check_run_plan(cfg: DictConfig, num_images: int, world_size: int) -> list[st
     if every > 0 and steps < every * per_epoch:
         out.append(f"eval.knn_every_epochs={every}: the run ends after {steps} steps, before the first periodic "
                    f"k-NN at step {every * per_epoch}")
-    for message in out:
-        warn(message)
     return out
 
 

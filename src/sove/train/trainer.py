@@ -34,8 +34,8 @@ from sove.train.builders import build_loss, build_train_dataset, prepare_run_dir
 from sove.train.diagnostics import Diagnostics, NonFiniteLossError  # noqa: F401 (re-exported)
 from sove.train.init_from import init_networks
 from sove.train.metrics_csv import MetricsCSV
-from sove.train.preflight import check_resume, check_run_plan, planned_world_size
 from sove.train.optim import EMA, clip_per_tensor, param_groups
+from sove.train.preflight import check_resume, check_run_plan, planned_world_size
 from sove.train.schedules import Schedules, build_schedules
 
 
