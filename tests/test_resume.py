@@ -75,12 +75,20 @@ def test_resume_of_a_non_run_is_a_clear_error(tmp_path):
         resume(tmp_path)
 
 
-def test_init_from_loads_weights_but_starts_fresh(tmp_path, image_folder):
+def test_init_from_loads_weights_but_starts_fresh(tmp_path, image_folder, capsys):
+    from sove import __version__
+
     base = TINY + [f"data.root={image_folder}", f"trainer.out_dir={tmp_path}"]
     first = pretrain(load_config(None, base + ["trainer.name=a", "trainer.max_steps=2"]))
     src = first / "checkpoints" / "last.pt"
+    capsys.readouterr()
     second = pretrain(load_config(None, base + ["trainer.name=b", "trainer.max_steps=1", f"trainer.init_from={src}",
                                               "optim.base_lr=0", "optim.momentum_teacher=1.0"]))
+    # The start-up line gives the configured peak lr and schedule length (it used to print the
+    # largest scheduled lr, here min_lr 1e-6, and "1 steps").
+    assert capsys.readouterr().out.splitlines()[0] == (
+        f"sove {__version__}: 32 images, global batch 8, 4 steps/epoch, 1 of the schedule's 8 steps "
+        "(trainer.max_steps), peak lr 0.00e+00 (= 0.0 x 8/256), precision 32-true, device cpu")
     a, b = load_checkpoint(src), load_checkpoint(second / "checkpoints" / "last.pt")
     assert b["step"] == 1  # a new run, not a resume
     # lr 0 and momentum 1: the initialised weights pass through one step unchanged.
@@ -110,3 +118,51 @@ def test_fit_with_deadlines_equals_one_straight_fit(tmp_path, image_folder, reco
     for part in ("student", "teacher", "cls_feature_set", "patch_feature_set"):
         for key in a[part]:
             assert torch.equal(a[part][key], b[part][key]), f"{part}.{key} differs with deadlines"
+
+
+def test_metrics_csv_survives_a_kill_and_a_resume_with_fewer_columns(tmp_path, image_folder, monkeypatch):
+    """Rows are on disk when a run is killed (they used to be buffered until the end), and a resume
+    whose steps log fewer columns (no periodic k-NN) keeps every earlier row (it used to raise
+    ValueError and leave only the header)."""
+    import csv
+
+    original = trainer_mod.Trainer.training_step
+
+    def killed_at_step_6(self, batch):
+        if self.step == 5:
+            raise KeyboardInterrupt
+        return original(self, batch)
+
+    monkeypatch.setattr(trainer_mod.Trainer, "training_step", killed_at_step_6)
+    run = tmp_path / "r"
+    cfg = load_config(None, TINY + [f"data.root={image_folder}", f"data.test_root={image_folder}",
+                                    f"trainer.out_dir={tmp_path}", "trainer.name=r", "trainer.checkpoint_every=2",
+                                    "eval.knn_every_epochs=1"])
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(cfg)
+
+    def rows():
+        return [(int(r["step"]), "knn" if r["knn_top1"] else "train") for r in csv.DictReader(open(run / "metrics.csv"))]
+
+    assert rows() == [(1, "train"), (2, "train"), (3, "train"), (4, "train"), (4, "knn"), (5, "train")]
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 4
+    monkeypatch.setattr(trainer_mod.Trainer, "training_step", original)
+    resume(run, ["trainer.max_steps=6", "eval.knn_every_epochs=0"])
+    # Rows up to the checkpoint's step 4 kept; step 5 re-logged once by the resumed run.
+    assert rows() == [(1, "train"), (2, "train"), (3, "train"), (4, "train"), (4, "knn"), (5, "train"), (6, "train")]
+
+
+def test_metrics_csv_merges_columns(tmp_path):
+    from sove.train.metrics_csv import MetricsCSV
+
+    path = tmp_path / "metrics.csv"
+    first = MetricsCSV(path)
+    first.log_metrics({"a": 1.0}, step=1)
+    assert path.read_text().splitlines() == ["a,step", "1.0,1"]  # on disk at once
+    first.log_metrics({"a": 2.0, "b": torch.tensor(3.0)}, step=2)
+    assert path.read_text().splitlines() == ["a,b,step", "1.0,,1", "2.0,3.0,2"]
+    again = MetricsCSV(path)  # a resume from step 1: step 2 will be logged again
+    again.resume_at(1)
+    assert path.read_text().splitlines() == ["a,b,step", "1.0,,1"]
+    again.log_metrics({"c": 5.0}, step=2)
+    assert path.read_text().splitlines() == ["a,b,c,step", "1.0,,,1", ",,5.0,2"]

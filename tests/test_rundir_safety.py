@@ -29,8 +29,10 @@ HOLDER = ("import sys, time; from sove.run_lock import RunLock; RunLock(*sys.arg
 
 
 def cli(capsys, args):
+    """(exit status, stderr without the run-plan's `sove: warning:` lines)."""
     status = main([str(a) for a in args])
-    return status, capsys.readouterr().err.strip()
+    err = capsys.readouterr().err.strip().splitlines()
+    return status, "\n".join(line for line in err if not line.startswith("sove: warning:"))
 
 
 def listing(folder: Path) -> dict[str, bytes | None]:
@@ -207,11 +209,11 @@ def test_a_failed_start_is_not_resumable_and_is_started_again(tmp_path, capsys):
     assert (status, err) == (2, f"sove: error: --resume: '{run}' holds no checkpoint yet (its start failed or "
                                 "stopped before the first save); start it again with the same `sove pretrain` "
                                 "command (no --overwrite needed)")
-    cfg = load_config(None, [f"trainer.out_dir={tmp_path}", "trainer.name=run", "optim.epochs=3"])
+    cfg = load_config(None, [f"trainer.out_dir={tmp_path}", "trainer.name=run", "optim.epochs=30"])
     assert preflight(cfg, overwrite=False) == run
     assert prepare_run_dir(cfg, overwrite=False) == run
     assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.yaml"]
-    assert load_config(str(run / "config.yaml")).optim.epochs == 3
+    assert load_config(str(run / "config.yaml")).optim.epochs == 30
     (run / "eval").mkdir()  # anything a start does not write: a run that needs --overwrite
     with pytest.raises(Exception, match="exists; pass --resume"):
         preflight(cfg, overwrite=False)

@@ -21,15 +21,21 @@ from pathlib import Path
 from sove import __version__
 from sove.errors import SoveError
 
+#: Preset of ``sove pretrain`` without ``--config``.
+DEFAULT_PRESET = "fashion_mnist_tiny"
+
 
 def _pretrain(args: argparse.Namespace) -> None:
     from sove.config import load_config
     from sove.train.trainer import pretrain, resume
 
     if args.resume:
+        if args.config is not None:
+            raise SoveError(f"--config is not used with --resume: {args.resume} continues with its own config.yaml "
+                            "(key=value overrides may change trajectory-neutral keys only)")
         resume(args.resume, args.overrides)
     else:
-        pretrain(load_config(args.config, args.overrides), overwrite=args.overwrite)
+        pretrain(load_config(args.config or DEFAULT_PRESET, args.overrides), overwrite=args.overwrite)
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -187,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     pre = sub.add_parser("pretrain", help="pretrain a ViT with SOVE; writes trainer.out_dir/trainer.name/")
-    pre.add_argument("--config", default="fashion_mnist_tiny", help="YAML file or packaged preset name")
+    pre.add_argument("--config", help=f"YAML file or packaged preset name (default {DEFAULT_PRESET})")
     mode = pre.add_mutually_exclusive_group()
     mode.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     mode.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR exactly from checkpoints/last.pt")

@@ -241,28 +241,68 @@ def _check(ok: bool, key: str, msg: str) -> None:
 
 
 def validate(cfg: DictConfig) -> None:
-    """Check value ranges and cross-key consistency; raise ConfigError naming the key."""
-    d, m, lo = cfg.data, cfg.model, cfg.loss
+    """Check value ranges and cross-key consistency; raise ConfigError naming the key.
+
+    Checks that need the dataset size (steps per epoch, feature sets the run can fill, images
+    dropped per epoch) run later, in :func:`sove.train.preflight.check_run_plan`.
+    """
+    _validate_arch(cfg.model)
+    _validate_data(cfg)
+    _validate_loss(cfg)
+    _validate_schedule(cfg)
+    t = cfg.trainer
+    _check(t.on_nonfinite in ("stop", "skip"), "trainer.on_nonfinite", "must be stop or skip")
+    _check(t.precision in ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true"),
+           "trainer.precision", f"unknown value {t.precision!r}")
+    for key in ("log_every", "checkpoint_every"):
+        _check(t[key] >= 1, f"trainer.{key}", f"must be >= 1 (steps), got {t[key]}")
+    _check(t.keep_checkpoints >= 0, "trainer.keep_checkpoints", f"must be >= 0, got {t.keep_checkpoints}")
+    _check(t.max_steps is None or t.max_steps >= 1, "trainer.max_steps", f"must be >= 1 or null, got {t.max_steps}")
+    _check(all(k >= 1 for k in cfg.eval.knn_k), "eval.knn_k", "every k must be >= 1")
+    _check(cfg.eval.knn_every_epochs >= 0, "eval.knn_every_epochs", f"must be >= 0 (0 = off), got {cfg.eval.knn_every_epochs}")
+
+
+def _validate_data(cfg: DictConfig) -> None:
+    """``data.*`` and ``mask.*``: sources, channels, crop sizes (multiples of the token stride), scales, masking."""
+    d, m = cfg.data, cfg.model
     _check(d.source in ("fashion_mnist", "folder"), "data.source", f"must be fashion_mnist or folder, got {d.source!r}")
     _check(d.source != "folder" or d.root is not None, "data.root", "is required when data.source=folder")
     _check(d.on_error in ("skip", "raise"), "data.on_error", f"must be skip or raise, got {d.on_error!r}")
     _check(d.num_channels in (1, 3), "data.num_channels", f"must be 1 or 3, got {d.num_channels}")
     _check(len(d.mean) == d.num_channels and len(d.std) == d.num_channels, "data.mean/data.std",
            f"need {d.num_channels} values (data.num_channels)")
-    _validate_arch(m)
     stride = token_stride(m)
     for key in ("global_crop_size", "local_crop_size"):
         size = d[key]
         what = (f"the Swin token stride {stride} px (model.patch_size {m.patch_size} x 2^(stages-1))"
                 if is_swin(m.arch) else f"model.patch_size ({m.patch_size})")
         _check(size > 0 and size % stride == 0, f"data.{key}", f"{size} px is not divisible by {what}")
+    for key in ("global_crop_scale", "local_crop_scale"):
+        s = list(d[key])
+        _check(len(s) == 2 and 0 < s[0] <= s[1] <= 1, f"data.{key}",
+               f"must be [min, max] area fractions with 0 < min <= max <= 1, got {s}")
     _check(d.num_local_crops >= 0, "data.num_local_crops", "must be >= 0")
-    _check(0.0 <= cfg.mask.ratio < 1.0, "mask.ratio", f"must be in [0, 1), got {cfg.mask.ratio}")
-    _check(all(v in (0, 1) for v in cfg.mask.views), "mask.views", f"global view indices are 0 and 1, got {list(cfg.mask.views)}")
-    _check(m.global_pool in ("cls", "mean_patch"), "model.global_pool", f"must be cls or mean_patch, got {m.global_pool!r}")
-    _check(cfg.mask.mode in ("blockwise", "random"), "mask.mode", f"must be blockwise or random, got {cfg.mask.mode!r}")
+    mk = cfg.mask
+    _check(0.0 <= mk.ratio < 1.0, "mask.ratio", f"must be in [0, 1), got {mk.ratio}")
+    _check(all(v in (0, 1) for v in mk.views), "mask.views", f"global view indices are 0 and 1, got {list(mk.views)}")
+    _check(mk.mode in ("blockwise", "random"), "mask.mode", f"must be blockwise or random, got {mk.mode!r}")
+    if cfg.loss.patch_weight > 0:  # L_patch (Eq. 4) is a loss on masked tokens only
+        cells = (d.global_crop_size // stride) ** 2
+        _check(len(mk.views) > 0, "mask.views", "is empty: the patch loss (loss.patch_weight > 0) would see no "
+               "masked token; mask a view or set loss.patch_weight=0")
+        _check(round(mk.ratio * cells) > 0, "mask.ratio",
+               f"{mk.ratio} masks round({mk.ratio} x {cells}) = 0 of the {cells} tokens of a global crop: the patch "
+               "loss (loss.patch_weight > 0) would see no masked token; raise mask.ratio or set loss.patch_weight=0")
+
+
+def _validate_loss(cfg: DictConfig) -> None:
+    """``loss.*``: weights, concept settings against the feature-set sizes, temperatures."""
+    lo = cfg.loss
+    _check(cfg.model.global_pool in ("cls", "mean_patch"), "model.global_pool",
+           f"must be cls or mean_patch, got {cfg.model.global_pool!r}")
     _check(lo.cls_weight >= 0 and lo.patch_weight >= 0, "loss.cls_weight/loss.patch_weight", "must be >= 0")
     _check(lo.cls_weight > 0 or lo.patch_weight > 0, "loss.cls_weight/loss.patch_weight", "cannot both be 0")
+    _check(lo.chunk_size >= 1, "loss.chunk_size", f"must be >= 1, got {lo.chunk_size}")
     for name, size_key in (("cls", "cls_feature_set_size"), ("patch", "patch_feature_set_size")):
         c, n = lo[name], lo[size_key]
         weight = lo[f"{name}_weight"]
@@ -284,18 +324,27 @@ def validate(cfg: DictConfig) -> None:
     _check(lo.student_temp > 0 and lo.teacher_temp > 0, "loss.student_temp/teacher_temp", "must be > 0")
     _check(lo.teacher_temp_final is None or lo.teacher_temp_final > 0, "loss.teacher_temp_final",
            f"must be > 0 or null (constant loss.teacher_temp), got {lo.teacher_temp_final}")
-    _check(lo.teacher_temp_warmup_epochs >= 0, "loss.teacher_temp_warmup_epochs",
-           f"must be >= 0, got {lo.teacher_temp_warmup_epochs}")
-    o = cfg.optim
+
+
+def _validate_schedule(cfg: DictConfig) -> None:
+    """``optim.*`` and the teacher-temperature warm-up: every configured phase must fit in ``optim.epochs``."""
+    o, lo = cfg.optim, cfg.loss
     _check(o.batch_size >= 1, "optim.batch_size", "must be >= 1")
     _check(o.accumulate_grad_batches >= 1 and o.batch_size % o.accumulate_grad_batches == 0,
            "optim.accumulate_grad_batches", f"must be >= 1 and divide optim.batch_size ({o.batch_size})")
     _check(o.epochs > 0, "optim.epochs", "must be > 0")
+    for key in ("base_lr", "min_lr", "weight_decay", "weight_decay_end", "clip_grad"):
+        _check(o[key] >= 0, f"optim.{key}", f"must be >= 0, got {o[key]}")
     _check(0.0 <= o.momentum_teacher <= 1.0, "optim.momentum_teacher", "must be in [0, 1]")
-    _check(cfg.trainer.on_nonfinite in ("stop", "skip"), "trainer.on_nonfinite", "must be stop or skip")
-    _check(cfg.trainer.precision in ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true"),
-           "trainer.precision", f"unknown value {cfg.trainer.precision!r}")
-    _check(all(k >= 1 for k in cfg.eval.knn_k), "eval.knn_k", "every k must be >= 1")
+    _check(o.warmup_epochs == 0 or 0 < o.warmup_epochs < o.epochs, "optim.warmup_epochs",
+           f"({o.warmup_epochs}) must be >= 0 and shorter than optim.epochs ({o.epochs}): the lr would never "
+           "reach its peak")
+    tw = lo.teacher_temp_warmup_epochs
+    _check(tw >= 0, "loss.teacher_temp_warmup_epochs", f"must be >= 0, got {tw}")
+    _check(tw <= o.epochs, "loss.teacher_temp_warmup_epochs",
+           f"({tw}) is longer than optim.epochs ({o.epochs}): loss.teacher_temp_final would never be reached")
+    _check(tw == 0 or lo.teacher_temp_final is not None, "loss.teacher_temp_warmup_epochs",
+           f"({tw}) warms up to nothing: set loss.teacher_temp_final (null keeps loss.teacher_temp constant)")
 
 
 def _validate_arch(m: DictConfig) -> None:

@@ -175,6 +175,13 @@ class SOVELoss(nn.Module):
         self._cache[key] = (features, concepts)
         return concepts
 
+    def temperatures(self, name: str, teacher_temp: float) -> tuple[float, float]:
+        """(tau_s, tau_t) the ``name`` loss (``"cls"`` or ``"patch"``) uses: its own ``student_temp`` /
+        ``teacher_temp`` when set, else the shared student temperature and ``teacher_temp`` (the
+        step's scheduled value)."""
+        settings = self.cls if name == "cls" else self.patch
+        return settings.student_temp or self.student_temp, settings.teacher_temp or teacher_temp
+
     @staticmethod
     def similarities(settings: ConceptSettings, features: torch.Tensor, student: torch.Tensor,
                      teacher: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -222,8 +229,7 @@ class SOVELoss(nn.Module):
                 continue
             if fs is None:
                 raise ValueError(f"the {name} loss has weight {weight} but no feature set was passed")
-            tau_s = settings.student_temp or self.student_temp
-            tau_t = settings.teacher_temp or teacher_temp
+            tau_s, tau_t = self.temperatures(name, teacher_temp)
             student, teacher = (student_cls, teacher_cls) if name == "cls" else (student_patches, teacher_patches)
             sims = self.similarities(settings, fs.features, student, teacher)
             terms = []

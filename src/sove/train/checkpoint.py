@@ -108,13 +108,19 @@ def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], w
     """Load ``state`` into ``module`` with strict keys, listing missing/unexpected keys on failure.
 
     Raises:
-        SoveError: naming ``what`` (e.g. "teacher in runs/x/checkpoints/last.pt") and the keys.
+        SoveError: naming ``what`` (e.g. "teacher in runs/x/checkpoints/last.pt") and the missing,
+            unexpected or differently shaped keys.
     """
     state = strip_prefixes(state)
-    own = set(module.state_dict())
-    missing, unexpected = sorted(own - set(state)), sorted(set(state) - own)
+    own = module.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or unexpected:
         raise SoveError(f"{what}: state dict mismatch; missing keys {missing[:8]}, unexpected keys {unexpected[:8]}")
+    shapes = [f"{k} {tuple(state[k].shape)} in the file, {tuple(v.shape)} in this model"
+              for k, v in own.items() if state[k].shape != v.shape]
+    if shapes:
+        raise SoveError(f"{what}: parameter shapes differ ({len(shapes)}): {'; '.join(shapes[:3])}"
+                        f"{' ...' if len(shapes) > 3 else ''}; the model config must match the checkpoint's")
     module.load_state_dict(state, strict=True)
 
 

@@ -43,18 +43,21 @@ class Diagnostics:
                    stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """NaN guard: write ``debug/nonfinite_step_<k>.json``, then stop (default) or skip the step.
 
-        Nothing is written to the checkpoints, so ``last.pt`` stays the last good state.
+        The report names the culprits and the temperatures each loss term really used (its own
+        ``loss.<term>.*_temp`` override or the shared value). Nothing is written to the
+        checkpoints, so ``last.pt``, if one was saved, stays the last good state.
 
         Raises:
             NonFiniteLossError: with ``trainer.on_nonfinite=stop``.
         """
         sch, it = self.schedules, self.step
-        where = (f"non-finite {', '.join(bad)} at step {it} (epoch {self.epoch}; lr {sch.lr[it]:.3e}, "
-                 f"teacher_temp {sch.teacher_temp[it]:.4f}, student_temp {self.cfg.loss.student_temp})")
+        temps = self.term_temperatures(bad)
+        used = "; ".join(f"{k}: student_temp {v['student_temp']:g}, teacher_temp {v['teacher_temp']:g}"
+                         for k, v in temps.items())
+        where = f"non-finite {', '.join(bad)} at step {it} (epoch {self.epoch}; lr {sch.lr[it]:.3e}; {used})"
         report = {
             "step": it, "epoch": self.epoch, "terms": {k: float(v.detach()) for k, v in terms.items()}, "culprits": bad,
-            "lr": float(sch.lr[it]), "teacher_temp": float(sch.teacher_temp[it]),
-            "student_temp": self.cfg.loss.student_temp, "batch_index": batch["index"].tolist(),
+            "lr": float(sch.lr[it]), "temperatures": temps, "batch_index": batch["index"].tolist(),
             "stats": {k: {"finite_fraction": float(v.isfinite().float().mean()),
                           "abs_max": float(v.nan_to_num(0, 0, 0).abs().max())} for k, v in stats.items()},
         }
@@ -63,11 +66,30 @@ class Diagnostics:
             path.parent.mkdir(exist_ok=True)
             path.write_text(json.dumps(report, indent=2))
         if self.cfg.trainer.on_nonfinite == "stop":
-            raise NonFiniteLossError(f"{where}; debug file {path}; last good checkpoint "
-                                     f"{self.run_dir / 'checkpoints' / 'last.pt'} is intact. Lower optim.base_lr "
-                                     f"or raise the temperatures, then --resume")
+            raise NonFiniteLossError(f"{where}; debug file {path}; {self.checkpoint_advice()}")
         self.fabric.print(f"warning: skipped step: {where}; see {path}")
         return {k: v.detach() for k, v in terms.items()}
+
+    def term_temperatures(self, bad: list[str]) -> dict[str, dict[str, float]]:
+        """``{term: {"student_temp", "teacher_temp"}}`` used at this step by the culprit loss terms
+        (every active term when the culprit is the total loss or a gradient)."""
+        lo, scheduled = self.cfg.loss, float(self.schedules.teacher_temp[self.step])
+        active = [n for n in ("cls", "patch") if lo[f"{n}_weight"] > 0]
+        out = {}
+        for name in [n for n in active if n in bad] or active:
+            tau_s, tau_t = self.loss_fn.temperatures(name, scheduled)
+            out[name] = {"student_temp": float(tau_s), "teacher_temp": float(tau_t)}
+        return out
+
+    def checkpoint_advice(self) -> str:
+        """Where the run can go on from: the last checkpoint, if one was saved or resumed from."""
+        last = self.run_dir / "checkpoints" / "last.pt"
+        fresh = "start a new run with a lower optim.base_lr or higher temperatures"
+        if self.checkpoint_step is None or not last.is_file():
+            return (f"no checkpoint was saved before it (trainer.checkpoint_every={self.cfg.trainer.checkpoint_every}): "
+                    f"{fresh}")
+        return (f"last good checkpoint {last} (step {self.checkpoint_step}) is intact: {fresh} from it "
+                f"(trainer.init_from={last}), or --resume {self.run_dir} trainer.on_nonfinite=skip to skip such steps")
 
     @torch.no_grad()
     def periodic_knn(self) -> None:

@@ -45,6 +45,23 @@ class Schedules:
         return len(self.lr)
 
 
+def schedule_lengths(optim, loss, iters_per_epoch: int) -> tuple[int, int, int]:
+    """Steps of the whole schedule, of the lr warm-up and of the teacher-temperature warm-up.
+
+    ``round(epochs x iters_per_epoch)`` each (the schedule at least 1 step); the warm-ups are not
+    clipped here, so a caller can tell a warm-up that does not fit (:mod:`sove.train.preflight`).
+
+    Args:
+        optim, loss: config sections (``sove.config.OptimConfig`` / ``LossConfig``).
+        iters_per_epoch: optimizer steps per epoch (>= 1).
+
+    Returns:
+        (total, lr_warmup, teacher_temp_warmup), in optimizer steps.
+    """
+    total = max(1, round(optim.epochs * iters_per_epoch))
+    return total, round(optim.warmup_epochs * iters_per_epoch), round(loss.teacher_temp_warmup_epochs * iters_per_epoch)
+
+
 def build_schedules(optim, loss, iters_per_epoch: int, global_batch: int) -> Schedules:
     """Schedules of docs/method.md, "Optimisation and schedules", from the ``optim`` and ``loss`` config sections.
 
@@ -55,17 +72,19 @@ def build_schedules(optim, loss, iters_per_epoch: int, global_batch: int) -> Sch
     * teacher temperature: linear ``teacher_temp`` -> ``teacher_temp_final`` over
       ``teacher_temp_warmup_epochs``, then constant.
 
+    Lengths are :func:`schedule_lengths`.
+
     Args:
         optim, loss: config sections (``sove.config.OptimConfig`` / ``LossConfig``).
         iters_per_epoch: optimizer steps per epoch (>= 1).
         global_batch: images per optimizer step over all processes.
     """
-    total = max(1, round(optim.epochs * iters_per_epoch))
+    total, lr_warm, temp_warm = schedule_lengths(optim, loss, iters_per_epoch)
     lr_peak = optim.base_lr * global_batch / 256
-    lr = cosine_schedule(lr_peak, optim.min_lr, total, round(optim.warmup_epochs * iters_per_epoch))
+    lr = cosine_schedule(lr_peak, optim.min_lr, total, lr_warm)
     wd = cosine_schedule(optim.weight_decay, optim.weight_decay_end, total)
     momentum = cosine_schedule(optim.momentum_teacher, 1.0, total)
     final = loss.teacher_temp if loss.teacher_temp_final is None else loss.teacher_temp_final
-    warm = min(total, round(loss.teacher_temp_warmup_epochs * iters_per_epoch))
+    warm = min(total, temp_warm)
     temp = np.concatenate([np.linspace(loss.teacher_temp, final, warm), np.full(total - warm, final)])
     return Schedules(lr=lr, weight_decay=wd, momentum=momentum, teacher_temp=temp)

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Callable, ContextManager
 
 import torch
 from lightning.fabric import Fabric
-from lightning.fabric.loggers import CSVLogger, TensorBoardLogger
+from lightning.fabric.loggers import TensorBoardLogger
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
@@ -38,7 +37,10 @@ from sove.run_lock import rank_zero_lock
 from sove.train.builders import (build_loss, build_train_dataset, preflight, prepare_run_dir, resolve_precision,
                                  resume_checkpoint)
 from sove.train.diagnostics import Diagnostics, NonFiniteLossError  # noqa: F401 (re-exported)
+from sove.train.init_from import init_networks
+from sove.train.metrics_csv import MetricsCSV
 from sove.train.optim import EMA, clip_per_tensor, param_groups
+from sove.train.preflight import check_resume, check_run_plan, planned_world_size
 from sove.train.schedules import Schedules, build_schedules
 
 
@@ -60,18 +62,16 @@ class Trainer(Diagnostics):
         # Optional phase timer (benchmarks): a callable name -> context manager; None = no timing.
         self.timer: Callable[[str], ContextManager] | None = None
         t = cfg.trainer
-        # run_dir already holds config.yaml and checkpoints/: the CSV logger's warning is moot.
-        warnings.filterwarnings("ignore", message=".*Experiment logs directory.*")
         if t.num_threads:
             torch.set_num_threads(t.num_threads)
         self.fabric = Fabric(accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
                              strategy=t.strategy, precision=resolve_precision(cfg),
-                             loggers=[CSVLogger(str(run_dir), name="", version=""),
+                             loggers=[MetricsCSV(run_dir / "metrics.csv"),
                                       TensorBoardLogger(str(run_dir), name="tensorboard", version="")])
+        self.metrics_csv: MetricsCSV = self.fabric.loggers[0]
         self.fabric.launch()
         if self.fabric.is_global_zero:
-            for logger in self.fabric.loggers:
-                logger.experiment  # create the writers now (the CSV writer clears metrics.csv here)
+            self.fabric.loggers[1].experiment  # create the TensorBoard writer now
         self.fabric.seed_everything(t.seed, verbose=False)
         self.dataset = dataset if dataset is not None else build_train_dataset(cfg)
         b, world = cfg.optim.batch_size, self.fabric.world_size
@@ -101,13 +101,16 @@ class Trainer(Diagnostics):
         self.schedules: Schedules = build_schedules(cfg.optim, lo, self.sampler.batches_per_epoch, b * world)
         self.total_steps = min(self.schedules.total_iters, t.max_steps or self.schedules.total_iters)
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
+        self.checkpoint_step: int | None = None  # step of the last checkpoint saved or resumed from
         self.skipped: list[str] = []  # messages of unreadable images met since the last report
         self.unreadable: dict[str, None] = {}  # every distinct one reported so far, in order
         labels = getattr(self.dataset.source, "labels", None)
         self.labels = torch.as_tensor(labels, dtype=torch.long) if labels is not None else None
+        steps = (f"{self.total_steps} steps" if self.total_steps == self.schedules.total_iters else
+                 f"{self.total_steps} of the schedule's {self.schedules.total_iters} steps (trainer.max_steps)")
         self.fabric.print(f"sove {__version__}: {len(self.dataset)} images, global batch {b * world}, "
-                          f"{self.sampler.batches_per_epoch} steps/epoch, {self.total_steps} steps, "
-                          f"peak lr {self.schedules.lr.max():.2e} (= {cfg.optim.base_lr} x {b * world}/256), "
+                          f"{self.sampler.batches_per_epoch} steps/epoch, {steps}, "
+                          f"peak lr {cfg.optim.base_lr * b * world / 256:.2e} (= {cfg.optim.base_lr} x {b * world}/256), "
                           f"precision {self.fabric.strategy.precision.precision}, device {self.fabric.device}")
 
     def phase(self, name: str) -> ContextManager:
@@ -278,7 +281,10 @@ class Trainer(Diagnostics):
         self.epoch, self.batch_in_epoch = self.epoch + 1, 0
         every = self.cfg.eval.knn_every_epochs
         if every > 0 and self.epoch % every == 0 and self.fabric.is_global_zero:
-            self.periodic_knn()
+            # The k-NN's data loaders draw from the global RNG: fork it, so the training steps
+            # (drop path) are the same with or without the periodic k-NN.
+            with torch.random.fork_rng(devices=[self.fabric.device] if self.fabric.device.type == "cuda" else []):
+                self.periodic_knn()
 
     def report_skipped(self) -> None:
         """When some rank met a new unreadable file: ``epoch E: skipped N unreadable file(s) of TOTAL (list
@@ -314,6 +320,7 @@ class Trainer(Diagnostics):
             "patch_feature_set": self.patch_fs.state_dict() if self.patch_fs is not None else None,
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
             "rng": ckpt.rng_state(), "config": OmegaConf.to_yaml(self.cfg), "version": __version__,
+            "world_size": self.fabric.world_size, "precision": self.fabric.strategy.precision.precision,
         }
 
     def load_state_dict(self, state: dict[str, Any], source: str) -> None:
@@ -327,12 +334,15 @@ class Trainer(Diagnostics):
                     raise SoveError(f"{source} has no {name}; it was saved with that loss disabled")
                 ckpt.load_state_strict(fs, state[name], f"{name} in {source}")
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        self.checkpoint_step = self.step
         ckpt.set_rng_state(state["rng"])
+        self.metrics_csv.resume_at(self.step)
 
     def save(self) -> Path:
         """Atomically write ``checkpoints/last.pt`` (+ a step copy, keep-N) on rank 0; returns its path."""
         path = self.run_dir / "checkpoints" / "last.pt"
         state = self.state_dict()
+        self.checkpoint_step = self.step
         if self.fabric.is_global_zero:
             ckpt.atomic_save(state, path)
             keep = self.cfg.trainer.keep_checkpoints
@@ -350,35 +360,36 @@ def pretrain(cfg: DictConfig, overwrite: bool = False) -> Path:
     Writes ``config.yaml`` (the resolved config), ``metrics.csv``, TensorBoard events and
     ``checkpoints/last.pt`` (atomic, every ``trainer.checkpoint_every`` steps and at the end).
     ``trainer.init_from=CKPT`` initialises student and teacher weights from another run's
-    checkpoint (a fresh run: new optimizer, feature sets and step 0).
+    checkpoint (a fresh run: new optimizer, feature sets and step 0; see :mod:`sove.train.init_from`).
+    Data, run plan (:func:`~sove.train.preflight.check_run_plan`) and ``init_from`` weights are
+    checked before the run directory is created.
 
     Raises:
         SoveError: existing run without ``overwrite`` (a folder that is not a sove run: never replaced), run
-            in use, absent device, unwritable ``trainer.out_dir`` (checked before any work); data or config problems.
+            in use, absent device, unwritable ``trainer.out_dir`` (checked before any work); data, config
+            (run plan) or init_from problems.
     """
     run_dir = preflight(cfg, overwrite)  # name, device, existing folder, writable: before any work
     dataset = build_train_dataset(cfg)  # bad data stops here, before the run directory exists
-    if len(dataset) < cfg.optim.batch_size:
-        raise DataError(f"data.root: {len(dataset)} images is fewer than one batch "
-                        f"(optim.batch_size={cfg.optim.batch_size}); lower optim.batch_size")
+    check_run_plan(cfg, len(dataset), planned_world_size(cfg))
+    networks = init_networks(cfg, cfg.trainer.init_from) if cfg.trainer.init_from else None
     with rank_zero_lock(run_dir):
         if rank_zero_only.rank == 0:  # before the launch: the processes Fabric spawns skip this
             prepare_run_dir(cfg, overwrite)
-        trainer = Trainer(cfg, run_dir, dataset)
-        if cfg.trainer.init_from:
-            state = ckpt.load_checkpoint(cfg.trainer.init_from)
-            ckpt.load_state_strict(trainer.student_module, state["student"], f"student in {cfg.trainer.init_from}")
-            ckpt.load_state_strict(trainer.teacher, state["teacher"], f"teacher in {cfg.trainer.init_from}")
-        return _fit(trainer, run_dir)
+        return _fit(Trainer(cfg, run_dir, dataset, networks), run_dir)
 
 
 def resume(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Path:
     """Continue a run exactly where ``checkpoints/last.pt`` left it (mid-epoch included).
 
-    The run's own ``config.yaml`` is used; ``overrides`` may change e.g. ``trainer.max_steps``.
+    The run's own ``config.yaml`` is used; ``overrides`` may change only trajectory-neutral keys
+    (:data:`sove.train.preflight.TRAJECTORY_NEUTRAL`, e.g. ``trainer.max_steps``), on the same
+    number of processes and precision. Everything is checked before the run directory is touched.
+    ``metrics.csv`` keeps its rows up to the checkpoint's step.
 
     Raises:
-        SoveError: not a run directory, no checkpoint in it, in use by another process, absent device.
+        SoveError: not a run directory, no checkpoint in it, in use by another process, absent device,
+            or a resume that would change training (:func:`~sove.train.preflight.check_resume`, naming the keys).
     """
     from sove.config import load_config
 
@@ -389,15 +400,14 @@ def resume(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
     check_trainer_device(cfg, resolve_precision(cfg))
     with rank_zero_lock(run_dir):
         path = resume_checkpoint(run_dir)
+        state = ckpt.load_checkpoint(path)
+        world = planned_world_size(cfg)
+        check_resume(state, cfg, world, resolve_precision(cfg), str(path))
+        dataset = build_train_dataset(cfg)
+        check_run_plan(cfg, len(dataset), world)
         if rank_zero_only.rank == 0:
             ckpt.remove_stale_temporaries(run_dir / "checkpoints")
-        state = ckpt.load_checkpoint(path)
-        metrics, kept = run_dir / "metrics.csv", run_dir / ".metrics.csv.resume"
-        if rank_zero_only.rank == 0 and metrics.is_file():
-            metrics.replace(kept)  # the CSV logger deletes metrics.csv when it starts; keep the history
-        trainer = Trainer(cfg, run_dir)
-        if rank_zero_only.rank == 0 and kept.is_file():
-            kept.replace(metrics)
+        trainer = Trainer(cfg, run_dir, dataset)
         trainer.load_state_dict(state, str(path))
         trainer.fabric.print(f"resumed {path} at step {trainer.step} (epoch {trainer.epoch}, batch {trainer.batch_in_epoch})")
         return _fit(trainer, run_dir)

@@ -1,0 +1,73 @@
+"""``trainer.init_from``: a new run that starts from another run's weights (not a resume).
+
+The weights must fit this run's model. The one difference that is adapted is the patch grid: a
+ViT trained at another resolution (``data.global_crop_size`` / ``model.patch_size``) has
+position embeddings for another grid; they are resampled with timm's
+``resample_abs_pos_embed`` (bicubic, prefix tokens kept as they are), as timm does when it
+loads a checkpoint at a new image size. Any other mismatch is an error naming the file and the
+parameter.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from lightning.fabric.utilities.rank_zero import rank_zero_only
+from omegaconf import DictConfig
+from timm.layers import resample_abs_pos_embed
+
+from sove.errors import SoveError
+from sove.models import build_networks
+from sove.train import checkpoint as ckpt
+
+
+def init_networks(cfg: DictConfig, path: str | Path) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """Student and teacher of ``cfg`` (seeded by ``trainer.seed``) holding the weights of checkpoint ``path``.
+
+    Raises:
+        SoveError: the file is missing or unreadable, holds no student/teacher weights, or a
+            parameter's shape differs other than by the position-embedding grid (names the
+            file and the parameter).
+    """
+    student, teacher = build_networks(cfg, seed=cfg.trainer.seed)
+    state = ckpt.load_checkpoint(path)
+    for name, net in (("student", student), ("teacher", teacher)):
+        if not isinstance(state.get(name), dict):
+            raise SoveError(f"trainer.init_from: '{path}' holds no {name} weights; give a checkpoint written by "
+                            "`sove pretrain` (RUN/checkpoints/last.pt)")
+        what = f"trainer.init_from: {name} in {path}"
+        ckpt.load_state_strict(net, fit_pos_embed(net, ckpt.strip_prefixes(state[name]), what), what)
+    return student, teacher
+
+
+def fit_pos_embed(net: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
+    """``state`` with every ViT ``pos_embed`` of another square patch grid resampled to ``net``'s grid.
+
+    Args:
+        net: the network to load into; a ``pos_embed`` key names its timm ViT's parameter
+            (shape (1, prefix + rows * cols, embed_dim)).
+        state: the checkpoint's state dict, wrapper prefixes stripped.
+        what: names the weights in the printed note.
+
+    Returns:
+        A new dict; entries that need no resampling (or cannot be: other width, non-square grid)
+        are the given tensors, left for the shape check of :func:`~sove.train.checkpoint.load_state_strict`.
+    """
+    out = dict(state)
+    for key, param in net.state_dict().items():
+        old = out.get(key)
+        if not key.endswith("pos_embed") or old is None or old.shape == param.shape or old.shape[-1] != param.shape[-1]:
+            continue
+        vit = net.get_submodule(key.rpartition(".")[0])
+        prefix = 0 if getattr(vit, "no_embed_class", False) else vit.num_prefix_tokens
+        side = math.isqrt(old.shape[1] - prefix)
+        if side * side != old.shape[1] - prefix:
+            continue
+        grid = list(vit.patch_embed.grid_size)
+        out[key] = resample_abs_pos_embed(old, new_size=grid, old_size=[side, side], num_prefix_tokens=prefix)
+        if rank_zero_only.rank == 0:
+            print(f"{what}: resampled {key} from a {side}x{side} to a {grid[0]}x{grid[1]} patch grid "
+                  "(timm resample_abs_pos_embed, bicubic)")
+    return out

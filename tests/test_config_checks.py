@@ -1,0 +1,106 @@
+"""Configs that cannot run as written are refused naming the key; likely mistakes are warned about.
+
+Key-only checks run in ``load_config``; checks that need the number of images and processes run
+in :func:`sove.train.preflight.check_run_plan`, before the run directory is created.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import TINY
+from sove.cli import main
+from sove.config import load_config
+from sove.errors import ConfigError, DataError
+from sove.train.preflight import check_run_plan
+
+BASE = TINY + ["data.root=unused"]  # 32 images below: batch 8 -> 4 steps/epoch, 2 epochs = 8 steps
+
+
+@pytest.mark.parametrize("overrides, line", [
+    (["optim.warmup_epochs=2"], "optim.warmup_epochs: (2.0) must be >= 0 and shorter than optim.epochs (2.0): "
+                                "the lr would never reach its peak"),
+    (["loss.teacher_temp_final=0.07", "loss.teacher_temp_warmup_epochs=3"],
+     "loss.teacher_temp_warmup_epochs: (3.0) is longer than optim.epochs (2.0): loss.teacher_temp_final would "
+     "never be reached"),
+    (["loss.teacher_temp_warmup_epochs=1"], "loss.teacher_temp_warmup_epochs: (1.0) warms up to nothing: set "
+                                            "loss.teacher_temp_final (null keeps loss.teacher_temp constant)"),
+    (["mask.ratio=0.01"], "mask.ratio: 0.01 masks round(0.01 x 16) = 0 of the 16 tokens of a global crop: the patch "
+                          "loss (loss.patch_weight > 0) would see no masked token; raise mask.ratio or set "
+                          "loss.patch_weight=0"),
+    (["mask.views=[]"], "mask.views: is empty: the patch loss (loss.patch_weight > 0) would see no masked token; "
+                        "mask a view or set loss.patch_weight=0"),
+    (["trainer.log_every=0"], "trainer.log_every: must be >= 1 (steps), got 0"),  # was ZeroDivisionError
+    (["trainer.max_steps=0"], "trainer.max_steps: must be >= 1 or null, got 0"),
+    (["data.global_crop_scale=[0.8,0.3]"], "data.global_crop_scale: must be [min, max] area fractions with "
+                                           "0 < min <= max <= 1, got [0.8, 0.3]"),
+    (["optim.min_lr=-1e-6"], "optim.min_lr: must be >= 0, got -1e-06"),
+])
+def test_key_checks_refuse_with_the_exact_line(overrides, line):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, BASE + overrides)
+    assert str(err.value) == line
+
+
+def test_patch_loss_off_allows_no_masking():
+    assert load_config(None, BASE + ["mask.ratio=0", "loss.patch_weight=0"]).mask.ratio == 0
+
+
+@pytest.mark.parametrize("overrides, images, world, error", [
+    (["optim.warmup_epochs=1.9"], 32, 1,  # round(1.9 x 4) = 8 steps = the whole schedule
+     "optim.warmup_epochs: 1.9 epochs = 8 steps is not shorter than the schedule, 8 steps (optim.epochs 2.0 x 4 "
+     "steps/epoch of 8 images): the lr would never reach its peak"),
+    (["trainer.max_steps=9"], 32, 1,
+     "trainer.max_steps: 9 is beyond the schedule, 8 steps (optim.epochs 2.0 x 4 steps/epoch of 8 images); the run "
+     "would stop at its end. Raise optim.epochs or lower trainer.max_steps"),
+    (["loss.cls_feature_set_size=80"], 32, 1,
+     "loss.cls_feature_set_size: 80 rows are never filled: the whole schedule enqueues 8 steps x 8 = 64 teacher "
+     "embeddings, so random initial rows would stay concept candidates; lower loss.cls_feature_set_size or train "
+     "longer"),
+    ([], 12, 2, "data.root: 12 images is fewer than one global batch (optim.batch_size 8 x 2 processes = 16): every "
+                "batch would be dropped; lower optim.batch_size"),
+])
+def test_run_plan_refusals(overrides, images, world, error):
+    with pytest.raises((ConfigError, DataError)) as err:
+        check_run_plan(load_config(None, BASE + overrides), images, world)
+    assert str(err.value) == error
+
+
+def test_run_plan_warnings(capsys):
+    cfg = load_config(None, BASE + ["optim.batch_size=12", "trainer.max_steps=1", "loss.teacher_temp_final=0.07",
+                                    "optim.base_lr=0", "eval.knn_every_epochs=1"])
+    # 32 images, global batch 12: 2 steps/epoch, 8 images dropped; schedule 4 steps, lr warm-up 1 step.
+    warnings = check_run_plan(cfg, 32, 1)
+    assert warnings == [
+        "each epoch drops 8 of 32 images (25%): only whole global batches of 12 are used; lower optim.batch_size "
+        "to use more of the data",
+        "trainer.max_steps=1 enqueues 12 of the 40 rows of loss.cls_feature_set_size: the rest stay random initial rows",
+        "trainer.max_steps=1 enqueues 12 of the 24 rows of loss.patch_feature_set_size: the rest stay random "
+        "initial rows",
+        "optim.min_lr 1e-06 is above the peak lr 0 (optim.base_lr 0 x 12/256): the cosine schedule rises instead "
+        "of decaying",
+        "loss.teacher_temp (0.04) is unused: without loss.teacher_temp_warmup_epochs the teacher temperature is "
+        "loss.teacher_temp_final (0.07) from step 0",
+        "eval.knn_every_epochs=1: the run ends after 1 steps, before the first periodic k-NN at step 2",
+    ]
+    assert capsys.readouterr().err.splitlines() == [f"sove: warning: {w}" for w in warnings]
+
+
+def test_max_steps_inside_a_warm_up_is_warned_about():
+    cfg = load_config(None, BASE + ["trainer.max_steps=1", "optim.warmup_epochs=0.1"])
+    assert check_run_plan(cfg, 32, 1)[0] == "optim.warmup_epochs=0.1 is 0 steps at 4 steps/epoch: no lr warm-up"
+    cfg = load_config(None, BASE + ["trainer.max_steps=1"])  # lr warm-up: 0.5 epochs = 2 steps
+    assert check_run_plan(cfg, 32, 1)[0] == "trainer.max_steps=1 stops the run inside the lr warm-up (2 steps)"
+
+
+def test_global_batch_larger_than_the_data_is_refused_before_launch(tmp_path, image_folder, capsys):
+    """Regression: the check used the per-process batch, so 2 x 24 > 32 images created the run
+    directory and launched two processes before failing."""
+    out = tmp_path / "runs"
+    status = main(["pretrain", *TINY, f"data.root={image_folder}", "optim.batch_size=24", "trainer.accelerator=cpu",
+                   "trainer.devices=2", "trainer.strategy=ddp", f"trainer.out_dir={out}"])
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and err == (
+        "sove: error: data.root: 32 images is fewer than one global batch (optim.batch_size 24 x 2 processes = 48): "
+        "every batch would be dropped; lower optim.batch_size")
+    assert not out.exists()
