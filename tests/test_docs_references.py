@@ -147,3 +147,21 @@ def test_scanner_reports_each_kind_with_file_and_line(tmp_path):
         "headings": [f"README.md:2: link to missing heading {d}method.md#not-a-heading",
                      f'a.py:3: {d}method.md has no heading "Hard labels"'],
     }
+
+
+TEST_CITATION = re.compile(r"tests/(test_\w+\.py)::(test_\w+)")
+
+
+def test_every_cited_test_exists():
+    """docs/*.md (docs/reliability.md above all) name the tests that check each promise: every
+    ``tests/test_x.py::test_name`` they cite is a test function of that file."""
+    missing = []
+    for doc in sorted((ROOT / "docs").glob("*.md")):
+        for number, line in enumerate(doc.read_text().splitlines(), 1):
+            for file, name in TEST_CITATION.findall(line):
+                source = ROOT / "tests" / file
+                if not source.is_file() or not re.search(rf"^def {name}\(", source.read_text(), re.M):
+                    missing.append(f"{doc.relative_to(ROOT)}:{number}: tests/{file}::{name}")
+    assert not missing, "cited tests that do not exist:\n" + "\n".join(missing)
+    assert "tests/test_resume.py::test_interrupted_and_resumed_run_equals_straight_run" in (
+        ROOT / "docs" / "reliability.md").read_text()
