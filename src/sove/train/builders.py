@@ -10,12 +10,36 @@ from omegaconf import DictConfig, OmegaConf
 
 from sove.config import token_stride
 from sove.data import MultiCropAugmentation, SSLDataset, build_source
+from sove.data.decoded import DecodedDataset
 from sove.errors import SoveError
 from sove.method import ConceptSettings, SOVELoss
 
 
+def _uses_cuda(cfg: DictConfig) -> bool:
+    """Whether Fabric will train on a CUDA device (``trainer.accelerator`` auto / gpu / cuda)."""
+    return torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda")
+
+
+def resolve_augment_on(cfg: DictConfig) -> str:
+    """``data.augment_on``; ``auto`` = ``device`` (measured faster on CUDA and on the CPU, see
+    docs/benchmarks.md, "Input pipeline")."""
+    return "device" if cfg.data.augment_on == "auto" else cfg.data.augment_on
+
+
+def loader_options(cfg: DictConfig, device: torch.device) -> dict:
+    """DataLoader keyword arguments of ``cfg.data`` for a run on ``device``: workers, pinned
+    memory on CUDA, persistent workers and ``data.prefetch_factor`` when there are workers."""
+    d = cfg.data
+    options = {"num_workers": d.num_workers, "pin_memory": device.type == "cuda"}
+    if d.num_workers > 0:
+        options.update(persistent_workers=True, prefetch_factor=d.prefetch_factor)
+    return options
+
+
 def build_train_dataset(cfg: DictConfig) -> SSLDataset:
-    """The multi-crop, masked training dataset of ``cfg.data`` / ``cfg.mask``."""
+    """The multi-crop, masked training dataset of ``cfg.data`` / ``cfg.mask``: a
+    :class:`DecodedDataset` (views made on the training device) when :func:`resolve_augment_on`
+    says ``device``, else an :class:`SSLDataset` (views made in the loader)."""
     d = cfg.data
     source = build_source(d.source, d.root, "train", d.download, d.num_channels, d.test_root)
     aug = MultiCropAugmentation(
@@ -24,8 +48,10 @@ def build_train_dataset(cfg: DictConfig) -> SSLDataset:
         d.grayscale, d.blur, d.solarize,
     )
     # Masks live on the backbone's output-token grid (Swin: final stage; see sove.models.swin).
-    return SSLDataset(source, aug, token_stride(cfg.model), cfg.mask.mode, cfg.mask.ratio, d.on_error,
-                      cfg.trainer.seed)
+    args = (source, aug, token_stride(cfg.model), cfg.mask.mode, cfg.mask.ratio, d.on_error, cfg.trainer.seed)
+    if resolve_augment_on(cfg) == "device":
+        return DecodedDataset(*args, max_image_side=d.max_image_side)
+    return SSLDataset(*args)
 
 
 def build_loss(cfg: DictConfig) -> SOVELoss:

@@ -26,12 +26,13 @@ from tqdm.auto import tqdm
 
 from sove import __version__
 from sove.data import SSLDataset, collate_views
-from sove.data.sampler import ResumableSampler
+from sove.data.sampler import EpochKeys, ResumableSampler
 from sove.errors import DataError, SoveError
 from sove.method import FeatureSet, anchor_generator
 from sove.models import build_networks
 from sove.train import checkpoint as ckpt
-from sove.train.builders import build_loss, build_train_dataset, prepare_run_dir, resolve_precision
+from sove.train.builders import (build_loss, build_train_dataset, loader_options, prepare_run_dir,
+                                 resolve_precision)
 from sove.train.diagnostics import Diagnostics, NonFiniteLossError  # noqa: F401 (re-exported)
 from sove.train.optim import EMA, clip_per_tensor, param_groups
 from sove.train.schedules import Schedules, build_schedules
@@ -74,11 +75,15 @@ class Trainer(Diagnostics):
             raise DataError(f"data.root: {len(self.dataset)} images is fewer than one global batch "
                             f"({b} x {world}); lower optim.batch_size")
         self.sampler = ResumableSampler(len(self.dataset), b, world, self.fabric.global_rank, t.seed)
+        # data.augment_on=device: the loader yields decoded images, augment_batch moves them to the
+        # device and makes the views there (sove.data.decoded); else the loader yields the views.
+        self.augment_batch = getattr(self.dataset, "augment_batch", None)
         # A private generator keeps the loader from drawing on the global RNG at each epoch start.
-        loader = DataLoader(self.dataset, batch_size=b, sampler=self.sampler, drop_last=True,
-                            num_workers=cfg.data.num_workers, collate_fn=collate_views,
-                            generator=torch.Generator().manual_seed(t.seed))
-        self.loader = self.fabric.setup_dataloaders(loader, use_distributed_sampler=False)
+        loader = DataLoader(self.dataset, batch_size=b, sampler=EpochKeys(self.sampler), drop_last=True,
+                            collate_fn=getattr(self.dataset, "collate", collate_views),
+                            generator=torch.Generator().manual_seed(t.seed), **loader_options(cfg, self.fabric.device))
+        self.loader = self.fabric.setup_dataloaders(loader, use_distributed_sampler=False,
+                                                    move_to_device=self.augment_batch is None)
         student, teacher = networks if networks is not None else build_networks(cfg, seed=t.seed)
         self.student_module, self.teacher = student, self.fabric.to_device(teacher)
         self.optimizer = torch.optim.AdamW(param_groups(student), lr=0.0, betas=tuple(cfg.optim.betas))
@@ -230,6 +235,8 @@ class Trainer(Diagnostics):
             while True:
                 with self.phase("data"):
                     batch = next(batches, None)
+                    if batch is not None and self.augment_batch is not None:
+                        batch = self.augment_batch(batch, self.fabric.device)
                 if batch is None:
                     break
                 terms = self.training_step(batch)
