@@ -17,6 +17,7 @@ from sove.data.device_augment import DeviceMultiCrop
 from sove.data.multicrop import MultiCropAugmentation, SSLDataset, collate_views, random_crop_box
 from sove.data.sampler import EpochKeys, ResumableSampler
 from sove.errors import ConfigError, DataError
+from sove.train.builders import build_train_dataset, resolve_augment_on
 
 CPU = torch.device("cpu")
 
@@ -164,3 +165,17 @@ def test_augment_on_config_keys():
     with pytest.raises(ConfigError, match=r"^data.max_image_side: must be >= 0 \(0 = no bound\), got -1$"):
         load_config(None, ["data.max_image_side=-1"])
     assert math.isclose(load_config(None).data.max_image_side, 512)
+
+
+def test_auto_picks_device_on_cuda_or_without_workers(monkeypatch, image_folder):
+    from conftest import TINY
+
+    def path(*overrides):
+        return resolve_augment_on(load_config(None, TINY + [f"data.root={image_folder}", *overrides]))
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert path() == "device" and path("data.num_workers=2") == "loader"
+    assert path("data.augment_on=loader") == "loader" and path("data.augment_on=device", "data.num_workers=2") == "device"
+    assert type(build_train_dataset(load_config(None, TINY + [f"data.root={image_folder}"]))) is DecodedDataset
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert path("data.num_workers=2") == "device" and path("data.num_workers=2", "trainer.accelerator=cpu") == "loader"

@@ -162,32 +162,27 @@ class DeviceMultiCrop:
         rois = torch.cat([owner, p["boxes"]], dim=1).to(device)
         x = roi_align(image, rois, (size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
         x = x.clamp_(0.0, 1.0)
-        x = torch.where(p["flip"].to(device).view(-1, 1, 1, 1), x.flip(-1), x)
-        x = self._jitter(x, p)
-        if x.shape[1] == 3 and bool(p["gray"].any()):
-            x = torch.where(p["gray"].to(device).view(-1, 1, 1, 1), luminance(x).expand_as(x), x)
-        blurred = p["blur"].nonzero().squeeze(1)
-        if blurred.numel():
-            rows = blurred.to(device)
-            x[rows] = gaussian_blur(x[rows], p["sigma"][blurred].to(device), blur_kernel_size(size))
-        if bool(p["solarize"].any()):
-            on = p["solarize"].to(device).view(-1, 1, 1, 1) & (x >= SOLARIZE_THRESHOLD)
-            x = torch.where(on, 1.0 - x, x)
+        _apply(x, p["flip"], lambda v: v.flip(-1))
+        num_ops = 2 if x.shape[1] == 1 else len(JITTER_OPS)
+        for position in range(num_ops):  # colour jitter, every row in its own order
+            for op in range(num_ops):
+                factors = p["factors"][:, op].to(device)
+                _apply(x, p["jitter"] & (p["order"][:, position] == op), JITTER_OPS[op], factors)
+        if x.shape[1] == 3:
+            _apply(x, p["gray"], lambda v: luminance(v).expand_as(v))
+        sigma = p["sigma"].to(device)
+        _apply(x, p["blur"], lambda v, s: gaussian_blur(v, s, blur_kernel_size(size)), sigma)
+        _apply(x, p["solarize"], lambda v: torch.where(v >= SOLARIZE_THRESHOLD, 1.0 - v, v))
         mean, std = self.aug.mean.to(device), self.aug.std.to(device)
         return x.sub_(mean).div_(std)
 
-    def _jitter(self, x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Colour jitter of the rows with ``p["jitter"]``, each in its own operation order.
 
-        At every position of the order, the rows whose operation there is ``op`` are gathered
-        and transformed together (row subsets computed on the CPU: no device sync).
-        """
-        num_ops = 2 if x.shape[1] == 1 else len(JITTER_OPS)
-        on = p["jitter"]
-        for position in range(num_ops):
-            for op in range(num_ops):
-                rows = (on & (p["order"][:, position] == op)).nonzero().squeeze(1)
-                if rows.numel():
-                    dev_rows = rows.to(x.device)
-                    x[dev_rows] = JITTER_OPS[op](x[dev_rows], p["factors"][rows, op].to(x.device))
-        return x
+def _apply(x: torch.Tensor, selected: torch.Tensor, fn, per_row: torch.Tensor | None = None) -> None:
+    """``x[rows] = fn(x[rows] [, per_row[rows]])`` for the rows where the CPU bool tensor
+    ``selected`` is True: the row list is made on the CPU (no device sync), only those rows
+    are computed."""
+    rows = selected.nonzero().squeeze(1)
+    if rows.numel() == 0:
+        return
+    rows = rows.to(x.device, non_blocking=True)
+    x[rows] = fn(x[rows]) if per_row is None else fn(x[rows], per_row[rows])
