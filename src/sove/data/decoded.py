@@ -189,3 +189,24 @@ class DecodedDataset(SSLDataset):
                 "masks": batch["masks"].to(device, non_blocking=True),
                 "index": batch["index"].to(device, non_blocking=True),
                 "label": batch["label"].to(device, non_blocking=True), "skipped": batch["skipped"]}
+
+
+class DeviceViews:
+    """Iterable over a loader of :class:`DecodedDataset` batches that yields them with their views
+    made on ``device`` (:meth:`DecodedDataset.augment_batch`): the one place where a batch of the
+    device path reaches the training device.
+
+    Args:
+        loader: yields :class:`CollateDecoded` batches (CPU tensors, pinned on CUDA hosts).
+        dataset: the :class:`DecodedDataset` behind ``loader``.
+        device: the training device.
+    """
+
+    def __init__(self, loader, dataset: DecodedDataset, device: torch.device) -> None:
+        self.loader, self.dataset, self.device = loader, dataset, device
+
+    def __iter__(self):
+        return (self.dataset.augment_batch(batch, self.device) for batch in self.loader)
+
+    def __len__(self) -> int:
+        return len(self.loader)

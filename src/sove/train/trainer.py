@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from sove import __version__
 from sove.data import SSLDataset, collate_views
+from sove.data.decoded import DecodedDataset, DeviceViews
 from sove.data.sampler import EpochKeys, ResumableSampler
 from sove.errors import DataError, SoveError
 from sove.method import FeatureSet, anchor_generator
@@ -75,15 +76,14 @@ class Trainer(Diagnostics):
             raise DataError(f"data.root: {len(self.dataset)} images is fewer than one global batch "
                             f"({b} x {world}); lower optim.batch_size")
         self.sampler = ResumableSampler(len(self.dataset), b, world, self.fabric.global_rank, t.seed)
-        # data.augment_on=device: the loader yields decoded images, augment_batch moves them to the
-        # device and makes the views there (sove.data.decoded); else the loader yields the views.
-        self.augment_batch = getattr(self.dataset, "augment_batch", None)
         # A private generator keeps the loader from drawing on the global RNG at each epoch start.
+        on_device = isinstance(self.dataset, DecodedDataset)  # data.augment_on=device
         loader = DataLoader(self.dataset, batch_size=b, sampler=EpochKeys(self.sampler), drop_last=True,
-                            collate_fn=getattr(self.dataset, "collate", collate_views),
+                            collate_fn=self.dataset.collate if on_device else collate_views,
                             generator=torch.Generator().manual_seed(t.seed), **loader_options(cfg, self.fabric.device))
-        self.loader = self.fabric.setup_dataloaders(loader, use_distributed_sampler=False,
-                                                    move_to_device=self.augment_batch is None)
+        self.loader = self.fabric.setup_dataloaders(loader, use_distributed_sampler=False, move_to_device=not on_device)
+        if on_device:  # the workers decoded; the views are made on the training device
+            self.loader = DeviceViews(self.loader, self.dataset, self.fabric.device)
         student, teacher = networks if networks is not None else build_networks(cfg, seed=t.seed)
         self.student_module, self.teacher = student, self.fabric.to_device(teacher)
         self.optimizer = torch.optim.AdamW(param_groups(student), lr=0.0, betas=tuple(cfg.optim.betas))
@@ -235,8 +235,6 @@ class Trainer(Diagnostics):
             while True:
                 with self.phase("data"):
                     batch = next(batches, None)
-                    if batch is not None and self.augment_batch is not None:
-                        batch = self.augment_batch(batch, self.fabric.device)
                 if batch is None:
                     break
                 terms = self.training_step(batch)
