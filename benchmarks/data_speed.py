@@ -40,8 +40,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from sove.config import load_config
 from sove.data import collate_views
-from sove.data.decoded import DecodedDataset
-from sove.data.multicrop import MultiCropAugmentation, SSLDataset
+from sove.data.multicrop import MultiCropAugmentation
 from sove.train.builders import build_train_dataset, prepare_run_dir
 from sove.train.trainer import Trainer
 
