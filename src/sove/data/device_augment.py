@@ -119,8 +119,8 @@ class DeviceMultiCrop:
             draws are turned into per-view parameters by :func:`sove.data.decoded.view_params`.
 
     Example:
-        >>> aug = MultiCropAugmentation(16, 8, num_local_crops=2)
-        >>> crops = DeviceMultiCrop(aug).crops(image, params)  # image (B, 1, H, W) uint8
+        >>> batch = CollateDecoded(aug)([dataset[i] for i in range(8)])  # sove.data.decoded
+        >>> views = DeviceMultiCrop(aug).crops(batch["image"].to("cuda"), batch["params"])
     """
 
     def __init__(self, augmentation: MultiCropAugmentation) -> None:
@@ -137,7 +137,7 @@ class DeviceMultiCrop:
                 ``boxes`` float32 (B, V, 4) as (left, top, right, bottom) in pixels, ``flip``,
                 ``jitter``, ``gray``, ``blur``, ``solarize`` bool (B, V), ``factors`` float32
                 (B, V, 4) (brightness, contrast, saturation factors, hue shift), ``order`` int64
-                (B, V, 4) (jitter operations in the order applied), ``sigma`` float32 (B, V).
+                (B, V, ops) (jitter operation indices in the order applied; ops = 2 on 1 channel), ``sigma`` float32 (B, V).
 
         Returns:
             float32 views on ``image.device``, ``[global_1, global_2, local_1, ...]``, each of
