@@ -28,7 +28,7 @@ class DataConfig:
     test_root: Optional[str] = None  # labelled test folder for ``source: folder`` evaluation
     download: bool = False  # torchvision download of Fashion-MNIST when online
     num_channels: int = 3
-    num_workers: int = 0  # 0 = augment in the main process (fastest on 2 cores)
+    num_workers: int = 0  # 0 = data in the main process (fastest on 2 cores)
     augment_on: str = "auto"  # loader (workers make the views) | device (workers decode; views batched on the device) | auto
     max_image_side: int = 512  # device path: decoded images are downscaled to this longer side (0 = no bound)
     prefetch_factor: int = 2  # batches each worker keeps ready (num_workers > 0)

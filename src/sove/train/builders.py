@@ -92,4 +92,4 @@ def resolve_precision(cfg: DictConfig) -> str:
     """
     if cfg.trainer.precision != "auto":
         return cfg.trainer.precision
-    return "bf16-mixed" if torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda") else "32-true"
+    return "bf16-mixed" if _uses_cuda(cfg) else "32-true"
