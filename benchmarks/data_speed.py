@@ -187,7 +187,8 @@ class StepClock:
 
 
 def step_time(path: str, steps: int, work_dir: Path) -> tuple[float, float]:
-    """(s/step, data s/step) of the demo with ``data.augment_on=path`` after 3 warm-up steps."""
+    """Median (s/step, data s/step) of the demo with ``data.augment_on=path`` after 3 warm-up steps
+    (medians: a step slowed by another process on a shared machine does not move them)."""
     cfg = load_config("fashion_mnist_tiny", [f"data.augment_on={path}", f"trainer.out_dir={work_dir}",
                                              f"trainer.name={path}", f"trainer.max_steps={steps + 4}",
                                              "trainer.progress=false", "trainer.log_every=1000",
@@ -196,7 +197,7 @@ def step_time(path: str, steps: int, work_dir: Path) -> tuple[float, float]:
     trainer.timer = clock = StepClock(trainer.fabric.device)
     trainer.fit()
     step = np.diff(clock.starts)[3:]  # step k = start of data k -> start of data k + 1
-    return float(step.mean()), float(np.mean(clock.data[3:3 + len(step)]))
+    return float(np.median(step)), float(np.median(clock.data[3:3 + len(step)]))
 
 
 def workload_table(title: str, sets, n: int, batch: int, device: torch.device, workers: int) -> list[str]:
@@ -229,7 +230,7 @@ def report(args: argparse.Namespace, work: Path) -> list[str]:
                      "data.local_crop_scale=[0.1,0.4]", "data.grayscale=0.0", "data.mean=[0.286]", "data.std=[0.353]",
                      "model.patch_size=7"])
     lines += workload_table("(a) Demo crops on Fashion-MNIST (2 × 28 + 4 × 14 px, 1 channel, 4 × 4 masks)", demo,
-                            args.fmnist_images, args.demo_batch, device, args.workers) + [""]
+                            args.fmnist_images, args.demo_batch, device, args.workers) + load_note() + [""]
     folder = make_jpegs(work / "jpegs", args.jpeg_images)
     size_kib = sum(f.stat().st_size for f in folder.iterdir()) / args.jpeg_images / 1024
     paper = datasets(["data.source=folder", f"data.root={folder}", "data.num_channels=3"])
@@ -239,9 +240,10 @@ def report(args: argparse.Namespace, work: Path) -> list[str]:
     mean, tail = pixel_agreement(paper, 8)
     lines += ["", f"Same samples, both paths (paper crops, 8 images, all views): mean |loader − device| = {mean:.4f}, "
               f"99.9th percentile {tail:.3f} ([0, 1] pixel units; resampling kernels differ, everything else equal)."]
+    lines += load_note()
     if not args.skip_steps:
-        lines += ["", f"### Demo training step with each path (`fashion_mnist_tiny`, batch 128, {args.steps} steps "
-                  "after 3 warm-up steps, main-process data)", "", "| path | s/step | data s/step | data share |",
+        lines += ["", f"### Demo training step with each path (`fashion_mnist_tiny`, batch 128, median of {args.steps} "
+                  "steps after 3 warm-up steps, main-process data)", "", "| path | s/step | data s/step | data share |",
                   "|---|---|---|---|"]
         torch.set_num_threads(os.cpu_count())
         for path in ("loader", "device"):
@@ -250,6 +252,10 @@ def report(args: argparse.Namespace, work: Path) -> list[str]:
     load1 = os.getloadavg()
     lines += ["", f"Load average at the end: {load1[0]:.2f} / {load1[1]:.2f} / {load1[2]:.2f}."]
     return lines
+
+
+def load_note() -> list[str]:
+    return ["", f"1-minute load average after this part: {os.getloadavg()[0]:.2f}."]
 
 
 def update_docs(path: Path, lines: list[str]) -> None:
