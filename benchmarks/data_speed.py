@@ -1,6 +1,6 @@
 """Input-pipeline speed (no model): the loader path, the device path and a DINO-style reference.
 
-    python benchmarks/data_speed.py                               # ~3 min on 2 cores
+    python benchmarks/data_speed.py                               # ~1.5 min on an idle 2-core CPU
     python benchmarks/data_speed.py --update-docs docs/benchmarks.md
     python benchmarks/data_speed.py --device cuda                 # device path's views on a GPU
 
