@@ -31,7 +31,7 @@ from sove.train.small_data import DROP_FRACTION, MIN_STEPS_PER_EPOCH, fitting_ov
 TRAJECTORY_NEUTRAL = (
     "trainer.max_steps", "trainer.log_every", "trainer.checkpoint_every", "trainer.keep_checkpoints",
     "trainer.progress", "trainer.num_threads", "trainer.compile", "trainer.check_sync", "trainer.on_nonfinite",
-    "trainer.out_dir", "trainer.name", "trainer.init_from",
+    "trainer.out_dir", "trainer.name", "trainer.init_from", "trainer.loggers", "model.init",
     "data.num_workers", "data.download", "data.on_error", "data.test_root", "eval.*",
 )
 
@@ -203,7 +203,7 @@ def check_resume(state: dict[str, Any], cfg: DictConfig, world_size: int, precis
         stored = OmegaConf.merge(OmegaConf.structured(SOVEConfig), OmegaConf.create(state["config"]))
     except (OmegaConfBaseException, KeyError) as e:
         raise ConfigError(f"--resume: the config stored in {source} does not load ({str(e).splitlines()[0]})") from None
-    old, new = _flatten(OmegaConf.to_container(stored)), _flatten(OmegaConf.to_container(cfg))
+    old, new = flatten(OmegaConf.to_container(stored)), flatten(OmegaConf.to_container(cfg))
     by_value = CHECKED_BY_VALUE if "world_size" in state else ()  # older checkpoints: compared as keys
     changed = [f"{k} ({old.get(k)} -> {new.get(k)})" for k in sorted(set(old) | set(new))
                if old.get(k) != new.get(k) and not _neutral(k) and k not in by_value]
@@ -223,12 +223,12 @@ def _neutral(key: str) -> bool:
     return key in TRAJECTORY_NEUTRAL or any(n.endswith(".*") and key.startswith(n[:-1]) for n in TRAJECTORY_NEUTRAL)
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists stay values."""
     out = {}
     for k, v in tree.items():
         if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out

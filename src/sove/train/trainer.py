@@ -17,7 +17,6 @@ from typing import Any, Callable, ContextManager
 
 import torch
 from lightning.fabric import Fabric
-from lightning.fabric.loggers import TensorBoardLogger
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
@@ -38,6 +37,7 @@ from sove.train.builders import (build_loss, build_train_dataset, preflight, pre
                                  resume_checkpoint)
 from sove.train.diagnostics import Diagnostics, NonFiniteLossError  # noqa: F401 (re-exported)
 from sove.train.init_from import init_networks
+from sove.train.loggers import build_loggers, check_installed, finalize_loggers, start_loggers
 from sove.train.metrics_csv import MetricsCSV
 from sove.train.optim import EMA, clip_per_tensor, param_groups
 from sove.train.preflight import check_resume, check_run_plan, planned_world_size
@@ -64,14 +64,13 @@ class Trainer(Diagnostics):
         t = cfg.trainer
         if t.num_threads:
             torch.set_num_threads(t.num_threads)
+        loggers = build_loggers(cfg, run_dir)  # trainer.loggers, MetricsCSV first
         self.fabric = Fabric(accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
-                             strategy=t.strategy, precision=resolve_precision(cfg),
-                             loggers=[MetricsCSV(run_dir / "metrics.csv"),
-                                      TensorBoardLogger(str(run_dir), name="tensorboard", version="")])
-        self.metrics_csv: MetricsCSV = self.fabric.loggers[0]
+                             strategy=t.strategy, precision=resolve_precision(cfg), loggers=loggers)
+        self.metrics_csv: MetricsCSV = loggers[0]
         self.fabric.launch()
         if self.fabric.is_global_zero:
-            self.fabric.loggers[1].experiment  # create the TensorBoard writer now
+            start_loggers(loggers, cfg)
         self.fabric.seed_everything(t.seed, verbose=False)
         self.dataset = dataset if dataset is not None else build_train_dataset(cfg)
         b, world = cfg.optim.batch_size, self.fabric.world_size
@@ -271,8 +270,7 @@ class Trainer(Diagnostics):
         bar.close()
         self.report_skipped()
         path = self.save()
-        for logger in self.fabric.loggers:
-            logger.finalize("success")
+        finalize_loggers(self.fabric.loggers)
         return path
 
     def end_epoch(self) -> None:
@@ -398,6 +396,7 @@ def resume(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
         raise SoveError(f"--resume: '{run_dir}' is not a sove run directory (no config.yaml)")
     cfg = load_config(str(run_dir / "config.yaml"), overrides)
     check_trainer_device(cfg, resolve_precision(cfg))
+    check_installed(list(cfg.trainer.loggers))
     with rank_zero_lock(run_dir):
         path = resume_checkpoint(run_dir)
         state = ckpt.load_checkpoint(path)
