@@ -1,8 +1,7 @@
-"""trainer.loggers: W&B (offline) and MLflow (local store) next to metrics.csv and TensorBoard."""
+"""trainer.loggers: which loggers are built, where MLflow stores, a missing package named before any work
+(offline W&B and MLflow runs: tests/test_ecosystem.py)."""
 
 from __future__ import annotations
-
-import csv
 
 import pytest
 
@@ -10,31 +9,6 @@ from conftest import TINY
 from sove.config import load_config
 from sove.errors import ConfigError
 from sove.train import loggers
-
-
-def test_offline_wandb_and_mlflow_runs_write_their_files(tmp_path, image_folder, monkeypatch):
-    pytest.importorskip("wandb")
-    mlflow = pytest.importorskip("mlflow")
-    from sove.train.trainer import pretrain
-
-    for key, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_CONFIG_DIR": str(tmp_path / "wb"),
-                       "WANDB_CACHE_DIR": str(tmp_path / "wb"), "WANDB_DATA_DIR": str(tmp_path / "wb"),
-                       "MLFLOW_TRACKING_URI": (tmp_path / "mlruns").as_uri(), "MLFLOW_ALLOW_FILE_STORE": "true"}.items():
-        monkeypatch.setenv(key, value)
-    cfg = load_config(None, TINY + [f"data.root={image_folder}", f"trainer.out_dir={tmp_path}", "trainer.name=lg",
-                                    "trainer.max_steps=2", "trainer.loggers=[csv,tensorboard,wandb,mlflow]"])
-    run = pretrain(cfg)
-    with open(run / "metrics.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    assert [r["step"] for r in rows] == ["1", "2"] and any((run / "tensorboard").iterdir())
-    offline = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
-    assert len(offline) == 1 and offline[0].stat().st_size > 0
-    client = mlflow.MlflowClient((tmp_path / "mlruns").as_uri())
-    (found,) = client.search_runs([client.get_experiment_by_name("sove").experiment_id])
-    assert found.info.run_name == "lg" and found.info.status == "FINISHED"
-    assert found.data.params["loss.cls.num_judges"] == "3" and found.data.params["trainer.name"] == "lg"
-    history = client.get_metric_history(found.info.run_id, "loss/loss")
-    assert [(m.step, m.value) for m in history] == [(int(r["step"]), float(r["loss/loss"])) for r in rows]
 
 
 def test_a_missing_logger_package_is_named_before_any_work(monkeypatch):

@@ -36,7 +36,7 @@ from sove.run_lock import rank_zero_lock
 from sove.train.builders import (build_loss, build_train_dataset, preflight, prepare_run_dir, resolve_precision,
                                  resume_checkpoint)
 from sove.train.diagnostics import Diagnostics, NonFiniteLossError  # noqa: F401 (re-exported)
-from sove.train.init_from import init_networks
+from sove.train.init_from import initial_networks
 from sove.train.loggers import build_loggers, check_installed, finalize_loggers, start_loggers
 from sove.train.metrics_csv import MetricsCSV
 from sove.train.optim import EMA, clip_per_tensor, param_groups
@@ -357,20 +357,21 @@ def pretrain(cfg: DictConfig, overwrite: bool = False) -> Path:
 
     Writes ``config.yaml`` (the resolved config), ``metrics.csv``, TensorBoard events and
     ``checkpoints/last.pt`` (atomic, every ``trainer.checkpoint_every`` steps and at the end).
-    ``trainer.init_from=CKPT`` initialises student and teacher weights from another run's
-    checkpoint (a fresh run: new optimizer, feature sets and step 0; see :mod:`sove.train.init_from`).
-    Data, run plan (:func:`~sove.train.preflight.check_run_plan`) and ``init_from`` weights are
+    ``trainer.init_from=CKPT`` initialises student and teacher from another run's checkpoint,
+    ``model.init=SOURCE`` their backbones from timm / export / checkpoint weights (a fresh run: new
+    optimizer, feature sets and step 0; see :mod:`sove.train.init_from`).
+    Data, run plan (:func:`~sove.train.preflight.check_run_plan`) and initial weights are
     checked before the run directory is created.
 
     Raises:
         SoveError: existing run without ``overwrite`` (a folder that is not a sove run: never replaced), run
             in use, absent device, unwritable ``trainer.out_dir`` (checked before any work); data, config
-            (run plan) or init_from problems.
+            (run plan) or initial-weight problems.
     """
     run_dir = preflight(cfg, overwrite)  # name, device, existing folder, writable: before any work
     dataset = build_train_dataset(cfg)  # bad data stops here, before the run directory exists
     check_run_plan(cfg, len(dataset), planned_world_size(cfg))
-    networks = init_networks(cfg, cfg.trainer.init_from) if cfg.trainer.init_from else None
+    networks = initial_networks(cfg)  # trainer.init_from / model.init, checked before the run directory exists
     with rank_zero_lock(run_dir):
         if rank_zero_only.rank == 0:  # before the launch: the processes Fabric spawns skip this
             prepare_run_dir(cfg, overwrite)
