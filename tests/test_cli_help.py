@@ -1,5 +1,5 @@
 """The command line answers fast and says what it takes: config errors before heavy imports,
-choice errors listing the valid values, defaults in ``--help``, ``sove presets``."""
+choice errors listing the valid values, defaults in ``--help``, ``sove presets``, the folder preset."""
 
 from __future__ import annotations
 
@@ -66,3 +66,8 @@ def test_folder_preset_needs_only_the_folder(image_folder):
         load_config("folder_vit_tiny")
     cfg = load_config("folder_vit_tiny", [f"data.root={image_folder}"])
     assert (cfg.data.source, cfg.data.num_channels, cfg.trainer.name) == ("folder", 3, "folder_vit_tiny")
+    # 300 photos (docs/configs.md, "Small datasets"): the settings that fit them close the run plan's warnings
+    from sove.train.preflight import check_run_plan
+
+    assert check_run_plan(cfg, 300, 1)[-1] == ("settings that fit 300 images: optim.batch_size=32 "
+                                               "loss.cls_feature_set_size=256 loss.cls.num_anchors=32")

@@ -49,3 +49,18 @@ def test_torch_is_a_range_and_the_makefile_installs_the_tested_versions():
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     assert "torch>=2.13,<2.15" in deps and "torchvision>=0.28,<0.30" in deps
     assert "TORCH  := torch==2.14.1 torchvision==0.29.1" in (ROOT / "Makefile").read_text()
+
+
+def test_citation_cff_prefers_the_paper_and_the_readme_links_it():
+    import yaml
+
+    cff = yaml.safe_load((ROOT / "CITATION.cff").read_text(encoding="utf-8"))
+    paper = cff["preferred-citation"]
+    assert cff["cff-version"] == "1.2.0" and cff["type"] == "software" and cff["license"] == "Apache-2.0"
+    assert paper["title"] == "Self-Organizing Visual Prototypes for Non-Parametric Representation Learning"
+    assert [a["family-names"] for a in paper["authors"]] == ["Silva", "Pedrini", "Ramírez Rivera"]
+    assert (paper["type"], paper["year"], paper["volume"], paper["url"]) == (
+        "conference-paper", 2025, 267, "https://arxiv.org/abs/2505.21533")
+    top = (ROOT / "README.md").read_text(encoding="utf-8").split("## ")[0]
+    assert "(https://arxiv.org/abs/2505.21533)" in top and "@inproceedings{" in top and "@software{" in top
+    assert "make demo" in top and "make test" in top
