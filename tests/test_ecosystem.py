@@ -1,5 +1,6 @@
 """Fitting the tools a vision researcher uses: the export as a timm / Hugging Face folder with its
-preprocessing, ONNX, W&B and MLflow logging, and model.init from timm / export / DINO weights.
+preprocessing (strict keys, the run's features), ONNX, W&B and MLflow logging, and model.init from
+timm / export / DINO weights.
 
 One 2-step run (module fixture) serves the export, ONNX, logger and model.init tests.
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import re
 
 import numpy as np
@@ -70,6 +72,11 @@ def test_export_folder_loads_in_timm_with_the_runs_preprocessing(run, capsys):
     assert data == {"input_size": (3, 16, 16), "interpolation": "bilinear", "mean": MEAN, "std": STD,
                     "crop_pct": 1.0, "crop_mode": "center"}
     assert model.num_classes == 0 and model.pretrained_cfg["tag"] == "sove"
+    meta = json.loads((path / "backbone.json").read_text())
+    assert meta["architecture"] == "vit_tiny_patch16_224" and meta["model_kwargs"]["embed_dim"] == 32
+    assert (meta["timm_dir"], meta["step"], meta["global_pool"]) == ("export", 2, "cls")
+    # Strict: every timm parameter came from the file (a random init would differ).
+    assert torch.equal(model.state_dict()["pos_embed"], teacher_backbone(path, cfg).vit.state_dict()["pos_embed"])
     # timm's transform gives sove's evaluation view of an image (20 px -> resize 16 -> centre crop 16),
     # up to PIL's vs torch's bilinear resampling; model(x) is the teacher's CLS feature.
     image = Image.open(next((images / "dark").iterdir())).convert("RGB")
@@ -99,6 +106,8 @@ def test_onnx_export_matches_pytorch(run, capsys):
         got = torch.from_numpy(session.run(["features"], {"images": x.numpy()})[0])
         with torch.no_grad():
             assert got.shape == (shape[0], 32) and (got - model(x)).abs().max() < 1e-4
+    assert main(["export", str(path)]) == 0  # a later export without --onnx leaves no stale model.onnx
+    assert sorted(p.name for p in (path / "export").iterdir()) == ["config.json", "model.safetensors"]
 
 
 # ------------------------------------------------------------------------------------------ loggers

@@ -83,6 +83,8 @@ def export_backbone(run_dir: str | Path, checkpoint: str = "last.pt", onnx: bool
                                                                            backbone.global_pool)],
                  "step": checkpoint_step(source), "source": str(source), "version": __version__}
     folder = run_dir / EXPORT_DIR
+    for stale in ("model.onnx", "model.onnx.data"):  # an earlier --onnx export holds older weights
+        (folder / stale).unlink(missing_ok=True)
     save_for_hf(model, str(folder), safe_serialization=True, data_config=data_config(cfg),
                 model_config={"pretrained_cfg": {"tag": "sove", "license": None}, "sove": sove_meta})
     meta = {"architecture": timm_name(cfg.model.arch), "model_kwargs": backbone.timm_kwargs(),
