@@ -30,3 +30,16 @@ def test_default_loggers_are_csv_and_tensorboard(tmp_path):
     cfg = load_config(None, TINY + ["data.root=unused"])
     built = loggers.build_loggers(cfg, tmp_path)
     assert [type(x).__name__ for x in built] == ["MetricsCSV", "TensorBoardLogger"]
+
+
+def test_a_failed_start_with_wandb_and_mlflow_files_is_started_again(tmp_path):
+    """A start that failed before its first checkpoint leaves the loggers' files too; it is still a
+    failed start (emptied and started again without --overwrite)."""
+    from sove.train.builders import check_run_dir
+
+    run = tmp_path / "r"
+    (run / "checkpoints").mkdir(parents=True)
+    for name in ("config.yaml", "metrics.csv", "mlflow.db"):
+        (run / name).write_text("")
+    (run / "wandb" / "offline-run-1").mkdir(parents=True)
+    assert check_run_dir(run, overwrite=False) is True

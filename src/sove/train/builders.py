@@ -46,7 +46,7 @@ def build_loss(cfg: DictConfig) -> SOVELoss:
 #: What a start writes before its first checkpoint (and the lock). A run directory holding only
 #: these and no checkpoint is a failed start: it is started again without ``--overwrite``.
 START_FILES = frozenset({"config.yaml", "checkpoints", "metrics.csv", "hparams.yaml", "tensorboard", "debug",
-                         LOCK_NAME})
+                         "wandb", "mlflow.db", "mlflow-artifacts", LOCK_NAME})
 
 
 def saved_checkpoints(run_dir: Path) -> list[Path]:
