@@ -39,7 +39,8 @@ def test_a_failed_start_with_wandb_and_mlflow_files_is_started_again(tmp_path):
 
     run = tmp_path / "r"
     (run / "checkpoints").mkdir(parents=True)
-    for name in ("config.yaml", "metrics.csv", "mlflow.db"):
+    (run / "config.yaml").write_text("data: {}\nmodel: {}\ntrainer: {}\n")
+    for name in ("metrics.csv", "mlflow.db"):
         (run / name).write_text("")
     (run / "wandb" / "offline-run-1").mkdir(parents=True)
     assert check_run_dir(run, overwrite=False) is True
