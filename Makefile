@@ -4,15 +4,17 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 RUN    ?= runs/fashion_mnist_tiny
 FMNIST := /usr/share/datasets/fashion-mnist
+# The exact tested versions (pyproject.toml states the supported ranges).
+TORCH  := torch==2.14.1 torchvision==0.29.1
 
 .PHONY: setup data demo test bench clean
 
 $(BIN)/sove: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	$(BIN)/pip install --quiet $(TORCH) -e '.[dev,bench]'
 	@touch $@
 
-setup: $(BIN)/sove  ## virtual environment with sove and its dependencies (torch 2.14.1 pinned)
+setup: $(BIN)/sove  ## virtual environment with sove, its dependencies and the tested torch / torchvision
 
 data:  ## Fashion-MNIST: the Debian package where apt-get works, else data.root=PATH / data.download=true
 	@if [ -f $(FMNIST)/train-images-idx3-ubyte.gz ]; then echo "Fashion-MNIST found in $(FMNIST)"; \

@@ -56,9 +56,10 @@ def test_patch_loss_off_allows_no_masking():
     (["loss.cls_feature_set_size=80"], 32, 1,
      "loss.cls_feature_set_size: 80 rows are never filled: the whole schedule enqueues 8 steps x 8 = 64 teacher "
      "embeddings, so random initial rows would stay concept candidates; lower loss.cls_feature_set_size or train "
-     "longer"),
+     "longer; settings that fit 32 images: loss.cls_feature_set_size=32 loss.cls.num_anchors=4"),
     ([], 12, 2, "data.root: 12 images is fewer than one global batch (optim.batch_size 8 x 2 processes = 16): every "
-                "batch would be dropped; lower optim.batch_size"),
+                "batch would be dropped; lower optim.batch_size; settings that fit 12 images on 2 processes: "
+                "optim.batch_size=1 loss.cls_feature_set_size=8 loss.cls.num_anchors=2"),
 ])
 def test_run_plan_refusals(overrides, images, world, error):
     with pytest.raises((ConfigError, DataError)) as err:
@@ -72,8 +73,12 @@ def test_run_plan_warnings(capsys):
     # 32 images, global batch 12: 2 steps/epoch, 8 images dropped; schedule 4 steps, lr warm-up 1 step.
     warnings = check_run_plan(cfg, 32, 1)
     assert warnings == [
+        "32 images make 2 step(s) per epoch of 12 images (fewer than 4): epoch-based settings (optim.epochs, "
+        "warm-ups) round to few steps",
         "each epoch drops 8 of 32 images (25%): only whole global batches of 12 are used; lower optim.batch_size "
         "to use more of the data",
+        "loss.cls_feature_set_size (40) is larger than the dataset (32 images): E_C holds several views of each "
+        "image, embedded by older teachers, as concept candidates",
         "trainer.max_steps=1 enqueues 12 of the 40 rows of loss.cls_feature_set_size: the rest stay random initial rows",
         "trainer.max_steps=1 enqueues 12 of the 24 rows of loss.patch_feature_set_size: the rest stay random "
         "initial rows",
@@ -82,15 +87,16 @@ def test_run_plan_warnings(capsys):
         "loss.teacher_temp (0.04) is unused: without loss.teacher_temp_warmup_epochs the teacher temperature is "
         "loss.teacher_temp_final (0.07) from step 0",
         "eval.knn_every_epochs=1: the run ends after 1 steps, before the first periodic k-NN at step 2",
+        "settings that fit 32 images: optim.batch_size=8 loss.cls_feature_set_size=32 loss.cls.num_anchors=4",
     ]
     assert capsys.readouterr().err.splitlines() == [f"sove: warning: {w}" for w in warnings]
 
 
 def test_max_steps_inside_a_warm_up_is_warned_about():
     cfg = load_config(None, BASE + ["trainer.max_steps=1", "optim.warmup_epochs=0.1"])
-    assert check_run_plan(cfg, 32, 1)[0] == "optim.warmup_epochs=0.1 is 0 steps at 4 steps/epoch: no lr warm-up"
+    assert "optim.warmup_epochs=0.1 is 0 steps at 4 steps/epoch: no lr warm-up" in check_run_plan(cfg, 32, 1)
     cfg = load_config(None, BASE + ["trainer.max_steps=1"])  # lr warm-up: 0.5 epochs = 2 steps
-    assert check_run_plan(cfg, 32, 1)[0] == "trainer.max_steps=1 stops the run inside the lr warm-up (2 steps)"
+    assert "trainer.max_steps=1 stops the run inside the lr warm-up (2 steps)" in check_run_plan(cfg, 32, 1)
 
 
 def test_global_batch_larger_than_the_data_is_refused_before_launch(tmp_path, image_folder, capsys):
@@ -102,5 +108,31 @@ def test_global_batch_larger_than_the_data_is_refused_before_launch(tmp_path, im
     err = capsys.readouterr().err.strip()
     assert status == 2 and err == (
         "sove: error: data.root: 32 images is fewer than one global batch (optim.batch_size 24 x 2 processes = 48): "
-        "every batch would be dropped; lower optim.batch_size")
+        "every batch would be dropped; lower optim.batch_size; settings that fit 32 images on 2 processes: "
+        "optim.batch_size=4 loss.cls_feature_set_size=32 loss.cls.num_anchors=4")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("overrides, images, expected", [
+    # The own-folder case: 300 photos, batch 64 drops 44 per epoch; E_C 4096 > 300 images.
+    (["optim.batch_size=64", "loss.cls_feature_set_size=4096", "loss.cls.num_anchors=512", "optim.epochs=100",
+      "optim.warmup_epochs=10"], 300,
+     ["optim.batch_size=32", "loss.cls_feature_set_size=256", "loss.cls.num_anchors=32"]),
+    # 2000 images, batch 64 (31 steps, 16 dropped = 0.8%) fits; E_C 65536 > 2000 -> 1024 rows, 128 anchors.
+    (["optim.batch_size=64", "loss.cls_feature_set_size=65536", "loss.cls.num_anchors=8192", "optim.epochs=100",
+      "optim.warmup_epochs=10"], 2000,
+     ["loss.cls_feature_set_size=1024", "loss.cls.num_anchors=128"]),
+    # A patch feature set the 2-epoch schedule cannot fill: 8 steps x 8 = 64 rows -> 64, 64 / 16 = 4 anchors.
+    (["loss.patch_feature_set_size=100", "loss.patch.num_anchors=6"], 32,
+     ["loss.cls_feature_set_size=32", "loss.cls.num_anchors=4", "loss.patch_feature_set_size=64",
+      "loss.patch.num_anchors=4"]),
+    ([], 10000, []),  # TINY on 10,000 images fits as it is
+])
+def test_small_data_suggestions(overrides, images, expected):
+    from sove.train.small_data import fitting_overrides
+
+    cfg = load_config(None, BASE + overrides)
+    assert fitting_overrides(cfg, images, 1) == expected
+    if expected:  # the suggested settings pass the run plan without a small-data warning
+        fixed = load_config(None, BASE + overrides + expected)
+        assert not [w for w in check_run_plan(fixed, images, 1) if "images" in w or "drops" in w]

@@ -8,8 +8,9 @@
     sove eval video --run RUN --data data/DAVIS               (DAVIS-2017 label propagation, J&F)
     sove eval segmentation --run RUN --data data/ADEChallengeData2016 [--reduce-zero-label]
     sove pretrain --resume runs/fashion_mnist_tiny [key=value ...]
-    sove export runs/fashion_mnist_tiny
+    sove export runs/fashion_mnist_tiny [--onnx]
     sove summary runs/fashion_mnist_tiny
+    sove presets
 """
 
 from __future__ import annotations
@@ -26,23 +27,38 @@ DEFAULT_PRESET = "fashion_mnist_tiny"
 
 
 def _pretrain(args: argparse.Namespace) -> None:
+    """The config is read and checked before torch, Lightning and timm are imported (a typo answers in
+    well under a second)."""
     from sove.config import load_config
-    from sove.train.trainer import pretrain, resume
 
     if args.resume:
         if args.config is not None:
             raise SoveError(f"--config is not used with --resume: {args.resume} continues with its own config.yaml "
                             "(key=value overrides may change trajectory-neutral keys only)")
+        own = Path(args.resume) / "config.yaml"
+        if own.is_file():
+            load_config(str(own), args.overrides)
+        from sove.train.trainer import resume
+
         resume(args.resume, args.overrides)
     else:
-        pretrain(load_config(args.config or DEFAULT_PRESET, args.overrides), overwrite=args.overwrite)
+        cfg = load_config(args.config or DEFAULT_PRESET, args.overrides)
+        from sove.train.trainer import pretrain
+
+        pretrain(cfg, overwrite=args.overwrite)
 
 
 def _export(args: argparse.Namespace) -> None:
-    from sove.export import export_backbone
+    from sove.export import ONNX_OPSET, export_backbone
 
-    weights, meta = export_backbone(args.run, args.checkpoint)
-    print(f"wrote {weights} and {meta}; load with sove.export.load_backbone('{meta}')")
+    r = export_backbone(args.run, args.checkpoint, onnx=args.onnx)
+    print(f"wrote {r['folder']} (config.json + model.safetensors) and {r['meta']}; load with "
+          f"timm.create_model('local-dir:{r['folder']}', pretrained=True) or sove.export.load_backbone('{r['meta']}')")
+    if args.onnx:
+        diff = r["onnx_max_abs_diff"]
+        check = (f"onnxruntime vs PyTorch max abs difference {diff:.2e}" if diff is not None
+                 else "not checked: onnxruntime is not installed")
+        print(f"wrote {r['onnx']} (opset {ONNX_OPSET}, input images, output features); {check}")
 
 
 def _eval_knn(args: argparse.Namespace) -> None:
@@ -147,53 +163,45 @@ def _embed(args: argparse.Namespace) -> None:
     print(f"wrote {r['npy']} {tuple(r['shape'])} and {r['csv']}" + (f"; {r['report']}" if r["report"] else ""))
 
 
-#: k-NN result files shown by ``sove summary`` and their row labels.
-KNN_ROWS = (("knn.json", "SOVE (trained teacher)"), ("knn_random_init.json", "random init (same ViT)"),
-            ("knn_pixels.json", "raw pixels"))
+def _presets(args: argparse.Namespace) -> None:
+    from sove.config import preset_descriptions
 
-
-def summary_table(run_dir: str | Path) -> str:
-    """Markdown table of the k-NN results found in ``RUN_DIR/eval`` (trained, random init, pixels).
-
-    The last column is the checkpoint step each result was computed at ("—" for the baselines that
-    use no checkpoint), marked ``(stale)`` when it differs from ``checkpoints/last.pt``; below the
-    table one line per stale result in ``RUN_DIR/eval`` (any protocol) says why and how to recompute
-    it (:func:`sove.eval.provenance.review_results`).
-
-    Raises:
-        SoveError: no k-NN result in ``RUN_DIR/eval``.
-    """
-    from sove.eval.provenance import review_results
-
-    results, stale, notes = review_results(run_dir)
-    rows = []
-    for name, label in KNN_ROWS:
-        r = results.get(name)
-        if r is None:
-            continue
-        step = r.get("checkpoint_step", "?")
-        at = "—" if step is None and r.get("weights_sha256") is None else str(step)
-        at += " (stale)" if name in stale else ""
-        rows.append(f"| {label} | " + " | ".join(f"{v:.2f}" for v in r["top1"].values())
-                    + f" | **{r['best_top1']:.2f}** | {at} |")
-        ks = list(r["top1"])
-    if not rows:
-        raise SoveError(f"no k-NN results in '{Path(run_dir) / 'eval'}'; run `sove eval knn --run {run_dir}` first")
-    head = "| features | " + " | ".join(f"k={k}" for k in ks) + " | best top-1 | checkpoint step |"
-    return "\n".join([head, "|" + "---|" * (len(ks) + 3)] + rows + notes)
+    rows = preset_descriptions()
+    width = max(len(name) for name, _ in rows)
+    print("\n".join(f"{name:<{width}}  {line}" for name, line in rows))
 
 
 def _summary(args: argparse.Namespace) -> None:
+    from sove.summary import summary_table
+
     print(f"k-NN top-1 (%) on the test split, {args.run}:\n{summary_table(args.run)}")
 
 
+class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows each option's default, except where it has none (None, False, an empty list)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or action.default == []:
+            return action.help
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """The parser of ``sove`` and of every sub-command (argparse makes sub-parsers of the parent's class)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", _DefaultsHelp)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sove", description="SOVE self-supervised pretraining of vision transformers.")
+    p = _Parser(prog="sove", description="SOVE self-supervised pretraining of vision transformers.")
     p.add_argument("--version", action="version", version=f"sove {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     pre = sub.add_parser("pretrain", help="pretrain a ViT with SOVE; writes trainer.out_dir/trainer.name/")
-    pre.add_argument("--config", help=f"YAML file or packaged preset name (default {DEFAULT_PRESET})")
+    pre.add_argument("--config", help=f"YAML file or packaged preset name (default {DEFAULT_PRESET}; "
+                     "`sove presets` lists them)")
     mode = pre.add_mutually_exclusive_group()
     mode.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     mode.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR exactly from checkpoints/last.pt")
@@ -228,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     lin.add_argument("--lrs", type=float, nargs="+",
                      help="base learning rates (per 256 samples), all trained in one pass (default 1e-4 ... 1)")
     lin.add_argument("--epochs", type=int, help="epochs (default 50; paper scale: 100)")
-    lin.add_argument("--batch-size", type=int, default=1024)
+    lin.add_argument("--batch-size", type=int, default=1024, help="feature rows per optimizer step")
     lin.add_argument("--val-fraction", type=float, default=0.1, help="held-out share of train for choosing the lr")
     lin.add_argument("--augment", action="store_true",
                      help="random-resized-crop + flip, re-extracted every epoch (slow)")
@@ -275,17 +283,20 @@ def build_parser() -> argparse.ArgumentParser:
                            "writes eval/segmentation.json")
     dense_source(seg, "folder with images/{training,validation} and annotations/{training,validation}")
     seg.add_argument("--image-size", type=int, help="square input side, px (default: training crop size)")
-    seg.add_argument("--epochs", type=int, default=5)
+    seg.add_argument("--epochs", type=int, default=5, help="passes over the training images")
     seg.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate of the linear layer")
     seg.add_argument("--batch-size", type=int, default=16, help="images per step")
     seg.add_argument("--num-classes", type=int, help="default: largest training class index + 1")
     seg.add_argument("--reduce-zero-label", action="store_true", help="ADE20k: ignore label 0, shift classes down")
-    seg.add_argument("--seed", type=int, default=0)
+    seg.add_argument("--seed", type=int, default=0, help="seed of the linear layer and the image order")
     seg.set_defaults(func=_eval_segmentation)
 
-    exp = sub.add_parser("export", help="write RUN/backbone.safetensors + backbone.json (timm-loadable)")
+    exp = sub.add_parser("export", help="write RUN/export/ (timm / Hugging Face folder: config.json + "
+                         "model.safetensors) and RUN/backbone.json")
     exp.add_argument("run", help="run directory")
     exp.add_argument("--checkpoint", default="last.pt", help="file in RUN/checkpoints")
+    exp.add_argument("--onnx", action="store_true", help="also RUN/export/model.onnx (dynamic batch and, for a "
+                     "ViT, image size), checked against PyTorch with onnxruntime")
     exp.set_defaults(func=_export)
 
     con = sub.add_parser("concepts", help="draw concepts (anchor + judges + weights): RUN/plots/concepts.png + JSON")
@@ -307,11 +318,14 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--images", help="folder of images (flat or one sub-folder per class)")
     what.add_argument("--split", choices=["train", "test"], help="the run's own train/test data")
     emb.add_argument("--out", required=True, help="output prefix, e.g. embeddings/test")
-    emb.add_argument("--batch-size", type=int, default=256)
+    emb.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
     emb.add_argument("--on-error", choices=["skip", "raise"],
                      help="unreadable images: skip (listed in OUT.unreadable.txt) or raise; default: the run's "
                           "data.on_error, else skip")
     emb.set_defaults(func=_embed)
+
+    pres = sub.add_parser("presets", help="list the packaged presets (--config NAME), one line each")
+    pres.set_defaults(func=_presets)
 
     summ = sub.add_parser("summary", help="print the k-NN results of a run side by side")
     summ.add_argument("run", help="run directory")
@@ -326,7 +340,7 @@ def written_run(args: argparse.Namespace) -> Path | None:
     """
     from sove.run_lock import run_containing
 
-    if args.command in ("pretrain", "summary"):
+    if args.command in ("pretrain", "summary", "presets"):
         return None
     out = getattr(args, "out", None)
     target = Path(out).parent if out else getattr(args, "run", None) or getattr(args, "backbone", None)

@@ -71,6 +71,7 @@ class ModelConfig:
     global_pool: str = "cls"  # cls | mean_patch: image representation for the CLS loss and evaluation (Tab. B.2)
     head_hidden_dim: int = 2048
     head_out_dim: int = 256
+    init: Optional[str] = None  # backbone weights to start from: timm:NAME, an export, a timm/DINO/sove checkpoint
 
 
 @dataclass
@@ -137,12 +138,13 @@ class TrainerConfig:
     log_every: int = 10
     checkpoint_every: int = 500
     keep_checkpoints: int = 0  # also keep the N newest step-numbered checkpoints
-    init_from: Optional[str] = None  # initialise student/teacher weights from a checkpoint (not a resume)
+    init_from: Optional[str] = None  # student + teacher (heads too) from a sove checkpoint (not a resume)
     check_sync: bool = False  # DDP: assert all ranks hold identical feature sets and anchors each step
     on_nonfinite: str = "stop"  # stop | skip: what a NaN/inf loss or gradient does (debug file either way)
     num_threads: Optional[int] = None  # torch CPU threads; None = torch default
     compile: bool = False  # torch.compile the student (measured: no gain on the 2-core CPU demo)
     progress: bool = True
+    loggers: list[str] = field(default_factory=lambda: ["csv", "tensorboard"])  # + wandb, mlflow (extras)
 
 
 @dataclass
@@ -182,6 +184,16 @@ def resolve_preset(path_or_name: str) -> Path:
     raise ConfigError(f"config file '{path_or_name}' not found (packaged presets: {names})")
 
 
+def preset_descriptions() -> list[tuple[str, str]]:
+    """``(name, description)`` of every packaged preset, sorted by name; the description is the
+    first line of the YAML, a comment (empty when the file does not start with one)."""
+    out = []
+    for path in sorted(PRESET_DIR.glob("*.yaml")):
+        first = path.read_text().splitlines()[:1]
+        out.append((path.stem, first[0].lstrip("#").strip() if first and first[0].startswith("#") else ""))
+    return out
+
+
 def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     """Merge defaults ⊕ preset YAML ⊕ dotlist overrides, then validate.
 
@@ -216,6 +228,13 @@ def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...
     OmegaConf.set_readonly(cfg, True)
     return cfg
 
+
+#: The values of the string keys checked here by membership (the others list theirs in their message).
+CHOICES = {
+    "trainer.accelerator": ("auto", "cpu", "gpu", "cuda", "mps", "tpu"),
+    "trainer.precision": ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true"),
+    "trainer.loggers": ("csv", "tensorboard", "wandb", "mlflow"),
+}
 
 #: Stages of a timm Swin Transformer (v1) when ``model.depths`` is not set.
 SWIN_STAGES = 4
@@ -254,15 +273,32 @@ def validate(cfg: DictConfig) -> None:
     _validate_loss(cfg)
     _validate_schedule(cfg)
     t = cfg.trainer
-    _check(t.on_nonfinite in ("stop", "skip"), "trainer.on_nonfinite", "must be stop or skip")
-    _check(t.precision in ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true"),
-           "trainer.precision", f"unknown value {t.precision!r}")
+    _check(t.on_nonfinite in ("stop", "skip"), "trainer.on_nonfinite", f"must be stop or skip, got {t.on_nonfinite!r}")
+    for key in ("accelerator", "precision"):
+        _check(t[key] in CHOICES[f"trainer.{key}"], f"trainer.{key}",
+               f"must be one of {', '.join(CHOICES[f'trainer.{key}'])}; got {t[key]!r}")
+    _validate_loggers(list(t.loggers))
+    _check(t.init_from is None or cfg.model.init is None, "model.init/trainer.init_from",
+           "give one: model.init starts the backbones from weights (heads new), trainer.init_from the whole "
+           "student and teacher from a sove checkpoint")
     for key in ("log_every", "checkpoint_every"):
         _check(t[key] >= 1, f"trainer.{key}", f"must be >= 1 (steps), got {t[key]}")
     _check(t.keep_checkpoints >= 0, "trainer.keep_checkpoints", f"must be >= 0, got {t.keep_checkpoints}")
     _check(t.max_steps is None or t.max_steps >= 1, "trainer.max_steps", f"must be >= 1 or null, got {t.max_steps}")
     _check(all(k >= 1 for k in cfg.eval.knn_k), "eval.knn_k", "every k must be >= 1")
     _check(cfg.eval.knn_every_epochs >= 0, "eval.knn_every_epochs", f"must be >= 0 (0 = off), got {cfg.eval.knn_every_epochs}")
+
+
+def _validate_loggers(names: list[str]) -> None:
+    """``trainer.loggers``: known names, no repeats, ``csv`` included (``metrics.csv`` feeds
+    ``sove plot`` and a resume)."""
+    valid = CHOICES["trainer.loggers"]
+    unknown = [n for n in names if n not in valid]
+    _check(not unknown, "trainer.loggers", f"unknown logger {unknown[0] if unknown else ''!r}; "
+           f"the loggers are {', '.join(valid)} (e.g. trainer.loggers=[csv,tensorboard,wandb])")
+    _check(len(set(names)) == len(names), "trainer.loggers", f"names a logger twice: {names}")
+    _check("csv" in names, "trainer.loggers", f"must include csv (metrics.csv feeds `sove plot` and --resume); "
+           f"got {names}")
 
 
 def _validate_data(cfg: DictConfig) -> None:

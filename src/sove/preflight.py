@@ -12,11 +12,12 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
-
-import torch
-from omegaconf import DictConfig
+from typing import TYPE_CHECKING
 
 from sove.errors import ConfigError, SoveError
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 
 def check_run_name(name: object) -> str:
@@ -70,6 +71,8 @@ def check_torch_device(device: str, option: str = "--device") -> None:
     Raises:
         SoveError: not a torch device, or not present on this machine.
     """
+    import torch
+
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
@@ -90,6 +93,7 @@ def check_trainer_device(cfg: DictConfig, precision: str) -> None:
     Raises:
         ConfigError: naming the key and what this machine has.
     """
+    import torch
     from lightning.fabric import Fabric
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
@@ -106,6 +110,11 @@ def check_trainer_device(cfg: DictConfig, precision: str) -> None:
         raise ConfigError(f"trainer.precision={precision}: float16 needs a CUDA GPU; use bf16-mixed or 32-true here")
     if precision.startswith("bf16") and on_cuda and not torch.cuda.is_bf16_supported():
         raise ConfigError(f"trainer.precision={precision}: this GPU has no bfloat16; use 16-mixed or 32-true")
+    from lightning.fabric.strategies import STRATEGY_REGISTRY
+
+    strategies = ["auto", *STRATEGY_REGISTRY.available_strategies()]
+    if str(t.strategy) not in strategies:
+        raise ConfigError(f"trainer.strategy: must be one of {', '.join(strategies)}; got {t.strategy!r}")
     if os.environ.get("LT_CLI_USED"):  # under `fabric run` a Fabric sets up the process group at once
         return
     quiet = logging.getLogger("lightning.fabric")

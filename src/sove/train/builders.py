@@ -16,6 +16,7 @@ from sove.errors import SoveError
 from sove.method import ConceptSettings, SOVELoss
 from sove.preflight import check_run_name, check_trainer_device, check_writable
 from sove.run_lock import LOCK_NAME, is_sove_run
+from sove.train.loggers import check_installed
 
 
 def _uses_cuda(cfg: DictConfig) -> bool:
@@ -76,7 +77,7 @@ def build_loss(cfg: DictConfig) -> SOVELoss:
 #: What a start writes before its first checkpoint (and the lock). A run directory holding only
 #: these and no checkpoint is a failed start: it is started again without ``--overwrite``.
 START_FILES = frozenset({"config.yaml", "checkpoints", "metrics.csv", "hparams.yaml", "tensorboard", "debug",
-                         LOCK_NAME})
+                         "wandb", "mlflow.db", "mlflow-artifacts", LOCK_NAME})
 
 
 def saved_checkpoints(run_dir: Path) -> list[Path]:
@@ -134,13 +135,15 @@ def prepare_run_dir(cfg: DictConfig, overwrite: bool) -> Path:
 
 def preflight(cfg: DictConfig, overwrite: bool) -> Path:
     """Checks of ``sove pretrain`` before any work or file: ``trainer.name``, the device and precision,
-    the existing run directory, a writable ``trainer.out_dir``. Returns the run directory.
+    the packages of ``trainer.loggers``, the existing run directory, a writable ``trainer.out_dir``.
+    Returns the run directory.
 
     Raises:
         SoveError / ConfigError: naming the key or folder.
     """
     run_dir = Path(cfg.trainer.out_dir) / check_run_name(cfg.trainer.name)
     check_trainer_device(cfg, resolve_precision(cfg))
+    check_installed(list(cfg.trainer.loggers))
     check_run_dir(run_dir, overwrite)
     check_writable(run_dir, "the run directory", "choose another trainer.out_dir")
     return run_dir

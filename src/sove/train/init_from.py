@@ -1,4 +1,10 @@
-"""``trainer.init_from``: a new run that starts from another run's weights (not a resume).
+"""A new run that starts from existing weights (not a resume), one code path for two keys:
+
+* ``trainer.init_from=CKPT``: student and teacher whole (backbones, projection heads, the mask
+  token) from a checkpoint of another sove run;
+* ``model.init=SOURCE``: both backbones from ``timm:NAME``, a sove export, a sove run or checkpoint
+  (its teacher), or a timm / DINO checkpoint (:mod:`sove.models.pretrained`); the projection heads
+  and the mask token start new. Continued pretraining of a timm ViT on one's own images.
 
 The weights must fit this run's model. The one difference that is adapted is the patch grid: a
 ViT trained at another resolution (``data.global_crop_size`` / ``model.patch_size``) has
@@ -18,9 +24,50 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig
 from timm.layers import resample_abs_pos_embed
 
-from sove.errors import SoveError
+from sove.errors import SoveError, warn
 from sove.models import build_networks
+from sove.models.pretrained import backbone_weights
 from sove.train import checkpoint as ckpt
+
+
+def initial_networks(cfg: DictConfig) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+    """(student, teacher) of a new run from ``trainer.init_from`` or ``model.init``; None when neither
+    is set (the trainer builds fresh networks)."""
+    if cfg.trainer.init_from:
+        return init_networks(cfg, cfg.trainer.init_from)
+    if cfg.model.init:
+        return init_backbones(cfg, cfg.model.init)
+    return None
+
+
+def init_backbones(cfg: DictConfig, source: str) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """Student and teacher of ``cfg`` (seeded by ``trainer.seed``) whose backbones hold the weights of
+    ``source`` (``model.init``); heads and mask token as built.
+
+    Prints one line naming the source, the tensors loaded and those left out; warns when the source
+    records a normalisation other than ``data.mean`` / ``data.std``.
+
+    Raises:
+        SoveError: see :func:`sove.models.pretrained.backbone_weights`; a parameter missing, unexpected
+            or of another shape than the backbone's (other than the position-embedding grid), naming
+            the source and the parameter.
+    """
+    student, teacher = build_networks(cfg, seed=cfg.trainer.seed)
+    weights = backbone_weights(source)
+    what = f"model.init: {weights.origin}"
+    state = fit_pos_embed(student.backbone.timm_model, weights.state, what)
+    for net in (student, teacher):
+        ckpt.load_state_strict(net.backbone.timm_model, state, what)
+    if rank_zero_only.rank == 0:
+        skipped = f"; left out {len(weights.left_out)} (heads, mask token)" if weights.left_out else ""
+        print(f"{what}: loaded {len(state)} backbone tensors into the student and the teacher{skipped}; the "
+              "projection heads start new")
+        d = cfg.data
+        if weights.mean is not None and (tuple(weights.mean), tuple(weights.std)) != (tuple(d.mean), tuple(d.std)):
+            warn(f"{what} was trained with mean {list(weights.mean)} and std {list(weights.std)}, data.mean / "
+                 f"data.std are {list(d.mean)} / {list(d.std)}: set data.mean={list(weights.mean)} "
+                 f"data.std={list(weights.std)} to feed it inputs normalised as it expects")
+    return student, teacher
 
 
 def init_networks(cfg: DictConfig, path: str | Path) -> tuple[torch.nn.Module, torch.nn.Module]:

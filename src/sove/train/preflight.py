@@ -21,6 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from sove.errors import ConfigError, DataError
 from sove.train.schedules import schedule_lengths
+from sove.train.small_data import DROP_FRACTION, MIN_STEPS_PER_EPOCH, fitting_overrides
 
 #: Keys a resume may change: they cannot change the weights, feature sets or data order of the
 #: steps that follow. Execution settings (threads, compile) compute the same step, though
@@ -30,7 +31,7 @@ from sove.train.schedules import schedule_lengths
 TRAJECTORY_NEUTRAL = (
     "trainer.max_steps", "trainer.log_every", "trainer.checkpoint_every", "trainer.keep_checkpoints",
     "trainer.progress", "trainer.num_threads", "trainer.compile", "trainer.check_sync", "trainer.on_nonfinite",
-    "trainer.out_dir", "trainer.name", "trainer.init_from",
+    "trainer.out_dir", "trainer.name", "trainer.init_from", "trainer.loggers", "model.init",
     "data.num_workers", "data.prefetch_factor", "data.download", "data.on_error", "data.test_root", "eval.*",
 )
 
@@ -38,9 +39,6 @@ TRAJECTORY_NEUTRAL = (
 #: the ones stored in the checkpoint (e.g. ``trainer.devices=[1]`` instead of ``1``).
 CHECKED_BY_VALUE = ("trainer.accelerator", "trainer.devices", "trainer.num_nodes", "trainer.strategy",
                     "trainer.precision")
-
-#: Share of the images that ``drop_last`` may discard every epoch before a warning.
-DROP_WARN_FRACTION = 0.1
 
 
 def warn(message: str) -> None:
@@ -71,7 +69,9 @@ def check_run_plan(cfg: DictConfig, num_images: int, world_size: int) -> list[st
     Refused (ConfigError/DataError naming the key): fewer images than one global batch; an lr
     warm-up not shorter than the schedule; ``trainer.max_steps`` beyond the schedule; a feature set
     the whole schedule cannot fill (its random initial rows would stay concept candidates).
-    Warned: more than :data:`DROP_WARN_FRACTION` of the images dropped per epoch, a warm-up that
+    Warned: fewer than :data:`~sove.train.small_data.MIN_STEPS_PER_EPOCH` steps per epoch, more than
+    :data:`~sove.train.small_data.DROP_FRACTION` of the images dropped per epoch, an E_C larger than
+    the dataset, a warm-up that
     rounds to 0 steps or that ``trainer.max_steps`` cuts short, a feature set ``max_steps`` leaves
     partly random, ``optim.min_lr`` above the peak lr, an unused ``loss.teacher_temp``, a periodic
     k-NN that never runs.
@@ -86,10 +86,11 @@ def check_run_plan(cfg: DictConfig, num_images: int, world_size: int) -> list[st
     """
     o, lo, t = cfg.optim, cfg.loss, cfg.trainer
     g = o.batch_size * world_size
+    fit = _fitting(cfg, num_images, world_size)
     if num_images < g:
         raise DataError(f"data.root: {num_images} images is fewer than one global batch (optim.batch_size "
                         f"{o.batch_size} x {world_size} processes = {g}): every batch would be dropped; "
-                        "lower optim.batch_size")
+                        f"lower optim.batch_size{fit}")
     per_epoch = num_images // g
     total, warm, temp_warm = schedule_lengths(o, lo, per_epoch)
     sched = f"{total} steps (optim.epochs {o.epochs} x {per_epoch} steps/epoch of {g} images)"
@@ -100,11 +101,7 @@ def check_run_plan(cfg: DictConfig, num_images: int, world_size: int) -> list[st
         raise ConfigError(f"trainer.max_steps: {t.max_steps} is beyond the schedule, {sched}; the run would stop "
                           "at its end. Raise optim.epochs or lower trainer.max_steps")
     steps = min(total, t.max_steps or total)
-    out = []
-    dropped = num_images - per_epoch * g
-    if dropped > DROP_WARN_FRACTION * num_images:
-        out.append(f"each epoch drops {dropped} of {num_images} images ({100 * dropped / num_images:.0f}%): "
-                   f"only whole global batches of {g} are used; lower optim.batch_size to use more of the data")
+    out = _small_data(cfg, num_images, per_epoch, g)
     for key, epochs, length, what in (("optim.warmup_epochs", o.warmup_epochs, warm, "lr warm-up"),
                                       ("loss.teacher_temp_warmup_epochs", lo.teacher_temp_warmup_epochs, temp_warm,
                                        "teacher-temperature warm-up")):
@@ -112,9 +109,39 @@ def check_run_plan(cfg: DictConfig, num_images: int, world_size: int) -> list[st
             out.append(f"{key}={epochs} is 0 steps at {per_epoch} steps/epoch: no {what}")
         elif steps < length:
             out.append(f"trainer.max_steps={steps} stops the run inside the {what} ({length} steps)")
-    out += _feature_set_plan(lo, total, steps, g) + _unused_settings(cfg, per_epoch, steps, g)
+    small = bool(out)
+    out += _feature_set_plan(lo, total, steps, g, fit) + _unused_settings(cfg, per_epoch, steps, g)
+    if small and fit:
+        out.append(fit.lstrip("; "))
     for message in out:
         warn(message)
+    return out
+
+
+def _fitting(cfg: DictConfig, num_images: int, world_size: int) -> str:
+    """``"; settings that fit N images: key=value ..."`` (:func:`~sove.train.small_data.fitting_overrides`),
+    or "" when the config fits."""
+    fit = fitting_overrides(cfg, num_images, world_size)
+    on = f" on {world_size} processes" if world_size > 1 else ""
+    return f"; settings that fit {num_images} images{on}: {' '.join(fit)}" if fit else ""
+
+
+def _small_data(cfg: DictConfig, num_images: int, per_epoch: int, g: int) -> list[str]:
+    """Warnings for a dataset small for the config: a few steps per epoch, a large share dropped by
+    ``drop_last``, an E_C larger than the dataset."""
+    out = []
+    if per_epoch < MIN_STEPS_PER_EPOCH:
+        out.append(f"{num_images} images make {per_epoch} step(s) per epoch of {g} images (fewer than "
+                   f"{MIN_STEPS_PER_EPOCH}): epoch-based settings (optim.epochs, warm-ups) round to few steps")
+    dropped = num_images - per_epoch * g
+    if dropped > DROP_FRACTION * num_images:
+        out.append(f"each epoch drops {dropped} of {num_images} images ({100 * dropped / num_images:.0f}%): "
+                   f"only whole global batches of {g} are used; lower optim.batch_size to use more of the data")
+    lo = cfg.loss
+    if lo.cls_weight > 0 and lo.cls_feature_set_size > num_images:
+        out.append(f"loss.cls_feature_set_size ({lo.cls_feature_set_size}) is larger than the dataset ({num_images} "
+                   "images): E_C holds several views of each image, embedded by older teachers, as concept "
+                   "candidates")
     return out
 
 
@@ -136,8 +163,9 @@ def _unused_settings(cfg: DictConfig, per_epoch: int, steps: int, g: int) -> lis
     return out
 
 
-def _feature_set_plan(lo: DictConfig, total: int, steps: int, g: int) -> list[str]:
-    """Refuse a feature set the whole schedule cannot fill; warnings when ``max_steps`` leaves one partly random."""
+def _feature_set_plan(lo: DictConfig, total: int, steps: int, g: int, fit: str) -> list[str]:
+    """Refuse a feature set the whole schedule cannot fill (``fit``: the suggestion appended); warnings
+    when ``max_steps`` leaves one partly random."""
     out = []
     for name in ("cls", "patch"):
         key, size = f"loss.{name}_feature_set_size", lo[f"{name}_feature_set_size"]
@@ -146,7 +174,7 @@ def _feature_set_plan(lo: DictConfig, total: int, steps: int, g: int) -> list[st
         if total * g < size:
             raise ConfigError(f"{key}: {size} rows are never filled: the whole schedule enqueues {total} steps x {g} "
                               f"= {total * g} teacher embeddings, so random initial rows would stay concept "
-                              f"candidates; lower {key} or train longer")
+                              f"candidates; lower {key} or train longer{fit}")
         if steps * g < size:
             out.append(f"trainer.max_steps={steps} enqueues {steps * g} of the {size} rows of {key}: the rest stay "
                        "random initial rows")
@@ -175,7 +203,7 @@ def check_resume(state: dict[str, Any], cfg: DictConfig, world_size: int, precis
         stored = OmegaConf.merge(OmegaConf.structured(SOVEConfig), OmegaConf.create(state["config"]))
     except (OmegaConfBaseException, KeyError) as e:
         raise ConfigError(f"--resume: the config stored in {source} does not load ({str(e).splitlines()[0]})") from None
-    old, new = _flatten(OmegaConf.to_container(stored)), _flatten(OmegaConf.to_container(cfg))
+    old, new = flatten(OmegaConf.to_container(stored)), flatten(OmegaConf.to_container(cfg))
     by_value = CHECKED_BY_VALUE if "world_size" in state else ()  # older checkpoints: compared as keys
     changed = [f"{k} ({old.get(k)} -> {new.get(k)})" for k in sorted(set(old) | set(new))
                if old.get(k) != new.get(k) and not _neutral(k) and k not in by_value]
@@ -195,12 +223,12 @@ def _neutral(key: str) -> bool:
     return key in TRAJECTORY_NEUTRAL or any(n.endswith(".*") and key.startswith(n[:-1]) for n in TRAJECTORY_NEUTRAL)
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists stay values."""
     out = {}
     for k, v in tree.items():
         if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out

@@ -17,7 +17,6 @@ from typing import Any, Callable, ContextManager
 
 import torch
 from lightning.fabric import Fabric
-from lightning.fabric.loggers import TensorBoardLogger
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
@@ -38,7 +37,8 @@ from sove.run_lock import rank_zero_lock
 from sove.train.builders import (build_loss, build_train_dataset, loader_options, preflight, prepare_run_dir,
                                  resolve_precision, resume_checkpoint)
 from sove.train.diagnostics import Diagnostics, NonFiniteLossError  # noqa: F401 (re-exported)
-from sove.train.init_from import init_networks
+from sove.train.init_from import initial_networks
+from sove.train.loggers import build_loggers, check_installed, finalize_loggers, start_loggers
 from sove.train.metrics_csv import MetricsCSV
 from sove.train.optim import EMA, clip_per_tensor, param_groups
 from sove.train.preflight import check_resume, check_run_plan, planned_world_size
@@ -65,14 +65,13 @@ class Trainer(Diagnostics):
         t = cfg.trainer
         if t.num_threads:
             torch.set_num_threads(t.num_threads)
+        loggers = build_loggers(cfg, run_dir)  # trainer.loggers, MetricsCSV first
         self.fabric = Fabric(accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
-                             strategy=t.strategy, precision=resolve_precision(cfg),
-                             loggers=[MetricsCSV(run_dir / "metrics.csv"),
-                                      TensorBoardLogger(str(run_dir), name="tensorboard", version="")])
-        self.metrics_csv: MetricsCSV = self.fabric.loggers[0]
+                             strategy=t.strategy, precision=resolve_precision(cfg), loggers=loggers)
+        self.metrics_csv: MetricsCSV = loggers[0]
         self.fabric.launch()
         if self.fabric.is_global_zero:
-            self.fabric.loggers[1].experiment  # create the TensorBoard writer now
+            start_loggers(loggers, cfg)
         self.fabric.seed_everything(t.seed, verbose=False)
         self.dataset = dataset if dataset is not None else build_train_dataset(cfg)
         b, world = cfg.optim.batch_size, self.fabric.world_size
@@ -275,8 +274,7 @@ class Trainer(Diagnostics):
         bar.close()
         self.report_skipped()
         path = self.save()
-        for logger in self.fabric.loggers:
-            logger.finalize("success")
+        finalize_loggers(self.fabric.loggers)
         return path
 
     def end_epoch(self) -> None:
@@ -363,20 +361,21 @@ def pretrain(cfg: DictConfig, overwrite: bool = False) -> Path:
 
     Writes ``config.yaml`` (the resolved config), ``metrics.csv``, TensorBoard events and
     ``checkpoints/last.pt`` (atomic, every ``trainer.checkpoint_every`` steps and at the end).
-    ``trainer.init_from=CKPT`` initialises student and teacher weights from another run's
-    checkpoint (a fresh run: new optimizer, feature sets and step 0; see :mod:`sove.train.init_from`).
-    Data, run plan (:func:`~sove.train.preflight.check_run_plan`) and ``init_from`` weights are
+    ``trainer.init_from=CKPT`` initialises student and teacher from another run's checkpoint,
+    ``model.init=SOURCE`` their backbones from timm / export / checkpoint weights (a fresh run: new
+    optimizer, feature sets and step 0; see :mod:`sove.train.init_from`).
+    Data, run plan (:func:`~sove.train.preflight.check_run_plan`) and initial weights are
     checked before the run directory is created.
 
     Raises:
         SoveError: existing run without ``overwrite`` (a folder that is not a sove run: never replaced), run
             in use, absent device, unwritable ``trainer.out_dir`` (checked before any work); data, config
-            (run plan) or init_from problems.
+            (run plan) or initial-weight problems.
     """
     run_dir = preflight(cfg, overwrite)  # name, device, existing folder, writable: before any work
     dataset = build_train_dataset(cfg)  # bad data stops here, before the run directory exists
     check_run_plan(cfg, len(dataset), planned_world_size(cfg))
-    networks = init_networks(cfg, cfg.trainer.init_from) if cfg.trainer.init_from else None
+    networks = initial_networks(cfg)  # trainer.init_from / model.init, checked before the run directory exists
     with rank_zero_lock(run_dir):
         if rank_zero_only.rank == 0:  # before the launch: the processes Fabric spawns skip this
             prepare_run_dir(cfg, overwrite)
@@ -402,6 +401,7 @@ def resume(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
         raise SoveError(f"--resume: '{run_dir}' is not a sove run directory (no config.yaml)")
     cfg = load_config(str(run_dir / "config.yaml"), overrides)
     check_trainer_device(cfg, resolve_precision(cfg))
+    check_installed(list(cfg.trainer.loggers))
     with rank_zero_lock(run_dir):
         path = resume_checkpoint(run_dir)
         state = ckpt.load_checkpoint(path)
