@@ -194,6 +194,44 @@ def _evaluate_mode(run_dir: str | Path, mode: str, overrides: list[str] | tuple[
     return result
 
 
+def estimate_knn_seconds(cfg: DictConfig, sample: int = 2048, device: str = "cpu") -> float:
+    """Seconds :func:`evaluate_knn_modes` will take for all three modes on this machine, from a probe.
+
+    The probe reads and preprocesses ``sample`` train images, runs the (untrained) backbone on them
+    and times one chunk of k-NN queries against a random bank of the train split's size at the
+    pixel and the feature width; each is scaled to the full splits (read once, two networks,
+    three k-NNs). Used by ``make demo`` to leave the evaluation its time inside the demo's budget.
+
+    Raises:
+        DataError: the data has no labels or no test split (:func:`sove.eval.features.eval_splits`).
+    """
+    import time
+
+    from sove.eval.features import eval_splits, extract_features, random_init_backbone
+
+    train, test = eval_splits(cfg)
+    n_train, n_all = len(train), len(train) + len(test)
+    idx = torch.linspace(0, n_train - 1, min(sample, n_train)).long().tolist()
+    start = time.perf_counter()
+    images = Subset(train, idx)
+    decoded = [images[i] for i in range(len(images))]
+    read = time.perf_counter() - start
+    backbone = random_init_backbone(cfg)
+    start = time.perf_counter()
+    feats = extract_features(backbone, decoded, cfg.eval.batch_size, device, "probe")
+    forward = time.perf_counter() - start
+    knn = 0.0
+    g = torch.Generator().manual_seed(0)
+    for dim in (decoded[0][0].numel(), feats.shape[1], feats.shape[1]):
+        bank = torch.nn.functional.normalize(torch.randn(n_train, dim, generator=g), dim=1)
+        queries = bank[:256]
+        start = time.perf_counter()
+        knn_classify(bank, torch.zeros(n_train, dtype=torch.long), queries, torch.zeros(256, dtype=torch.long),
+                     list(cfg.eval.knn_k), cfg.eval.knn_temperature, num_classes=10)
+        knn += (time.perf_counter() - start) * len(test) / 256
+    return (read + 2 * forward) * n_all / len(idx) + knn
+
+
 #: Stream of the run seed that draws the periodic k-NN subsets (independent of every training draw).
 PERIODIC_KNN_STREAM = 0x6B6E6E
 
