@@ -100,7 +100,8 @@ def test_fit_with_deadlines_equals_one_straight_fit(tmp_path, image_folder, reco
     continues exactly (the method-comparison benchmark alternates methods this way)."""
     from sove.train.builders import prepare_run_dir
 
-    base = TINY + [f"data.root={image_folder}", f"trainer.out_dir={tmp_path}"]
+    # The loader path here; the test above runs the default (data.augment_on=auto: device on CPU).
+    base = TINY + [f"data.root={image_folder}", f"trainer.out_dir={tmp_path}", "data.augment_on=loader"]
     pretrain(load_config(None, base + ["trainer.name=straight"]))
     straight_seen = list(record_indices)
     record_indices.clear()

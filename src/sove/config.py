@@ -28,7 +28,10 @@ class DataConfig:
     test_root: Optional[str] = None  # labelled test folder for ``source: folder`` evaluation
     download: bool = False  # torchvision download of Fashion-MNIST when online
     num_channels: int = 3
-    num_workers: int = 0  # 0 = augment in the main process (fastest on 2 cores)
+    num_workers: int = 0  # 0 = data in the main process (fastest on 2 cores)
+    augment_on: str = "auto"  # loader (workers make the views) | device (workers decode; views batched on the device) | auto
+    max_image_side: int = 512  # device path: decoded images are downscaled to this longer side (0 = no bound)
+    prefetch_factor: int = 2  # batches each worker keeps ready (num_workers > 0)
     on_error: str = "skip"  # unreadable image: skip (pretraining: next readable one; eval/embed: left out) | raise
     global_crop_size: int = 224
     local_crop_size: int = 96
@@ -288,6 +291,10 @@ def _validate_data(cfg: DictConfig) -> None:
     _check(d.source != "folder" or d.root is not None, "data.root", "is required when data.source=folder")
     _check(d.on_error in ("skip", "raise"), "data.on_error", f"must be skip or raise, got {d.on_error!r}")
     _check(d.num_channels in (1, 3), "data.num_channels", f"must be 1 or 3, got {d.num_channels}")
+    _check(d.augment_on in ("auto", "loader", "device"), "data.augment_on",
+           f"must be auto, loader or device, got {d.augment_on!r}")
+    _check(d.max_image_side >= 0, "data.max_image_side", f"must be >= 0 (0 = no bound), got {d.max_image_side}")
+    _check(d.prefetch_factor >= 1, "data.prefetch_factor", f"must be >= 1, got {d.prefetch_factor}")
     _check(len(d.mean) == d.num_channels and len(d.std) == d.num_channels, "data.mean/data.std",
            f"need {d.num_channels} values (data.num_channels)")
     stride = token_stride(m)

@@ -341,8 +341,9 @@ class SSLDataset(Dataset):
             f"{skipped[0]}); the data folder looks damaged, check data.root"
         )
 
-    def __getitem__(self, index: int) -> dict:
-        """Item ``index`` (or the next readable one, see the class docstring).
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        """Item ``key``, an index or ``(epoch, index)`` (:class:`sove.data.sampler.EpochKeys`;
+        a bare index uses :meth:`set_epoch`'s epoch), or the next readable one (class docstring).
 
         Returns:
             dict with ``crops`` (list of float32 tensors, see
@@ -355,8 +356,9 @@ class SSLDataset(Dataset):
         Raises:
             DataError: see :meth:`_read`.
         """
+        epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
         image, label, used, skipped = self._read(index)
-        generator = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, used))
+        generator = torch.Generator().manual_seed(sample_seed(self.seed, epoch, used))
         crops = self.augmentation(image, generator)
         masks = torch.stack([self.mask_generator(generator) for _ in range(NUM_GLOBAL_CROPS)])
         return {"crops": crops, "masks": masks, "index": used, "label": int(label),

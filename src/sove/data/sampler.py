@@ -67,3 +67,22 @@ class ResumableSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return (self.batches_per_epoch - self.start_batch) * self.batch_size
+
+
+class EpochKeys(Sampler[tuple[int, int]]):
+    """``(epoch, index)`` keys of a :class:`ResumableSampler`'s current epoch and position.
+
+    Datasets seed a sample's augmentation by its epoch; passing the epoch with the index keeps
+    that right in persistent DataLoader workers, which hold their own copy of the dataset and
+    never see a ``set_epoch`` call made in the main process.
+    """
+
+    def __init__(self, sampler: ResumableSampler) -> None:
+        self.sampler = sampler
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = self.sampler.epoch
+        return ((epoch, index) for index in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)

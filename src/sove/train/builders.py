@@ -11,14 +11,42 @@ from omegaconf import DictConfig, OmegaConf
 
 from sove.config import token_stride
 from sove.data import MultiCropAugmentation, SSLDataset, build_source
+from sove.data.decoded import DecodedDataset
 from sove.errors import SoveError
 from sove.method import ConceptSettings, SOVELoss
 from sove.preflight import check_run_name, check_trainer_device, check_writable
 from sove.run_lock import LOCK_NAME, is_sove_run
 
 
+def _uses_cuda(cfg: DictConfig) -> bool:
+    """Whether Fabric will train on a CUDA device (``trainer.accelerator`` auto / gpu / cuda)."""
+    return torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda")
+
+
+def resolve_augment_on(cfg: DictConfig) -> str:
+    """``data.augment_on``; ``auto`` = ``device`` on CUDA, and on the CPU when the data is made in
+    the training process (``data.num_workers=0``: the device path costs 5x less CPU per image
+    on the demo); ``loader`` on the CPU with workers, which then make the views in parallel
+    with the training step (docs/benchmarks.md, "Input pipeline")."""
+    if cfg.data.augment_on != "auto":
+        return cfg.data.augment_on
+    return "device" if _uses_cuda(cfg) or cfg.data.num_workers == 0 else "loader"
+
+
+def loader_options(cfg: DictConfig, device: torch.device) -> dict:
+    """DataLoader keyword arguments of ``cfg.data`` for a run on ``device``: workers, pinned
+    memory on CUDA, persistent workers and ``data.prefetch_factor`` when there are workers."""
+    d = cfg.data
+    options = {"num_workers": d.num_workers, "pin_memory": device.type == "cuda"}
+    if d.num_workers > 0:
+        options.update(persistent_workers=True, prefetch_factor=d.prefetch_factor)
+    return options
+
+
 def build_train_dataset(cfg: DictConfig) -> SSLDataset:
-    """The multi-crop, masked training dataset of ``cfg.data`` / ``cfg.mask``."""
+    """The multi-crop, masked training dataset of ``cfg.data`` / ``cfg.mask``: a
+    :class:`DecodedDataset` (views made on the training device) when :func:`resolve_augment_on`
+    says ``device``, else an :class:`SSLDataset` (views made in the loader)."""
     d = cfg.data
     source = build_source(d.source, d.root, "train", d.download, d.num_channels, d.test_root)
     aug = MultiCropAugmentation(
@@ -27,8 +55,11 @@ def build_train_dataset(cfg: DictConfig) -> SSLDataset:
         d.grayscale, d.blur, d.solarize,
     )
     # Masks live on the backbone's output-token grid (Swin: final stage; see sove.models.swin).
-    return SSLDataset(source, aug, token_stride(cfg.model), cfg.mask.mode, cfg.mask.ratio, d.on_error,
-                      cfg.trainer.seed, mask_fill_remainder=cfg.mask.fill_remainder)
+    args = (source, aug, token_stride(cfg.model), cfg.mask.mode, cfg.mask.ratio, d.on_error, cfg.trainer.seed)
+    kwargs = {"mask_fill_remainder": cfg.mask.fill_remainder}
+    if resolve_augment_on(cfg) == "device":
+        return DecodedDataset(*args, max_image_side=d.max_image_side, **kwargs)
+    return SSLDataset(*args, **kwargs)
 
 
 def build_loss(cfg: DictConfig) -> SOVELoss:
@@ -134,4 +165,4 @@ def resolve_precision(cfg: DictConfig) -> str:
     """
     if cfg.trainer.precision != "auto":
         return cfg.trainer.precision
-    return "bf16-mixed" if torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda") else "32-true"
+    return "bf16-mixed" if _uses_cuda(cfg) else "32-true"

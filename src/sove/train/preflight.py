@@ -31,7 +31,7 @@ TRAJECTORY_NEUTRAL = (
     "trainer.max_steps", "trainer.log_every", "trainer.checkpoint_every", "trainer.keep_checkpoints",
     "trainer.progress", "trainer.num_threads", "trainer.compile", "trainer.check_sync", "trainer.on_nonfinite",
     "trainer.out_dir", "trainer.name", "trainer.init_from",
-    "data.num_workers", "data.download", "data.on_error", "data.test_root", "eval.*",
+    "data.num_workers", "data.prefetch_factor", "data.download", "data.on_error", "data.test_root", "eval.*",
 )
 
 #: Keys a resume may change as long as the world size and the resolved precision they give stay

@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 from sove import __version__
 from sove.data import SSLDataset, collate_views
 from sove.data.decode import unreadable_report
-from sove.data.sampler import ResumableSampler
+from sove.data.decoded import DecodedDataset, DeviceViews
+from sove.data.sampler import EpochKeys, ResumableSampler
 from sove.distributed import all_gather_objects
 from sove.errors import DataError, SoveError
 from sove.method import FeatureSet, anchor_generator
@@ -35,8 +36,8 @@ from sove.train import checkpoint as ckpt
 from sove.preflight import check_trainer_device
 from sove.run_lock import rank_zero_lock
 from sove.train.budget import TimeBudget
-from sove.train.builders import (build_loss, build_train_dataset, preflight, prepare_run_dir, resolve_precision,
-                                 resume_checkpoint)
+from sove.train.builders import (build_loss, build_train_dataset, loader_options, preflight, prepare_run_dir,
+                                 resolve_precision, resume_checkpoint)
 from sove.train.diagnostics import Diagnostics, NonFiniteLossError  # noqa: F401 (re-exported)
 from sove.train.init_from import init_networks
 from sove.train.metrics_csv import MetricsCSV
@@ -81,10 +82,13 @@ class Trainer(Diagnostics):
                             f"({b} x {world}); lower optim.batch_size")
         self.sampler = ResumableSampler(len(self.dataset), b, world, self.fabric.global_rank, t.seed)
         # A private generator keeps the loader from drawing on the global RNG at each epoch start.
-        loader = DataLoader(self.dataset, batch_size=b, sampler=self.sampler, drop_last=True,
-                            num_workers=cfg.data.num_workers, collate_fn=collate_views,
-                            generator=torch.Generator().manual_seed(t.seed))
-        self.loader = self.fabric.setup_dataloaders(loader, use_distributed_sampler=False)
+        on_device = isinstance(self.dataset, DecodedDataset)  # data.augment_on=device
+        loader = DataLoader(self.dataset, batch_size=b, sampler=EpochKeys(self.sampler), drop_last=True,
+                            collate_fn=self.dataset.collate if on_device else collate_views,
+                            generator=torch.Generator().manual_seed(t.seed), **loader_options(cfg, self.fabric.device))
+        self.loader = self.fabric.setup_dataloaders(loader, use_distributed_sampler=False, move_to_device=not on_device)
+        if on_device:  # the workers decoded; the views are made on the training device
+            self.loader = DeviceViews(self.loader, self.dataset, self.fabric.device)
         student, teacher = networks if networks is not None else build_networks(cfg, seed=t.seed)
         self.student_module, self.teacher = student, self.fabric.to_device(teacher)
         self.optimizer = torch.optim.AdamW(param_groups(student), lr=0.0, betas=tuple(cfg.optim.betas))
