@@ -301,8 +301,8 @@ class Trainer(Diagnostics):
         self.schedules = self.budget.schedules()
         self.total_steps = min(self.schedules.total_iters, self.cfg.trainer.max_steps or self.schedules.total_iters)
         bar.total = self.total_steps
-        check_budget_plan(self.cfg, self.schedules.total_iters, self.cfg.optim.batch_size * self.fabric.world_size)
         self.fabric.print(line)
+        check_budget_plan(self.cfg, self.schedules.total_iters, self.cfg.optim.batch_size * self.fabric.world_size)
 
     def end_epoch(self) -> None:
         """Report unreadable images of the epoch, run the periodic k-NN if due, move to the next epoch."""
