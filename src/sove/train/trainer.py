@@ -301,7 +301,7 @@ class Trainer(Diagnostics):
         self.schedules = self.budget.schedules()
         self.total_steps = min(self.schedules.total_iters, self.cfg.trainer.max_steps or self.schedules.total_iters)
         bar.total = self.total_steps
-        self.fabric.print(line)
+        self.fabric.print(line, flush=True)
         check_budget_plan(self.cfg, self.schedules.total_iters, self.cfg.optim.batch_size * self.fabric.world_size)
 
     def end_epoch(self) -> None:
@@ -451,7 +451,7 @@ def _fit(trainer: Trainer, run_dir: Path) -> Path:
     start = time.perf_counter()
     trainer.fit()
     if trainer.budget is not None:
-        trainer.fabric.print(trainer.budget.report(trainer.step, trainer.clock()))
+        trainer.fabric.print(trainer.budget.report(trainer.step, trainer.clock()), flush=True)
     if trainer.fabric.is_global_zero:
         from sove.viz.curves import plot_curves
 
