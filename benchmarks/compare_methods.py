@@ -25,7 +25,7 @@ peak memory, measured alone); from that step time its schedule is sized to the b
 warm-up is the same fraction of the schedule as in the config). Then the three trainers run
 alternately in ``--slice-seconds`` slices, so machine drift hits all alike, until each has used its
 budget or finished its schedule. After every slice a method's schedules are re-sized to the steps
-its measured pace fits into the budget left (:func:`resize_to_budget`): the few calibration steps
+its measured pace fits into the budget left (:func:`sove.train.budget.resize_to_budget`): the few calibration steps
 misjudged the long-run step time by -11% to +20% on the 2-core machine, which either ended a schedule
 before the budget or cut its cosine tail off; re-sized, each run uses the budget and ends annealed.
 Finally the teacher backbones are evaluated with the k-NN
@@ -54,6 +54,7 @@ from sove.errors import SoveError
 from sove.eval.features import eval_splits, extract_features, pixel_features, random_init_backbone
 from sove.eval.knn import knn_on_splits
 from sove.models import build_networks
+from sove.train.budget import resize_to_budget
 from sove.train.builders import build_train_dataset, prepare_run_dir
 from sove.train.trainer import Trainer
 
@@ -147,35 +148,6 @@ def make_trainer(method: str, cfg, run_dir: Path, dataset, num_prototypes: int) 
     if method == "sove":
         return SOVEBench(cfg, run_dir, dataset)
     return PeerTrainer(cfg, run_dir, dataset, num_prototypes, patch=method == "ibot")
-
-
-def resize_to_budget(trainer: Trainer, used_s: float, budget_s: float) -> int:
-    """Re-size ``trainer``'s schedules so that, at its pace so far, it ends when ``budget_s`` is used.
-
-    New length = steps taken + (budget left) / (seconds per step so far); the lr warm-up stays the
-    same fraction of the schedule (as in ``method_config``), the cosine lr / weight-decay / momentum
-    curves stretch or shrink to the new length. Steps already taken keep the values they had.
-
-    Args:
-        trainer: a trainer that has taken at least one step.
-        used_s, budget_s: training seconds used so far / allowed in all.
-
-    Returns:
-        the new total number of steps (>= steps taken + 1).
-    """
-    from omegaconf import OmegaConf
-
-    from sove.train.schedules import build_schedules
-
-    per_step = used_s / max(trainer.step, 1)
-    total = trainer.step + max(1, int((budget_s - used_s) / per_step))
-    o = trainer.cfg.optim
-    epochs = total / trainer.sampler.batches_per_epoch
-    optim = OmegaConf.merge(o, {"epochs": epochs, "warmup_epochs": o.warmup_epochs / o.epochs * epochs})
-    trainer.schedules = build_schedules(optim, trainer.cfg.loss, trainer.sampler.batches_per_epoch,
-                                        o.batch_size * trainer.fabric.world_size)
-    trainer.total_steps = trainer.schedules.total_iters
-    return trainer.total_steps
 
 
 def method_config(args: argparse.Namespace, method: str, epochs: float | None = None):

@@ -8,8 +8,8 @@ furthest in the time I have". So every trial gets the same wall-clock training b
 (``--budget-minutes``): a few calibration steps in a fresh child process measure its seconds per
 step (the step cost differs between settings: patch size, crops, model size), its schedule is
 sized to the budget, it trains in ``--slice-seconds`` slices after each of which its schedules are
-re-sized to the steps its measured pace fits into the budget left (``compare_methods.
-resize_to_budget``: the run uses the budget and ends annealed), and its teacher backbone is
+re-sized to the steps its measured pace fits into the budget left (``sove.train.
+budget.resize_to_budget``: the run uses the budget and ends annealed), and its teacher backbone is
 k-NN-evaluated with the protocol of ``sove eval knn`` on the full train / test splits.
 Trials run one after another -- never start two CPU jobs at once on a small machine: on 2 cores
 concurrent jobs slowed each ~5x and would make the budgets meaningless.
@@ -35,10 +35,11 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare_methods import calibrate, knn_of, make_trainer, method_config, resize_to_budget  # noqa: E402
+from compare_methods import calibrate, knn_of, make_trainer, method_config  # noqa: E402
 
 from sove.errors import SoveError  # noqa: E402
 from sove.eval.features import eval_splits  # noqa: E402
+from sove.train.budget import resize_to_budget  # noqa: E402
 from sove.train.builders import build_train_dataset  # noqa: E402
 
 #: name -> overrides relative to the config (the demo preset ``fashion_mnist_tiny`` by default).

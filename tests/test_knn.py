@@ -58,3 +58,20 @@ def test_chunking_and_best_k():
     # k larger than the train set is capped: k=200 uses all 50 neighbours.
     c = knn_classify(train, labels, test, tl, ks=[50])
     assert c["top1"]["50"] == a["top1"]["200"]
+
+
+def test_all_modes_in_one_pass_equal_separate_evaluations(tmp_path):
+    """``sove eval knn --all`` reads the images once and gives each mode the result of its own run."""
+    import json
+
+    from conftest import tiny_labelled_run
+    from sove.eval.knn import evaluate_knn, evaluate_knn_modes
+
+    run = tiny_labelled_run(tmp_path)
+    both = evaluate_knn_modes(run)
+    assert list(both) == ["trained", "random_init", "pixels"]
+    for mode, name in (("trained", "knn.json"), ("random_init", "knn_random_init.json"), ("pixels", "knn_pixels.json")):
+        assert json.loads((run / "eval" / name).read_text())["top1"] == both[mode]["top1"]
+        alone = evaluate_knn(run, mode)
+        assert (alone["top1"], alone["top5"], alone["fingerprint"]) == (
+            both[mode]["top1"], both[mode]["top5"], both[mode]["fingerprint"]), mode

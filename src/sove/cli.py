@@ -1,7 +1,7 @@
 """The ``sove`` command line: thin parsing around library functions.
 
     sove pretrain --config fashion_mnist_tiny [--overwrite] [key=value ...]
-    sove eval knn --run runs/fashion_mnist_tiny [--random-init | --pixels] [key=value ...]
+    sove eval knn --run runs/fashion_mnist_tiny [--random-init | --pixels | --all] [key=value ...]
     sove eval linear --run runs/fashion_mnist_tiny [--features cls4|cls_mean] [--epochs N] [--augment]
     sove eval lowshot --run runs/fashion_mnist_tiny [--percent 1 10 | --subset-file FILE ...]
     sove eval retrieval --run RUN --data data/roxford5k      (revisited Oxford/Paris mAP)
@@ -62,13 +62,15 @@ def _export(args: argparse.Namespace) -> None:
 
 
 def _eval_knn(args: argparse.Namespace) -> None:
-    from sove.eval.knn import evaluate_knn
+    from sove.eval.knn import KNN_MODES, evaluate_knn_modes
 
-    mode = "random_init" if args.random_init else "pixels" if args.pixels else "trained"
-    result = evaluate_knn(args.run, mode, args.overrides, args.device)
-    ks = ", ".join(f"k={k}: {v:.2f}" for k, v in result["top1"].items())
-    print(f"k-NN top-1 ({mode}) {ks}; best {result['best_top1']:.2f}% at k={result['best_k']} "
-          f"({result['num_train']} train / {result['num_test']} test)")
+    modes = (list(KNN_MODES) if args.all else
+             ["random_init" if args.random_init else "pixels" if args.pixels else "trained"])
+    for mode, result in evaluate_knn_modes(args.run, modes, args.overrides, args.device).items():
+        ks = ", ".join(f"k={k}: {v:.2f}" for k, v in result["top1"].items())
+        timing = f" in {result['seconds'] / 60:.1f} min" if args.all else ""
+        print(f"k-NN top-1 ({mode}) {ks}; best {result['best_top1']:.2f}% at k={result['best_k']} "
+              f"({result['num_train']} train / {result['num_test']} test){timing}")
 
 
 def _eval_linear(args: argparse.Namespace) -> None:
@@ -215,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     group = knn.add_mutually_exclusive_group()
     group.add_argument("--random-init", action="store_true", help="the same architecture, untrained")
     group.add_argument("--pixels", action="store_true", help="raw pixels, mean-centred and L2-normalised")
+    group.add_argument("--all", action="store_true",
+                       help="trained, random init and pixels in one pass (the images are read once)")
     knn.add_argument("--device", default="cpu", help="device for feature extraction (cpu, cuda)")
     knn.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. eval.knn_k=[10,20]")
     knn.set_defaults(func=_eval_knn)

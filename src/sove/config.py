@@ -135,6 +135,7 @@ class TrainerConfig:
     out_dir: str = "runs"
     name: Optional[str] = None  # None: the preset's file name
     max_steps: Optional[int] = None  # stop early (tests, smoke runs)
+    time_budget: Optional[str] = None  # e.g. 30min, 2h, 90s, seconds: schedules sized to the measured pace
     log_every: int = 10
     checkpoint_every: int = 500
     keep_checkpoints: int = 0  # also keep the N newest step-numbered checkpoints
@@ -204,6 +205,11 @@ def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...
     Returns:
         A read-only DictConfig; ``trainer.name`` filled in from the preset's file name.
 
+    An ``optim.epochs=N`` override (given explicitly, i.e. in ``overrides``, not in a preset or YAML
+    file) turns off a ``trainer.time_budget`` of the preset: the run gets the fixed schedule asked for;
+    unless ``trainer.time_budget`` is an override too (then ``optim.epochs`` only gives the warm-up
+    fractions, docs/configs.md "Time budget").
+
     Raises:
         ConfigError: unknown key, wrong type, malformed override, or invalid value.
     """
@@ -218,6 +224,7 @@ def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...
         if bad:
             raise ConfigError(f"override '{bad[0]}' is not of the form key=value")
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        _explicit_length_wins(cfg, overrides)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or getattr(e, "key", None)
         msg = str(e).splitlines()[0]
@@ -235,6 +242,15 @@ CHOICES = {
     "trainer.precision": ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true"),
     "trainer.loggers": ("csv", "tensorboard", "wandb", "mlflow"),
 }
+
+
+def _explicit_length_wins(cfg: DictConfig, overrides: list[str] | tuple[str, ...]) -> None:
+    """An ``optim.epochs`` override without a ``trainer.time_budget`` override sets ``trainer.time_budget`` to
+    null: the fixed schedule asked for (docs/configs.md, "Time budget")."""
+    keys = {o.split("=", 1)[0].strip() for o in overrides}
+    if "optim.epochs" in keys and "trainer.time_budget" not in keys:
+        cfg.trainer.time_budget = None
+
 
 #: Stages of a timm Swin Transformer (v1) when ``model.depths`` is not set.
 SWIN_STAGES = 4
@@ -285,6 +301,10 @@ def validate(cfg: DictConfig) -> None:
         _check(t[key] >= 1, f"trainer.{key}", f"must be >= 1 (steps), got {t[key]}")
     _check(t.keep_checkpoints >= 0, "trainer.keep_checkpoints", f"must be >= 0, got {t.keep_checkpoints}")
     _check(t.max_steps is None or t.max_steps >= 1, "trainer.max_steps", f"must be >= 1 or null, got {t.max_steps}")
+    if t.time_budget is not None:
+        from sove.train.budget import parse_duration
+
+        parse_duration(t.time_budget)
     _check(all(k >= 1 for k in cfg.eval.knn_k), "eval.knn_k", "every k must be >= 1")
     _check(cfg.eval.knn_every_epochs >= 0, "eval.knn_every_epochs", f"must be >= 0 (0 = off), got {cfg.eval.knn_every_epochs}")
 

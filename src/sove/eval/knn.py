@@ -88,6 +88,12 @@ def knn_on_splits(train_features: torch.Tensor, train: Any, test_features: torch
                         labels_of(test)[keep_test], ks, temperature, num_classes=len(train.source.classes))
 
 
+#: Modes of ``sove eval knn``, in the order ``--all`` runs them, and their result files in ``RUN/eval``.
+KNN_MODES = {"trained": "knn.json", "random_init": "knn_random_init.json", "pixels": "knn_pixels.json"}
+#: Largest decoded splits (bytes of float32 images) that :func:`evaluate_knn_modes` keeps in memory.
+DECODED_LIMIT = 2 * 2**30
+
+
 def evaluate_knn(run_dir: str | Path, mode: str = "trained", overrides: list[str] | tuple[str, ...] = (),
                  device: str = "cpu") -> dict[str, Any]:
     """``sove eval knn``: k-NN on a run's labelled train/test splits; writes ``eval/knn*.json``.
@@ -100,49 +106,130 @@ def evaluate_knn(run_dir: str | Path, mode: str = "trained", overrides: list[str
         device: device for feature extraction.
 
     Returns:
-        The result dict of :func:`knn_classify` plus ``mode``, ``command`` and the provenance
-        (:func:`sove.eval.provenance.stamp`: ``checkpoint_step`` and ``weights_sha256`` of the trained
-        teacher, None for the baselines; ``inputs``; ``fingerprint``); saved to ``eval/knn.json``,
-        ``eval/knn_random_init.json`` or ``eval/knn_pixels.json``.
+        The result dict of :func:`knn_classify` plus ``mode``, ``command``, ``seconds`` (wall time of
+        the mode's features and k-NN) and the provenance (:func:`sove.eval.provenance.stamp`:
+        ``checkpoint_step`` and ``weights_sha256`` of the trained teacher, None for the baselines;
+        ``inputs``; ``fingerprint``); saved to ``eval/knn.json``, ``eval/knn_random_init.json`` or
+        ``eval/knn_pixels.json``.
 
     Test labels are numbered by the train split's class names (:func:`sove.eval.features.eval_splits`);
     unreadable images follow ``data.on_error`` (:func:`sove.eval.features.readable_rows`).
 
     Raises:
-        SoveError: not a run directory, no checkpoint, unlabelled data, an unreadable image with
-            ``data.on_error=raise``, ``RUN/eval`` not writable.
+        SoveError: unknown mode, not a run directory, no checkpoint, unlabelled data, an unreadable
+            image with ``data.on_error=raise``, ``RUN/eval`` not writable.
     """
-    from sove.eval.features import eval_splits, extract_features, load_run_config, pixel_features, random_init_backbone
+    return evaluate_knn_modes(run_dir, (mode,), overrides, device)[mode]
+
+
+def evaluate_knn_modes(run_dir: str | Path, modes: tuple[str, ...] | list[str] = tuple(KNN_MODES),
+                       overrides: list[str] | tuple[str, ...] = (), device: str = "cpu") -> dict[str, dict[str, Any]]:
+    """:func:`evaluate_knn` for several modes in one pass (``sove eval knn --all``): the splits are read and
+    preprocessed once (kept in memory as float32 when they take at most :data:`DECODED_LIMIT` bytes),
+    pixels need no network pass, each network extracts the train and test features once. The results
+    are those of separate :func:`evaluate_knn` calls.
+
+    Returns:
+        mode -> result dict (as :func:`evaluate_knn`), in the order of ``modes``.
+
+    Raises:
+        SoveError: as :func:`evaluate_knn`.
+    """
+    from sove.eval.features import eval_splits, load_run_config
+
+    bad = [m for m in modes if m not in KNN_MODES]
+    if bad:
+        raise SoveError(f"unknown k-NN mode {bad[0]!r}; use {', '.join(KNN_MODES)}")
+    cfg = load_run_config(run_dir, overrides)
+    check_writable(Path(run_dir) / "eval", "k-NN results")  # before minutes of feature extraction
+    splits = eval_splits(cfg)
+    inputs = [_decoded(s) for s in splits] if len(modes) > 1 else list(splits)
+    return {mode: _evaluate_mode(run_dir, mode, overrides, device, cfg, splits, inputs) for mode in modes}
+
+
+def _decoded(split: Any) -> Any:
+    """``split`` read and preprocessed once, as a TensorDataset of (image, label) items (unreadable images
+    stay all-NaN markers, recorded in ``split.unreadable``); ``split`` itself when too large for memory."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    image = split[0][0] if len(split) else None
+    if image is None or len(split) * image.numel() * 4 > DECODED_LIMIT:
+        return split
+    images, labels = zip(*DataLoader(split, batch_size=1024, shuffle=False, num_workers=0))
+    return TensorDataset(torch.cat(images), torch.cat(labels))
+
+
+def _evaluate_mode(run_dir: str | Path, mode: str, overrides: list[str] | tuple[str, ...], device: str,
+                   cfg: DictConfig, splits: tuple[Any, Any], inputs: list[Any]) -> dict[str, Any]:
+    """One mode of :func:`evaluate_knn_modes`: features of ``inputs`` (the splits, maybe decoded), k-NN with
+    the labels and unreadable lists of ``splits``, provenance, ``RUN/eval`` JSON."""
+    import time
+
+    from sove.eval.features import extract_features, pixel_features, random_init_backbone
     from sove.eval.frozen import command_line, load_eval_backbone, write_json
     from sove.eval.provenance import data_identity, items_identity, stamp
 
-    if mode not in ("trained", "random_init", "pixels"):
-        raise SoveError(f"unknown k-NN mode {mode!r}; use trained, random_init or pixels")
-    cfg = load_run_config(run_dir, overrides)
-    check_writable(Path(run_dir) / "eval", "k-NN results")  # before minutes of feature extraction
-    train, test = eval_splits(cfg)
+    start = time.perf_counter()
+    train, test = splits
     encoder = None
     if mode == "pixels":
-        train_f, center = pixel_features(train)
-        test_f, _ = pixel_features(test, center)
+        train_f, center = pixel_features(inputs[0])
+        test_f, _ = pixel_features(inputs[1], center)
     else:
         if mode == "trained":
             loaded = load_eval_backbone(run_dir, overrides=overrides)
             backbone, encoder = loaded.module, loaded.identity()
         else:
             backbone = random_init_backbone(cfg)
-        train_f = extract_features(backbone, train, cfg.eval.batch_size, device, "train features")
-        test_f = extract_features(backbone, test, cfg.eval.batch_size, device, "test features")
+        train_f = extract_features(backbone, inputs[0], cfg.eval.batch_size, device, "train features")
+        test_f = extract_features(backbone, inputs[1], cfg.eval.batch_size, device, "test features")
     result = knn_on_splits(train_f, train, test_f, test, list(cfg.eval.knn_k), cfg.eval.knn_temperature,
                            Path(run_dir) / "eval")
-    result.update(mode=mode, command=command_line())
+    result.update(mode=mode, command=command_line(), seconds=time.perf_counter() - start)
     settings = {"mode": mode, "knn_k": list(cfg.eval.knn_k), "knn_temperature": cfg.eval.knn_temperature,
                 "seed": cfg.trainer.seed if mode == "random_init" else None, "arch": cfg.model.arch}
     stamp(result, {"encoder": encoder, "data": data_identity(cfg), "settings": settings,
                    "items": {"train": items_identity(train), "test": items_identity(test)}})
-    name = {"trained": "knn.json", "random_init": "knn_random_init.json", "pixels": "knn_pixels.json"}[mode]
-    write_json(result, Path(run_dir) / "eval" / name)
+    write_json(result, Path(run_dir) / "eval" / KNN_MODES[mode])
     return result
+
+
+def estimate_knn_seconds(cfg: DictConfig, sample: int = 2048, device: str = "cpu") -> float:
+    """Seconds :func:`evaluate_knn_modes` will take for all three modes on this machine, from a probe.
+
+    The probe reads and preprocesses ``sample`` train images, runs the (untrained) backbone on them
+    and times one chunk of k-NN queries against a random bank of the train split's size at the
+    pixel and the feature width; each is scaled to the full splits (read once, two networks,
+    three k-NNs). Used by ``make demo`` to leave the evaluation its time inside the demo's budget.
+
+    Raises:
+        DataError: the data has no labels or no test split (:func:`sove.eval.features.eval_splits`).
+    """
+    import time
+
+    from sove.eval.features import eval_splits, extract_features, random_init_backbone
+
+    train, test = eval_splits(cfg)
+    n_train, n_all = len(train), len(train) + len(test)
+    idx = torch.linspace(0, n_train - 1, min(sample, n_train)).long().tolist()
+    start = time.perf_counter()
+    images = Subset(train, idx)
+    decoded = [images[i] for i in range(len(images))]
+    read = time.perf_counter() - start
+    backbone = random_init_backbone(cfg)
+    start = time.perf_counter()
+    feats = extract_features(backbone, decoded, cfg.eval.batch_size, device, "probe")
+    forward = time.perf_counter() - start
+    knn = 0.0
+    g = torch.Generator().manual_seed(0)
+    for dim in (decoded[0][0].numel(), feats.shape[1], feats.shape[1]):
+        bank = torch.nn.functional.normalize(torch.randn(n_train, dim, generator=g), dim=1)
+        queries = bank[:256]
+        start = time.perf_counter()
+        knn_classify(bank, torch.zeros(n_train, dtype=torch.long), queries, torch.zeros(256, dtype=torch.long),
+                     list(cfg.eval.knn_k), cfg.eval.knn_temperature, num_classes=10)
+        knn += (time.perf_counter() - start) * len(test) / 256
+    return (read + 2 * forward) * n_all / len(idx) + knn
 
 
 #: Stream of the run seed that draws the periodic k-NN subsets (independent of every training draw).

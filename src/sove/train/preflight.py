@@ -76,6 +76,12 @@ def check_run_plan(cfg: DictConfig, num_images: int, world_size: int) -> list[st
     partly random, ``optim.min_lr`` above the peak lr, an unused ``loss.teacher_temp``, a periodic
     k-NN that never runs.
 
+    A time-budgeted run (``trainer.time_budget``) has no schedule length before its first steps
+    (:mod:`sove.train.budget`): only the checks that do not need it run here (one global batch, images
+    dropped, min_lr, teacher temperature; ``trainer.max_steps`` is a stop wherever the plan ends); the
+    feature sets and the warm-up are checked, as warnings, when the plan is made
+    (:func:`check_budget_plan`).
+
     Args:
         cfg: the validated config.
         num_images: length of the training dataset.
@@ -92,6 +98,12 @@ def check_run_plan(cfg: DictConfig, num_images: int, world_size: int) -> list[st
                         f"{o.batch_size} x {world_size} processes = {g}): every batch would be dropped; "
                         f"lower optim.batch_size{fit}")
     per_epoch = num_images // g
+    out = _small_data(cfg, num_images, per_epoch, g)
+    if t.time_budget is not None:
+        out += _unused_settings(cfg, per_epoch, None, g)
+        for message in out:
+            warn(message)
+        return out
     total, warm, temp_warm = schedule_lengths(o, lo, per_epoch)
     sched = f"{total} steps (optim.epochs {o.epochs} x {per_epoch} steps/epoch of {g} images)"
     if o.warmup_epochs > 0 and warm >= total:
@@ -101,7 +113,6 @@ def check_run_plan(cfg: DictConfig, num_images: int, world_size: int) -> list[st
         raise ConfigError(f"trainer.max_steps: {t.max_steps} is beyond the schedule, {sched}; the run would stop "
                           "at its end. Raise optim.epochs or lower trainer.max_steps")
     steps = min(total, t.max_steps or total)
-    out = _small_data(cfg, num_images, per_epoch, g)
     for key, epochs, length, what in (("optim.warmup_epochs", o.warmup_epochs, warm, "lr warm-up"),
                                       ("loss.teacher_temp_warmup_epochs", lo.teacher_temp_warmup_epochs, temp_warm,
                                        "teacher-temperature warm-up")):
@@ -145,9 +156,28 @@ def _small_data(cfg: DictConfig, num_images: int, per_epoch: int, g: int) -> lis
     return out
 
 
-def _unused_settings(cfg: DictConfig, per_epoch: int, steps: int, g: int) -> list[str]:
+def check_budget_plan(cfg: DictConfig, total: int, g: int) -> list[str]:
+    """Warnings for the plan of a time-budgeted run once its length is known (:mod:`sove.train.budget`):
+    a feature set the ``total`` planned steps x ``g`` images cannot fill, an lr warm-up of 0 steps.
+    Printed by :func:`warn`; returned."""
+    from sove.train.schedules import scaled_lengths
+
+    o, lo, out = cfg.optim, cfg.loss, []
+    for name in ("cls", "patch"):
+        key, size = f"loss.{name}_feature_set_size", lo[f"{name}_feature_set_size"]
+        if lo[f"{name}_weight"] > 0 and total * g < size:
+            out.append(f"trainer.time_budget fits {total} steps x {g} = {total * g} teacher embeddings: {size - total * g} "
+                       f"of the {size} rows of {key} stay random initial rows; raise the budget or lower {key}")
+    if o.warmup_epochs > 0 and scaled_lengths(o, lo, total)[1] == 0:
+        out.append(f"trainer.time_budget fits {total} steps: the lr warm-up (optim.warmup_epochs) rounds to 0 steps")
+    for message in out:
+        warn(message)
+    return out
+
+
+def _unused_settings(cfg: DictConfig, per_epoch: int, steps: int | None, g: int) -> list[str]:
     """Warnings for settings the run will not use as written: a rising lr, an unused start
-    temperature, a periodic k-NN after the last step."""
+    temperature, a periodic k-NN after the last step (``steps`` None: not known yet, not checked)."""
     o, lo, out = cfg.optim, cfg.loss, []
     peak = o.base_lr * g / 256
     if o.min_lr > peak:
@@ -157,7 +187,7 @@ def _unused_settings(cfg: DictConfig, per_epoch: int, steps: int, g: int) -> lis
         out.append(f"loss.teacher_temp ({lo.teacher_temp}) is unused: without loss.teacher_temp_warmup_epochs the "
                    f"teacher temperature is loss.teacher_temp_final ({lo.teacher_temp_final}) from step 0")
     every = cfg.eval.knn_every_epochs
-    if every > 0 and steps < every * per_epoch:
+    if every > 0 and steps is not None and steps < every * per_epoch:
         out.append(f"eval.knn_every_epochs={every}: the run ends after {steps} steps, before the first periodic "
                    f"k-NN at step {every * per_epoch}")
     return out

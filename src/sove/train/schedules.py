@@ -79,12 +79,25 @@ def build_schedules(optim, loss, iters_per_epoch: int, global_batch: int) -> Sch
         iters_per_epoch: optimizer steps per epoch (>= 1).
         global_batch: images per optimizer step over all processes.
     """
-    total, lr_warm, temp_warm = schedule_lengths(optim, loss, iters_per_epoch)
+    return schedules_of_length(optim, loss, *schedule_lengths(optim, loss, iters_per_epoch), global_batch)
+
+
+def scaled_lengths(optim, loss, total: int) -> tuple[int, int, int]:
+    """(total, lr warm-up, teacher-temperature warm-up) for a schedule of ``total`` steps whose warm-ups keep
+    the fractions of the configured one: ``round(total x warmup_epochs / epochs)`` and
+    ``round(total x teacher_temp_warmup_epochs / epochs)`` (a time-budgeted run, :mod:`sove.train.budget`)."""
+    return (total, round(total * optim.warmup_epochs / optim.epochs),
+            round(total * loss.teacher_temp_warmup_epochs / optim.epochs))
+
+
+def schedules_of_length(optim, loss, total: int, lr_warmup: int, temp_warmup: int, global_batch: int) -> Schedules:
+    """The curves of :func:`build_schedules` for explicit lengths in optimizer steps (``total`` >= 1; the
+    warm-ups are clipped to ``total``)."""
     lr_peak = optim.base_lr * global_batch / 256
-    lr = cosine_schedule(lr_peak, optim.min_lr, total, lr_warm)
+    lr = cosine_schedule(lr_peak, optim.min_lr, total, lr_warmup)
     wd = cosine_schedule(optim.weight_decay, optim.weight_decay_end, total)
     momentum = cosine_schedule(optim.momentum_teacher, 1.0, total)
     final = loss.teacher_temp if loss.teacher_temp_final is None else loss.teacher_temp_final
-    warm = min(total, temp_warm)
+    warm = min(total, temp_warmup)
     temp = np.concatenate([np.linspace(loss.teacher_temp, final, warm), np.full(total - warm, final)])
     return Schedules(lr=lr, weight_decay=wd, momentum=momentum, teacher_temp=temp)

@@ -34,6 +34,7 @@ from sove.models import build_networks
 from sove.train import checkpoint as ckpt
 from sove.preflight import check_trainer_device
 from sove.run_lock import rank_zero_lock
+from sove.train.budget import TimeBudget
 from sove.train.builders import (build_loss, build_train_dataset, loader_options, preflight, prepare_run_dir,
                                  resolve_precision, resume_checkpoint)
 from sove.train.diagnostics import Diagnostics, NonFiniteLossError  # noqa: F401 (re-exported)
@@ -41,7 +42,7 @@ from sove.train.init_from import initial_networks
 from sove.train.loggers import build_loggers, check_installed, finalize_loggers, start_loggers
 from sove.train.metrics_csv import MetricsCSV
 from sove.train.optim import EMA, clip_per_tensor, param_groups
-from sove.train.preflight import check_resume, check_run_plan, planned_world_size
+from sove.train.preflight import check_budget_plan, check_resume, check_run_plan, planned_world_size
 from sove.train.schedules import Schedules, build_schedules
 
 
@@ -101,7 +102,9 @@ class Trainer(Diagnostics):
             if fs is not None:
                 fs.to(self.fabric.device)
         self.loss_fn = build_loss(cfg)
-        self.schedules: Schedules = build_schedules(cfg.optim, lo, self.sampler.batches_per_epoch, b * world)
+        self.budget = TimeBudget(cfg, self.sampler.batches_per_epoch, b * world) if t.time_budget else None
+        self.schedules: Schedules = (self.budget.schedules() if self.budget is not None else
+                                     build_schedules(cfg.optim, lo, self.sampler.batches_per_epoch, b * world))
         self.total_steps = min(self.schedules.total_iters, t.max_steps or self.schedules.total_iters)
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.checkpoint_step: int | None = None  # step of the last checkpoint saved or resumed from
@@ -111,6 +114,9 @@ class Trainer(Diagnostics):
         self.labels = torch.as_tensor(labels, dtype=torch.long) if labels is not None else None
         steps = (f"{self.total_steps} steps" if self.total_steps == self.schedules.total_iters else
                  f"{self.total_steps} of the schedule's {self.schedules.total_iters} steps (trainer.max_steps)")
+        if self.budget is not None:
+            steps = (f"steps sized to trainer.time_budget={t.time_budget} by the pace of the first steps"
+                     + (f" (stop at trainer.max_steps={t.max_steps})" if t.max_steps else ""))
         self.fabric.print(f"sove {__version__}: {len(self.dataset)} images, global batch {b * world}, "
                           f"{self.sampler.batches_per_epoch} steps/epoch, {steps}, "
                           f"peak lr {cfg.optim.base_lr * b * world / 256:.2e} (= {cfg.optim.base_lr} x {b * world}/256), "
@@ -240,6 +246,8 @@ class Trainer(Diagnostics):
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not (t.progress and self.fabric.is_global_zero),
                    desc="pretrain", unit="step", dynamic_ncols=True)
         seen, t0 = 0, time.perf_counter()
+        if self.budget is not None:
+            self.budget.start(self.clock())
         while self.step < self.total_steps:
             if self.batch_in_epoch >= self.sampler.batches_per_epoch:
                 self.end_epoch()
@@ -262,6 +270,8 @@ class Trainer(Diagnostics):
                     self.log(terms, seen / (time.perf_counter() - t0))
                     bar.set_postfix({k: f"{float(v):.3f}" for k, v in terms.items()}, refresh=False)
                 bar.update(1)
+                if self.budget is not None:
+                    self.follow_budget(bar)
                 if self.batch_in_epoch == self.sampler.batches_per_epoch:
                     self.end_epoch()  # before saving: a checkpoint never sits at an epoch's end
                 if self.step % t.checkpoint_every == 0:
@@ -276,6 +286,21 @@ class Trainer(Diagnostics):
         path = self.save()
         finalize_loggers(self.fabric.loggers)
         return path
+
+    def clock(self) -> float:
+        """Seconds of the clock the time budget reads (``time.perf_counter``; tests replace it)."""
+        return time.perf_counter()
+
+    def follow_budget(self, bar: tqdm) -> None:
+        """After a step: let the time budget measure the pace and re-size the schedules (:mod:`sove.train.budget`)."""
+        line = self.budget.after_step(self.step, self.clock(), lambda total: self.fabric.broadcast(total, src=0))
+        if line is None:
+            return
+        self.schedules = self.budget.schedules()
+        self.total_steps = min(self.schedules.total_iters, self.cfg.trainer.max_steps or self.schedules.total_iters)
+        bar.total = self.total_steps
+        self.fabric.print(line, flush=True)
+        check_budget_plan(self.cfg, self.schedules.total_iters, self.cfg.optim.batch_size * self.fabric.world_size)
 
     def end_epoch(self) -> None:
         """Report unreadable images of the epoch, run the periodic k-NN if due, move to the next epoch."""
@@ -323,6 +348,7 @@ class Trainer(Diagnostics):
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
             "rng": ckpt.rng_state(), "config": OmegaConf.to_yaml(self.cfg), "version": __version__,
             "world_size": self.fabric.world_size, "precision": self.fabric.strategy.precision.precision,
+            "time_budget": self.budget.state_dict(self.clock()) if self.budget is not None else None,
         }
 
     def load_state_dict(self, state: dict[str, Any], source: str) -> None:
@@ -336,6 +362,10 @@ class Trainer(Diagnostics):
                     raise SoveError(f"{source} has no {name}; it was saved with that loss disabled")
                 ckpt.load_state_strict(fs, state[name], f"{name} in {source}")
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        if self.budget is not None:
+            self.budget.load_state_dict(state.get("time_budget"), source)
+            self.schedules = self.budget.schedules()
+            self.total_steps = min(self.schedules.total_iters, self.cfg.trainer.max_steps or self.schedules.total_iters)
         self.checkpoint_step = self.step
         ckpt.set_rng_state(state["rng"])
         self.metrics_csv.resume_at(self.step)
@@ -420,6 +450,8 @@ def resume(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
 def _fit(trainer: Trainer, run_dir: Path) -> Path:
     start = time.perf_counter()
     trainer.fit()
+    if trainer.budget is not None:
+        trainer.fabric.print(trainer.budget.report(trainer.step, trainer.clock()), flush=True)
     if trainer.fabric.is_global_zero:
         from sove.viz.curves import plot_curves
 
