@@ -200,6 +200,15 @@ def test_listing_survives_a_symlink_cycle_and_lists_each_file_once(tmp_path, cap
         f"(e.g. folder '{tmp_path / 'a' / 'loop'}' is '{tmp_path}'); each real file and folder is listed once\n")
 
 
+def test_listing_survives_links_that_point_to_themselves(tmp_path):
+    _save(tmp_path / "a" / "1.png", 10)
+    (tmp_path / "a" / "self.png").symlink_to("self.png")  # ELOOP on stat: was an OSError traceback
+    (tmp_path / "a" / "x").symlink_to("y")
+    (tmp_path / "a" / "y").symlink_to("x")
+    ds = ImageFolder(tmp_path, num_channels=1)
+    assert [f.relative_to(tmp_path).as_posix() for f in ds.files] == ["a/1.png", "a/self.png"]
+
+
 def test_labels_numbered_by_the_given_class_names(tmp_path, capsys):
     _save(tmp_path / "ant" / "1.png", 1)
     (tmp_path / "bee").mkdir()  # empty: no class of its own
