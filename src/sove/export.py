@@ -22,7 +22,7 @@ from typing import Any
 
 import timm
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from sove.errors import SoveError
 from sove.preflight import check_writable
@@ -35,11 +35,13 @@ def export_backbone(run_dir: str | Path, checkpoint: str = "last.pt") -> tuple[P
         (path of ``backbone.safetensors``, path of ``backbone.json``).
 
     Raises:
-        SoveError: not a run directory, missing checkpoint, key mismatch, run directory not writable.
+        SoveError: not a run directory, missing checkpoint, key mismatch, run directory not writable;
+            DiskFullError: no space for a file (each is written atomically: an earlier export stays intact).
     """
     from sove.eval.features import load_run_config, teacher_backbone
     from sove.eval.provenance import checkpoint_step
     from sove.models import timm_name
+    from sove.train.checkpoint import atomic_write
 
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
@@ -48,7 +50,8 @@ def export_backbone(run_dir: str | Path, checkpoint: str = "last.pt") -> tuple[P
     model = backbone.timm_model
     weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     out = run_dir / "backbone.safetensors"
-    save_file(weights, str(out), metadata={"format": "pt", "producer": "sove"})
+    data = save(weights, metadata={"format": "pt", "producer": "sove"})
+    atomic_write(out, lambda f: f.write(data))
     meta: dict[str, Any] = {
         "architecture": timm_name(cfg.model.arch),
         "model_kwargs": backbone.timm_kwargs(),
@@ -59,7 +62,7 @@ def export_backbone(run_dir: str | Path, checkpoint: str = "last.pt") -> tuple[P
         "features": FEATURES[(type(backbone).__name__, backbone.global_pool)],
     }
     meta_path = run_dir / "backbone.json"
-    meta_path.write_text(json.dumps(meta, indent=2))
+    atomic_write(meta_path, lambda f: f.write(json.dumps(meta, indent=2).encode()))
     return out, meta_path
 
 
