@@ -167,6 +167,10 @@ def test_image_folder_without_images(tmp_path, with_text):
 def test_image_folder_missing_root(tmp_path):
     with pytest.raises(DataError, match="data.root '.*nope' does not exist"):
         ImageFolder(tmp_path / "nope")
+    (tmp_path / "file").write_text("x")  # was "data.root ... does not exist" for an existing file / a test_root
+    with pytest.raises(DataError) as err:
+        build_source("folder", tmp_path, "test", test_root=tmp_path / "file")
+    assert str(err.value) == f"data.test_root '{tmp_path / 'file'}' is not a folder"
 
 
 def test_build_source_errors(tmp_path):

@@ -75,7 +75,7 @@ def embed(out: str | Path, run_dir: str | Path | None = None, backbone: str | Pa
     if on_error not in ("skip", "raise"):
         raise SoveError(f"sove embed: --on-error must be skip or raise, got {on_error!r}")
     if images is not None:
-        source = ImageFolder(images, num_channels=prep["channels"])
+        source = ImageFolder(images, num_channels=prep["channels"], key="--images")
         names = [str(source.path(i)) for i in range(len(source))]
     else:
         if run_dir is None:
