@@ -39,7 +39,10 @@ def test_run_plan_of_a_budgeted_run_defers_the_schedule_checks_to_the_plan(capsy
     with pytest.raises(ConfigError, match="loss.cls_feature_set_size: 1000 rows are never filled"):
         check_run_plan(load_config(None, over), 32, 1)  # fixed schedule: 8 steps x 8 images
     cfg = load_config(None, over + ["trainer.time_budget=60"])
-    assert check_run_plan(cfg, 32, 1) == []  # the length is not known before the first steps
+    # the length is not known before the first steps: only the size warning that needs no schedule
+    assert check_run_plan(cfg, 32, 1) == [
+        "loss.cls_feature_set_size (1000) is larger than the dataset (32 images): E_C holds several views of each "
+        "image, embedded by older teachers, as concept candidates"]
     assert check_budget_plan(cfg, 10, 8) == [
         "trainer.time_budget fits 10 steps x 8 = 80 teacher embeddings: 920 of the 1000 rows of "
         "loss.cls_feature_set_size stay random initial rows; raise the budget or lower loss.cls_feature_set_size"]

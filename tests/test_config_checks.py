@@ -35,6 +35,10 @@ BASE = TINY + ["data.root=unused"]  # 32 images below: batch 8 -> 4 steps/epoch,
     (["data.global_crop_scale=[0.8,0.3]"], "data.global_crop_scale: must be [min, max] area fractions with "
                                            "0 < min <= max <= 1, got [0.8, 0.3]"),
     (["optim.min_lr=-1e-6"], "optim.min_lr: must be >= 0, got -1e-06"),
+    (["eval.knn_k=[]"], "eval.knn_k: needs at least one k and every k must be >= 1, got []"),  # was ValueError
+    (["eval.knn_temperature=-1"], "eval.knn_temperature: must be > 0 (votes are exp(sim / T)), got -1.0"),
+    (["eval.batch_size=0"], "eval.batch_size: must be >= 1, got 0"),  # was torch's ValueError
+    (["eval.knn_train_subset=0"], "eval.knn_train_subset: must be >= 1 (images), got 0"),
 ])
 def test_key_checks_refuse_with_the_exact_line(overrides, line):
     with pytest.raises(ConfigError) as err:

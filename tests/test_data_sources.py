@@ -167,6 +167,10 @@ def test_image_folder_without_images(tmp_path, with_text):
 def test_image_folder_missing_root(tmp_path):
     with pytest.raises(DataError, match="data.root '.*nope' does not exist"):
         ImageFolder(tmp_path / "nope")
+    (tmp_path / "file").write_text("x")  # was "data.root ... does not exist" for an existing file / a test_root
+    with pytest.raises(DataError) as err:
+        build_source("folder", tmp_path, "test", test_root=tmp_path / "file")
+    assert str(err.value) == f"data.test_root '{tmp_path / 'file'}' is not a folder"
 
 
 def test_build_source_errors(tmp_path):
@@ -198,6 +202,15 @@ def test_listing_survives_a_symlink_cycle_and_lists_each_file_once(tmp_path, cap
     assert capsys.readouterr().err == (
         f"warning: '{tmp_path}': left out 1 folder(s) and 2 file(s) reached again through symbolic or hard links "
         f"(e.g. folder '{tmp_path / 'a' / 'loop'}' is '{tmp_path}'); each real file and folder is listed once\n")
+
+
+def test_listing_survives_links_that_point_to_themselves(tmp_path):
+    _save(tmp_path / "a" / "1.png", 10)
+    (tmp_path / "a" / "self.png").symlink_to("self.png")  # ELOOP on stat: was an OSError traceback
+    (tmp_path / "a" / "x").symlink_to("y")
+    (tmp_path / "a" / "y").symlink_to("x")
+    ds = ImageFolder(tmp_path, num_channels=1)
+    assert [f.relative_to(tmp_path).as_posix() for f in ds.files] == ["a/1.png", "a/self.png"]
 
 
 def test_labels_numbered_by_the_given_class_names(tmp_path, capsys):

@@ -103,6 +103,11 @@ def test_cache_key_covers_data_root_and_image_list(run, tmp_path, monkeypatch, c
     shutil.copy(a / "light" / "img_000.png", b / "dark" / "img_new.png")
     swapped, truth = features()
     assert torch.equal(swapped, truth) and not torch.equal(swapped, in_b)
+    (b / "dark" / "img_001.png").rename(b / "tmp.png")  # two pictures exchanged under the same names
+    (b / "light" / "img_001.png").rename(b / "dark" / "img_001.png")  # (sizes may match, mtimes are kept)
+    (b / "tmp.png").rename(b / "light" / "img_001.png")
+    exchanged, truth = features()
+    assert torch.equal(exchanged, truth) and not torch.equal(exchanged, swapped)  # was the stale cache
     cache = run / "eval" / "k_features_global_train.pt"
     cache.write_bytes(b"truncated")
     again, _ = features()

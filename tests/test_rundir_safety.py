@@ -313,3 +313,29 @@ def test_disk_full_while_saving_a_checkpoint_is_one_line_and_keeps_the_last_one(
     assert load_checkpoint(last)["step"] == 1
     assert sorted(p.name for p in last.parent.iterdir()) == ["last.pt"]
     assert not (run_copy / LOCK_NAME).exists()
+
+
+def test_disk_full_in_export_and_embed_is_one_line_and_keeps_earlier_outputs(run_copy, capsys, monkeypatch):
+    """Regression: ENOSPC in `sove export` was a SafetensorError traceback leaving a partial file, and
+    `sove embed` left a partial .npy and an empty .csv; `--out emb/x.v2` wrote emb/x.npy."""
+    import sove.train.checkpoint as ckpt
+
+    assert cli(capsys, ["export", run_copy])[0] == 0
+    assert cli(capsys, ["embed", "--run", run_copy, "--split", "test", "--out", run_copy / "emb" / "x.v2"])[0] == 0
+    assert sorted(p.name for p in (run_copy / "emb").iterdir()) == ["x.v2.csv", "x.v2.npy"]
+    before = listing(run_copy)
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt.os, "fsync", full)
+    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda p: SimpleNamespace(free=0))
+    for args, path in ((["export", run_copy], run_copy / "export" / "model.safetensors"),
+                       (["embed", "--run", run_copy, "--split", "test", "--out", run_copy / "emb" / "x.v2"],
+                        run_copy / "emb" / "x.v2.npy")):
+        status, err = cli(capsys, args)  # embed's progress bar precedes the line
+        assert (status, err.splitlines()[-1]) == (
+            2, f"sove: error: no space left on device while saving '{path}' (0.0 MiB free there); the previous "
+               f"'{path.name}' is intact and nothing was replaced; free some space, then run again")
+        assert "Traceback" not in err
+    assert listing(run_copy) == before

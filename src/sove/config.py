@@ -305,8 +305,17 @@ def validate(cfg: DictConfig) -> None:
         from sove.train.budget import parse_duration
 
         parse_duration(t.time_budget)
-    _check(all(k >= 1 for k in cfg.eval.knn_k), "eval.knn_k", "every k must be >= 1")
-    _check(cfg.eval.knn_every_epochs >= 0, "eval.knn_every_epochs", f"must be >= 0 (0 = off), got {cfg.eval.knn_every_epochs}")
+    _validate_eval(cfg.eval)
+
+
+def _validate_eval(e: DictConfig) -> None:
+    _check(len(e.knn_k) > 0 and all(k >= 1 for k in e.knn_k), "eval.knn_k",
+           f"needs at least one k and every k must be >= 1, got {list(e.knn_k)}")
+    _check(e.knn_temperature > 0, "eval.knn_temperature", f"must be > 0 (votes are exp(sim / T)), got {e.knn_temperature}")
+    _check(e.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {e.batch_size}")
+    _check(e.knn_every_epochs >= 0, "eval.knn_every_epochs", f"must be >= 0 (0 = off), got {e.knn_every_epochs}")
+    for key in ("knn_train_subset", "knn_test_subset"):
+        _check(e[key] >= 1, f"eval.{key}", f"must be >= 1 (images), got {e[key]}")
 
 
 def _validate_loggers(names: list[str]) -> None:

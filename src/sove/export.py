@@ -25,7 +25,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +36,7 @@ import torch
 from omegaconf import DictConfig
 
 from sove import __version__
-from sove.errors import SoveError
+from sove.errors import DiskFullError, SoveError, disk_full
 from sove.preflight import check_writable
 
 #: The export folder inside a run directory.
@@ -63,13 +65,13 @@ def export_backbone(run_dir: str | Path, checkpoint: str = "last.pt", onnx: bool
 
     Raises:
         SoveError: not a run directory, missing checkpoint, key mismatch, run directory not
-            writable, ONNX packages missing (with ``onnx``).
+            writable, ONNX packages missing (with ``onnx``); DiskFullError: no space for a file (each
+            file is written atomically: an earlier export stays intact).
     """
-    from timm.models import save_for_hf
-
     from sove.eval.features import load_run_config, teacher_backbone
     from sove.eval.provenance import checkpoint_step
     from sove.models import timm_name
+    from sove.train.checkpoint import atomic_write
 
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
@@ -85,18 +87,54 @@ def export_backbone(run_dir: str | Path, checkpoint: str = "last.pt", onnx: bool
     folder = run_dir / EXPORT_DIR
     for stale in ("model.onnx", "model.onnx.data"):  # an earlier --onnx export holds older weights
         (folder / stale).unlink(missing_ok=True)
-    save_for_hf(model, str(folder), safe_serialization=True, data_config=data_config(cfg),
-                model_config={"pretrained_cfg": {"tag": "sove", "license": None}, "sove": sove_meta})
+    _save_hf_atomically(model, folder, data_config(cfg), {"pretrained_cfg": {"tag": "sove", "license": None},
+                                                          "sove": sove_meta})
     meta = {"architecture": timm_name(cfg.model.arch), "model_kwargs": backbone.timm_kwargs(),
             "mean": list(cfg.data.mean), "std": list(cfg.data.std), "timm_dir": EXPORT_DIR,
             "weights": f"{EXPORT_DIR}/model.safetensors", **sove_meta}
     meta_path = run_dir / "backbone.json"
-    meta_path.write_text(json.dumps(meta, indent=2))
+    atomic_write(meta_path, lambda f: f.write(json.dumps(meta, indent=2).encode()))
     out: dict[str, Any] = {"folder": folder, "meta": meta_path}
     if onnx:
         out["onnx"] = folder / "model.onnx"
         out["onnx_max_abs_diff"] = export_onnx(model, out["onnx"], dynamic_size=hasattr(model, "blocks"))
     return out
+
+
+def _save_hf_atomically(model: torch.nn.Module, folder: Path, data_cfg: dict[str, Any],
+                        model_config: dict[str, Any]) -> None:
+    """timm's ``save_for_hf`` (``config.json`` + ``model.safetensors``) into a temporary folder beside
+    ``folder``, then each file moved into ``folder`` with :func:`~sove.train.checkpoint.atomic_write`.
+
+    Raises:
+        DiskFullError: no space left; ``folder``'s earlier files are intact, no temporary remains.
+    """
+    import shutil
+
+    from safetensors import SafetensorError
+    from timm.models import save_for_hf
+
+    from sove.train.checkpoint import atomic_write
+
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    try:
+        try:
+            save_for_hf(model, str(tmp), safe_serialization=True, data_config=data_cfg, model_config=model_config)
+        except SafetensorError as e:  # the Rust writer reports ENOSPC as text
+            if "No space left" not in str(e):
+                raise
+            raise OSError(errno.ENOSPC, str(e), str(folder / "model.safetensors")) from e
+        for name in ("model.safetensors", "config.json"):
+            data = (tmp / name).read_bytes()
+            atomic_write(folder / name, lambda f, data=data: f.write(data))
+    except OSError as e:
+        if disk_full(e) is None:
+            raise
+        free = shutil.disk_usage(folder.parent).free / 2**20
+        raise DiskFullError(f"no space left on device while exporting to '{folder}' ({free:.1f} MiB free there); "
+                            "an earlier export there is intact; free some space, then run again") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def data_config(cfg: DictConfig) -> dict[str, Any]:

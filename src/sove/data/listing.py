@@ -22,6 +22,16 @@ def _file_key(entry: os.DirEntry, folder_dev: int) -> tuple[int, int] | str:
     return st.st_dev, st.st_ino
 
 
+def _is_dir(entry: os.DirEntry) -> bool:
+    """Whether ``entry`` is (a link to) a folder; a link that cannot be resolved (one that points to
+    itself, a loop of links) is not: it is listed as a file if its name has an image extension, so
+    that decoding it reports it under ``data.on_error``."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
 def list_images(root: Path, extensions: Sequence[str]) -> list[Path]:
     """Image files under ``root`` (recursive, symbolic links followed, hidden files and folders
     skipped), sorted by relative path; every real file and folder is listed once.
@@ -53,7 +63,7 @@ def list_images(root: Path, extensions: Sequence[str]) -> list[Path]:
         for entry in entries:
             path = Path(entry.path)
             rel = path.relative_to(root).as_posix()
-            if entry.is_dir():
+            if _is_dir(entry):
                 heapq.heappush(pending, (rel, path))
             elif entry.name.lower().endswith(extensions):
                 found[rel] = (_file_key(entry, st.st_dev), path)

@@ -230,6 +230,7 @@ class ImageFolder(Dataset):
             label ``i`` means ``classes[i]`` in both splits even when this folder lacks a class.
             Images of a sub-folder not in ``classes`` are left out, with one warning line
             naming the classes, the folder and the number of images.
+        key: what names ``root`` in the error for a missing folder (``data.test_root``, ``--images``).
 
     Attributes:
         files: the image paths, sorted.
@@ -239,7 +240,7 @@ class ImageFolder(Dataset):
         num_channels: channels of every returned image.
 
     Raises:
-        DataError: ``root`` does not exist, holds no image file (or, with ``classes``, no image
+        DataError: ``root`` is not a folder, holds no image file (or, with ``classes``, no image
             of a known class), ``num_channels`` is not 1 or 3, or (on access) an image cannot
             be decoded.
     """
@@ -250,10 +251,11 @@ class ImageFolder(Dataset):
         num_channels: int = 3,
         extensions: Sequence[str] = IMAGE_EXTENSIONS,
         classes: Sequence[str] | None = None,
+        key: str = "data.root",
     ) -> None:
         root = Path(root).expanduser()
         if not root.is_dir():
-            raise DataError(f"data.root '{root}' does not exist")
+            raise DataError(f"{key} '{root}' " + ("is not a folder" if root.exists() else "does not exist"))
         if num_channels not in (1, 3):
             raise DataError(f"data.num_channels must be 1 or 3, got {num_channels}")
         self.files = list_images(root, extensions)
@@ -346,7 +348,7 @@ def build_source(
         if split == "test":
             if test_root is None:
                 raise DataError("data.test_root is needed for the test split of data.source=folder")
-            return ImageFolder(test_root, num_channels=num_channels, classes=classes)
+            return ImageFolder(test_root, num_channels=num_channels, classes=classes, key="data.test_root")
         if root is None:
             raise DataError("data.root is needed for data.source=folder")
         return ImageFolder(root, num_channels=num_channels, classes=classes)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 from typing import Any, Callable
 
@@ -12,6 +13,7 @@ from tqdm.auto import tqdm
 
 from sove.errors import SoveError
 from sove.preflight import check_writable
+from sove.train.checkpoint import atomic_write
 
 
 def _encoder(run_dir: str | Path | None, backbone: str | Path | None) -> tuple[Callable, dict[str, Any]]:
@@ -39,7 +41,7 @@ def embed(out: str | Path, run_dir: str | Path | None = None, backbone: str | Pa
     Exactly the features ``sove eval knn`` uses, so a k-NN on them reproduces its numbers.
 
     Args:
-        out: output prefix: writes ``<out>.npy`` (float32, shape (N, D)) and ``<out>.csv``
+        out: output prefix (:func:`output_paths`): writes ``<out>.npy`` (float32, shape (N, D)) and ``<out>.csv``
             (columns ``row, item, label``: ``item`` is the file path or the dataset index, ``label``
             the class name — the sub-folder name, or the Fashion-MNIST class — empty when unlabelled).
         run_dir: a run directory (its teacher backbone and preprocessing), or
@@ -57,7 +59,7 @@ def embed(out: str | Path, run_dir: str | Path | None = None, backbone: str | Pa
     Raises:
         SoveError: neither or both of run_dir/backbone, or of images/split; an empty folder; a bad
             ``on_error``; an unreadable image with ``on_error=raise`` (DataError); the output folder is
-            not writable.
+            not writable; DiskFullError: no space for an output (each file is written atomically).
     """
     from sove.data import ImageFolder, build_source
     from sove.data.decode import unreadable_report
@@ -73,7 +75,7 @@ def embed(out: str | Path, run_dir: str | Path | None = None, backbone: str | Pa
     if on_error not in ("skip", "raise"):
         raise SoveError(f"sove embed: --on-error must be skip or raise, got {on_error!r}")
     if images is not None:
-        source = ImageFolder(images, num_channels=prep["channels"])
+        source = ImageFolder(images, num_channels=prep["channels"], key="--images")
         names = [str(source.path(i)) for i in range(len(source))]
     else:
         if run_dir is None:
@@ -95,13 +97,21 @@ def embed(out: str | Path, run_dir: str | Path | None = None, backbone: str | Pa
     if not rows:
         raise SoveError(f"sove embed: no readable image ({len(skipped)} unreadable)")
     array = np.concatenate(feats)
+    npy, table, unreadable = output_paths(out)
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(["row", "item", "label"])
+    writer.writerows((r, name, label) for r, (name, label) in enumerate(rows))
+    atomic_write(npy, lambda f: np.save(f, array))
+    atomic_write(table, lambda f: f.write(text.getvalue().encode()))
+    report = unreadable_report(skipped, len(dataset), unreadable) if skipped else None
+    return {"npy": str(npy), "csv": str(table), "shape": array.shape, "skipped": skipped, "report": report}
+
+
+def output_paths(out: str | Path) -> tuple[Path, Path, Path]:
+    """``<out>.npy``, ``<out>.csv`` and ``<out>.unreadable.txt`` for the prefix ``out`` (dots in it kept:
+    ``emb/run.v2`` gives ``emb/run.v2.npy``; a trailing ``.npy`` or ``.csv`` is taken as the prefix's)."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    np.save(out.with_suffix(".npy"), array)
-    with open(out.with_suffix(".csv"), "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["row", "item", "label"])
-        writer.writerows((r, name, label) for r, (name, label) in enumerate(rows))
-    report = unreadable_report(skipped, len(dataset), out.with_suffix(".unreadable.txt")) if skipped else None
-    return {"npy": str(out.with_suffix(".npy")), "csv": str(out.with_suffix(".csv")), "shape": array.shape,
-            "skipped": skipped, "report": report}
+    if out.suffix in (".npy", ".csv"):
+        out = out.with_suffix("")
+    return tuple(out.with_name(out.name + ext) for ext in (".npy", ".csv", ".unreadable.txt"))

@@ -253,9 +253,9 @@ def cached_extract(encoder: FrozenEncoder, dataset: Dataset, split: str, mode: s
 
     The file stores the features and the key they were made from: ``encoder.identity`` (weights
     hash, checkpoint step, architecture, global pool, ``data.*`` keys with absolute roots), the mode,
-    the split and :func:`sove.eval.provenance.items_identity` of ``dataset`` (item count, image list,
-    class names). Any difference, or an unreadable file, re-extracts and atomically overwrites it.
-    ``cache=False`` neither reads nor writes the file.
+    the split and :func:`sove.eval.provenance.items_identity` of ``dataset`` (item count, image files
+    with their sizes, modification times and inodes, class names). Any difference, or an unreadable
+    file, re-extracts and atomically overwrites it. ``cache=False`` neither reads nor writes the file.
 
     Returns:
         float32 tensor (N, F), as :func:`extract`.

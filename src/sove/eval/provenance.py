@@ -2,15 +2,16 @@
 
 Feature caches (:func:`sove.eval.frozen.cached_extract`) are keyed on everything that determines the
 features: a SHA-256 of the backbone weights actually loaded, the checkpoint step, architecture and
-global pool, the ``data.*`` preprocessing keys with absolute data roots, and the list of images of
-the split. Result JSONs record the checkpoint step, the weights hash, these inputs and a
-fingerprint of them, so ``sove summary`` can flag a result computed from an older checkpoint.
+global pool, the ``data.*`` preprocessing keys with absolute data roots, and the images of the split
+(paths, sizes, modification times and inodes). Result JSONs record the checkpoint step, the weights
+hash, these inputs and a fingerprint of them, so ``sove summary`` can flag a result computed from an older checkpoint.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -99,11 +100,24 @@ def data_identity(cfg: DictConfig) -> dict[str, Any]:
     return out
 
 
+def _file_state(path: Path) -> tuple[int, int, int] | None:
+    """(size, modification time in ns, inode) of a file, None when it cannot be stat'ed."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns, st.st_ino
+
+
 def items_identity(dataset: Dataset) -> dict[str, Any]:
-    """Item count, a digest of the image file list (folders; None for other sources) and class names."""
+    """Item count, a digest of the image files (folders; None for other sources) and class names.
+
+    The digest covers each file's path, size, modification time and inode, so pictures rewritten
+    or moved under the same names (a regenerated or re-sorted data set) change it; one ``stat`` per file.
+    """
     source = getattr(dataset, "source", dataset)
     files = getattr(source, "files", None)
-    return {"num": len(dataset), "files": None if files is None else digest([str(f) for f in files]),
+    return {"num": len(dataset), "files": None if files is None else digest([(str(f), _file_state(f)) for f in files]),
             "classes": None if getattr(source, "classes", None) is None else list(source.classes)}
 
 

@@ -6,7 +6,7 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import numpy as np
 import torch
@@ -28,13 +28,24 @@ def atomic_save(obj: Any, path: str | Path) -> None:
         DiskFullError: no space left (or quota exceeded) while writing: the message names the file
             and the free space; the previous ``path`` is intact and the temporary file is removed.
     """
+    atomic_write(path, lambda f: torch.save(obj, f), " (a run continues with `sove pretrain --resume RUN_DIR`)")
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], object], hint: str = "") -> None:
+    """Call ``write`` on a temporary binary file in the folder of ``path``, fsync, then rename it over
+    ``path`` (as :func:`atomic_save`, for any writer: safetensors bytes, ``np.save``, text).
+
+    Raises:
+        DiskFullError: no space left (or quota exceeded): names the file and the free space (``hint``
+            appended); the previous ``path`` is intact and the temporary file is removed.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     existed = path.is_file()
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -45,8 +56,7 @@ def atomic_save(obj: Any, path: str | Path) -> None:
         free = shutil.disk_usage(path.parent).free / 2**20
         kept = f"the previous '{path.name}' is intact" if existed else f"no earlier '{path.name}' existed"
         raise DiskFullError(f"no space left on device while saving '{path}' ({free:.1f} MiB free there); {kept} "
-                            "and nothing was replaced; free some space, then run again (a run continues "
-                            "with `sove pretrain --resume RUN_DIR`)") from None
+                            f"and nothing was replaced; free some space, then run again{hint}") from None
     finally:
         tmp.unlink(missing_ok=True)
     dir_fd = os.open(path.parent, os.O_RDONLY)
