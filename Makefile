@@ -45,7 +45,7 @@ print(round(estimate_knn_seconds(load_config('$(DEMO_CONFIG)', [a for a in '$(AR
 	$(BIN)/sove eval knn --run $(RUN) --all && \
 	t2=$$(date +%s) && \
 	$(BIN)/sove summary $(RUN) && \
-	steps=$$($(BIN)/python -c "import torch; print(torch.load('$(RUN)/checkpoints/last.pt', weights_only=False)['step'])") && \
+	steps=$$($(BIN)/python -c "from sove.train.checkpoint import load_checkpoint; print(load_checkpoint('$(RUN)/checkpoints/last.pt')['step'])") && \
 	echo "demo time: pretraining $$(( (t1 - start) / 60 )) min $$(( (t1 - start) % 60 )) s ($$steps steps, probe included)," \
 	  "evaluation $$(( (t2 - t1) / 60 )) min $$(( (t2 - t1) % 60 )) s; total $$(( ($$(date +%s) - start) / 60 )) min $$(( ($$(date +%s) - start) % 60 )) s"
 
