@@ -34,12 +34,18 @@ def test_split_without_a_class(tmp_path):
     assert labels_of(test_split).tolist() == [0, 0, 0, 2, 2, 2]  # c keeps label 2 (was 1)
 
 
-@pytest.mark.parametrize("variant", ["absent", "empty folder"])
-def test_knn_is_100_when_the_test_split_lacks_a_class(tmp_path, variant):
+def split_without_b(tmp_path: Path, variant: str) -> Path:
+    """Test images of classes a and c (3 each); class b absent, or an empty folder (``variant``)."""
     test = make_image_folder(tmp_path / "test", num_per_class=3, size=8, classes=CLASSES, seed=1)
     shutil.rmtree(test / "b")
     if variant == "empty folder":
         (test / "b").mkdir()
+    return test
+
+
+@pytest.mark.parametrize("variant", ["absent", "empty folder"])
+def test_knn_is_100_when_the_test_split_lacks_a_class(tmp_path, variant):
+    test = split_without_b(tmp_path, variant)
     result = evaluate_knn(pixel_run(tmp_path, test), "pixels")
     assert result["top1"] == {"1": 100.0, "3": 100.0}  # before: 50.0 (c images labelled as b)
     assert (result["num_train"], result["num_test"]) == (12, 6)
@@ -76,10 +82,7 @@ def periodic_knn(run: Path) -> tuple[list, list]:
 
 @pytest.mark.parametrize("variant", ["absent", "empty folder"])
 def test_periodic_knn_is_100_when_the_test_split_lacks_a_class(tmp_path, variant):
-    test = make_image_folder(tmp_path / "test", num_per_class=3, size=8, classes=CLASSES, seed=1)
-    shutil.rmtree(test / "b")
-    if variant == "empty folder":
-        (test / "b").mkdir()
+    test = split_without_b(tmp_path, variant)
     logged, printed = periodic_knn(pixel_run(tmp_path, test))
     assert logged == [(4, {"knn_top1": 100.0})]  # before: 50.0
     assert printed == ["periodic k-NN on a class-balanced subset: 12 train / 6 test images of 3 classes, seed 0",

@@ -140,10 +140,6 @@ def _backbone_state(obj: Any, origin: str, **stats: Any) -> BackboneWeights:
 
 def strip_prefixes(key: str) -> str:
     """``key`` without leading :data:`PREFIXES` (``module.backbone.vit.cls_token`` -> ``cls_token``)."""
-    changed = True
-    while changed:
-        changed = False
-        for prefix in PREFIXES:
-            if key.startswith(prefix):
-                key, changed = key[len(prefix):], True
-    return key
+    from sove.train.checkpoint import strip_key_prefixes
+
+    return strip_key_prefixes(key, PREFIXES)

@@ -100,18 +100,20 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise SoveError(f"checkpoint '{path}' could not be loaded: {e}") from None
 
 
+def strip_key_prefixes(key: str, prefixes: tuple[str, ...] = WRAPPER_PREFIXES) -> str:
+    """``key`` without any leading run of ``prefixes`` (``module._orig_mod.x`` -> ``x``)."""
+    changed = True
+    while changed:
+        changed = False
+        for p in prefixes:
+            if key.startswith(p):
+                key, changed = key[len(p):], True
+    return key
+
+
 def strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Remove wrapper prefixes (``module.``, ``_orig_mod.``, ``_forward_module.``) from every key."""
-    out = {}
-    for key, value in state.items():
-        changed = True
-        while changed:
-            changed = False
-            for p in WRAPPER_PREFIXES:
-                if key.startswith(p):
-                    key, changed = key[len(p):], True
-        out[key] = value
-    return out
+    return {strip_key_prefixes(key): value for key, value in state.items()}
 
 
 def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
