@@ -116,7 +116,8 @@ class Diagnostics:
         train, test, _ = self._knn_subsets
         e = self.cfg.eval
         feats, labels = [], []
-        with torch.random.fork_rng(devices=[]):
+        cuda = [self.fabric.device] if torch.device(self.fabric.device).type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):  # the feature loader draws a seed: leave training's RNG alone
             for subset, split in ((train, "train"), (test, "test")):
                 f = extract_features(self.teacher.backbone, subset, e.batch_size, self.fabric.device, "k-NN")
                 keep = readable_rows(f, subset.dataset, split, self.run_dir / "eval", subset.indices)

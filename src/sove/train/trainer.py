@@ -308,10 +308,7 @@ class Trainer(Diagnostics):
         self.epoch, self.batch_in_epoch = self.epoch + 1, 0
         every = self.cfg.eval.knn_every_epochs
         if every > 0 and self.epoch % every == 0 and self.fabric.is_global_zero:
-            # The k-NN's data loaders draw from the global RNG: fork it, so the training steps
-            # (drop path) are the same with or without the periodic k-NN.
-            with torch.random.fork_rng(devices=[self.fabric.device] if self.fabric.device.type == "cuda" else []):
-                self.periodic_knn()
+            self.periodic_knn()  # on a forked RNG: training is the same with or without it
 
     def report_skipped(self) -> None:
         """When some rank met a new unreadable file: ``epoch E: skipped N unreadable file(s) of TOTAL (list
