@@ -80,7 +80,7 @@ def test_build_mask_generator():
     assert isinstance(build_mask_generator("blockwise", (4, 4), 0.3), BlockwiseMaskGenerator)
     assert isinstance(build_mask_generator("random", (4, 4), 0.3), RandomMaskGenerator)
     for ratio in (1.0, -0.1):
-        with pytest.raises(DataError, match="mask.ratio"):
+        with pytest.raises(ValueError, match=r"mask ratio must be in \[0, 1\)"):
             build_mask_generator("blockwise", (4, 4), ratio)
     assert build_mask_generator("blockwise", (4, 4), 0.3, fill_remainder=True).fill_remainder
     with pytest.raises(DataError, match="mask.mode 'grid'.*blockwise, random"):

@@ -18,9 +18,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from sove.choices import MASK_MODES
 from sove.errors import DataError
-
-MASK_MODES = ("blockwise", "random")
 
 
 def _check_grid(grid: tuple[int, int]) -> tuple[int, int]:
@@ -211,10 +210,9 @@ def build_mask_generator(
         A callable ``generator -> bool tensor (height * width,)``.
 
     Raises:
-        DataError: ``mask.ratio`` outside [0, 1) or unknown ``mask.mode``.
+        DataError: unknown ``mask.mode``.
+        ValueError: ``ratio`` outside [0, 1) (the config refuses such a ``mask.ratio`` when it is loaded).
     """
-    if not 0.0 <= ratio < 1.0:
-        raise DataError(f"mask.ratio must be in [0, 1), got {ratio}")
     if mode == "blockwise":
         return BlockwiseMaskGenerator(grid, ratio, fill_remainder=fill_remainder)
     if mode == "random":

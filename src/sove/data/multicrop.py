@@ -25,6 +25,7 @@ import torchvision.transforms.v2.functional as F
 from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode
 
+from sove.choices import ON_ERROR
 from sove.data.decode import RAISE_HINT
 from sove.data.masking import build_mask_generator
 from sove.errors import DataError
@@ -34,7 +35,6 @@ CROP_ATTEMPTS = 10
 CROP_LOG_RATIO = (math.log(3 / 4), math.log(4 / 3))
 JITTER_STRENGTH = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue
 BLUR_SIGMA = (0.1, 2.0)
-ON_ERROR = ("skip", "raise")
 MAX_CONSECUTIVE_FAILURES = 50  # on_error="skip" gives up after this many unreadable in a row
 # Uniform draws per view: crop attempts x (scale, ratio, top, left), then
 # flip, jitter?, 4 jitter factors, 4 jitter-order keys, grayscale?, blur?, sigma, solarize?.

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from sove.choices import SOURCES
 from sove.data.decode import decode_image
 from sove.data.listing import list_images
 from sove.errors import DataError, warn
@@ -35,7 +36,6 @@ FASHION_MNIST_CLASSES = (
 )
 DEFAULT_FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist", "data/fashion-mnist", "data")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
-SOURCES = ("fashion_mnist", "folder")
 
 _IDX_UINT8 = 0x08
 

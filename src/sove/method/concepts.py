@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-LABEL_MODES = ("soft", "onehot")
+from sove.method.settings import ConceptSettings, concept_problem
 
 #: Probabilities are clamped to this value before the logarithm (only reached when soft
 #: weights are negative, i.e. a judge is anti-aligned with its anchor).
@@ -59,10 +59,9 @@ def draw_anchors(
         int64 tensor of shape (K,).
 
     Raises:
-        ValueError: if K is out of range.
+        ValueError: if K is out of range (:func:`sove.method.settings.concept_problem`).
     """
-    if not 2 <= num_anchors <= num_rows:
-        raise ValueError(f"num_anchors ({num_anchors}) must be in [2, feature set size {num_rows}]")
+    _raise_problem(ConceptSettings(num_anchors=num_anchors, num_judges=1), num_rows)
     return torch.randperm(num_rows, generator=generator)[:num_anchors].to(device)
 
 
@@ -150,23 +149,11 @@ class Concepts:
         return p.clamp_min(MIN_PROB).log()
 
 
-def _validate(num_rows: int, num_anchors: int, num_judges: int, smoothing: float, label_mode: str,
-              keep_fraction: float) -> None:
-    if num_judges < 1:
-        raise ValueError(f"num_judges ({num_judges}) must be >= 1 (the anchor itself)")
-    if num_anchors < 2:
-        raise ValueError(f"num_anchors ({num_anchors}) must be >= 2")
-    if num_anchors + num_judges - 1 > num_rows:
-        raise ValueError(
-            f"num_anchors ({num_anchors}) + num_judges - 1 ({num_judges - 1}) exceeds the feature set "
-            f"({num_rows} rows): the pool left after removing the anchors is too small"
-        )
-    if label_mode not in LABEL_MODES:
-        raise ValueError(f"label_mode must be one of {LABEL_MODES}, got {label_mode!r}")
-    if not 0.0 <= smoothing < 1.0:
-        raise ValueError(f"smoothing ({smoothing}) must be in [0, 1)")
-    if not 0.0 < keep_fraction <= 1.0:
-        raise ValueError(f"anchor_keep_fraction ({keep_fraction}) must be in (0, 1]")
+def _raise_problem(settings: ConceptSettings, num_rows: int) -> None:
+    """ValueError ``"<argument> (<value>) <what is wrong>"`` for the first out-of-range setting."""
+    problem = concept_problem(settings, num_rows)
+    if problem is not None:
+        raise ValueError(" ".join(problem))
 
 
 @torch.no_grad()
@@ -246,7 +233,7 @@ def select_judges(
         ValueError: on out-of-range arguments, with the offending value.
     """
     n_rows, num_anchors = features.shape[0], anchor_idx.shape[0]
-    _validate(n_rows, num_anchors, num_judges, smoothing, label_mode, keep_fraction)
+    _raise_problem(ConceptSettings(num_anchors, num_judges, label_mode, smoothing, keep_fraction), n_rows)
     anchor_idx = anchor_idx.to(features.device, torch.long)
     if num_judges > 1:
         nbrs = nearest_judges(features, anchor_idx, num_judges - 1, chunk_size, search_dtype)

@@ -7,13 +7,14 @@ Everything here runs in fp32 with autocast disabled.
 
 from __future__ import annotations
 
-from dataclasses import astuple, dataclass
+from dataclasses import astuple
 
 import torch
 from torch import nn
 
 from sove.method.concepts import Concepts, anchor_generator, draw_anchors, select_judges
 from sove.method.feature_set import FeatureSet
+from sove.method.settings import ConceptSettings
 
 
 def cross_view_pairs(num_student_views: int, num_teacher_views: int) -> list[tuple[int, int]]:
@@ -102,23 +103,6 @@ def patch_loss(
     per_image = torch.zeros(num_images, device=token_ce.device).index_add_(0, owner, token_ce)
     counts = torch.bincount(owner, minlength=num_images).clamp_min(1)
     return (per_image / counts).mean()
-
-
-@dataclass
-class ConceptSettings:
-    """How one loss builds its concepts, keys ``loss.cls`` / ``loss.patch`` (docs/method.md, "Concepts: anchors and judges").
-
-    ``teacher_temp`` / ``student_temp`` of None use the step's (scheduled) CLS temperatures.
-    """
-
-    num_anchors: int = 8192
-    num_judges: int = 9
-    label_mode: str = "soft"
-    smoothing: float = 0.1
-    anchor_keep_fraction: float = 1.0
-    num_tasks: int = 4
-    student_temp: float | None = None
-    teacher_temp: float | None = None
 
 
 class SOVELoss(nn.Module):

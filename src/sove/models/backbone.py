@@ -12,10 +12,9 @@ import timm
 import torch
 from torch import nn
 
+from sove.choices import GLOBAL_POOLS
 from sove.errors import ConfigError
 
-#: Image representations for the CLS loss and evaluation (``model.global_pool``, Tab. B.2).
-GLOBAL_POOLS = ("cls", "mean_patch")
 
 #: Short names accepted by ``model.arch``; any other name is passed to ``timm.create_model``.
 ARCH_ALIASES = {

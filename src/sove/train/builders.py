@@ -13,7 +13,7 @@ from sove.config import token_stride
 from sove.data import MultiCropAugmentation, SSLDataset, build_source
 from sove.data.decoded import DecodedDataset
 from sove.errors import SoveError
-from sove.method import ConceptSettings, SOVELoss
+from sove.method import SOVELoss
 from sove.preflight import check_run_name, check_trainer_device, check_writable
 from sove.run_lock import LOCK_NAME, is_sove_run
 from sove.train.loggers import check_installed
@@ -63,15 +63,21 @@ def build_train_dataset(cfg: DictConfig) -> SSLDataset:
     return SSLDataset(*args, **kwargs)
 
 
+def resolve_search_dtype(cfg: DictConfig) -> torch.dtype:
+    """``loss.search_dtype`` as a torch dtype; ``auto`` = bfloat16 when training on CUDA, float32
+    elsewhere (docs/method.md, "Precision, memory and reproducibility")."""
+    name = cfg.loss.search_dtype
+    if name == "auto":
+        name = "bfloat16" if _uses_cuda(cfg) else "float32"
+    return getattr(torch, name)
+
+
 def build_loss(cfg: DictConfig) -> SOVELoss:
-    """:class:`SOVELoss` from ``cfg.loss`` (anchors seeded by ``trainer.seed``)."""
+    """:class:`SOVELoss` from ``cfg.loss`` (anchors seeded by ``trainer.seed``); ``loss.cls`` /
+    ``loss.patch`` are :class:`~sove.method.settings.ConceptSettings` nodes of the schema."""
     lo = cfg.loss
-
-    def settings(c) -> ConceptSettings:
-        return ConceptSettings(**OmegaConf.to_container(c))
-
-    return SOVELoss(settings(lo.cls), settings(lo.patch), lo.cls_weight, lo.patch_weight,
-                    lo.student_temp, cfg.trainer.seed, lo.chunk_size)
+    return SOVELoss(OmegaConf.to_object(lo.cls), OmegaConf.to_object(lo.patch), lo.cls_weight, lo.patch_weight,
+                    lo.student_temp, cfg.trainer.seed, lo.chunk_size, resolve_search_dtype(cfg))
 
 
 #: What a start writes before its first checkpoint (and the lock). A run directory holding only
