@@ -165,12 +165,17 @@ def _embed(args: argparse.Namespace) -> None:
     print(f"wrote {r['npy']} {tuple(r['shape'])} and {r['csv']}" + (f"; {r['report']}" if r["report"] else ""))
 
 
-def _presets(args: argparse.Namespace) -> None:
+def presets_table(indent: str = "") -> str:
+    """One line per packaged preset: its name and the description line that starts its YAML."""
     from sove.config import preset_descriptions
 
     rows = preset_descriptions()
     width = max(len(name) for name, _ in rows)
-    print("\n".join(f"{name:<{width}}  {line}" for name, line in rows))
+    return "\n".join(f"{indent}{name:<{width}}  {line}" for name, line in rows)
+
+
+def _presets(args: argparse.Namespace) -> None:
+    print(presets_table())
 
 
 def _summary(args: argparse.Namespace) -> None:
@@ -179,8 +184,9 @@ def _summary(args: argparse.Namespace) -> None:
     print(f"k-NN top-1 (%) on the test split, {args.run}:\n{summary_table(args.run)}")
 
 
-class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
-    """``--help`` shows each option's default, except where it has none (None, False, an empty list)."""
+class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """``--help`` shows each option's default, except where it has none (None, False, an empty list), and
+    keeps the description and epilog line by line (the preset table of ``sove pretrain --help``)."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         if action.default is None or action.default is False or action.default == []:
@@ -201,7 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"sove {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    pre = sub.add_parser("pretrain", help="pretrain a ViT with SOVE; writes trainer.out_dir/trainer.name/")
+    pre = sub.add_parser("pretrain", help="pretrain a ViT with SOVE; writes trainer.out_dir/trainer.name/",
+                         epilog=f"packaged presets (--config NAME):\n{presets_table('  ')}")
     pre.add_argument("--config", help=f"YAML file or packaged preset name (default {DEFAULT_PRESET}; "
                      "`sove presets` lists them)")
     mode = pre.add_mutually_exclusive_group()
