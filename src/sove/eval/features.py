@@ -185,8 +185,9 @@ def image_features(backbone: torch.nn.Module, images: torch.Tensor, mode: str = 
         raise SoveError(f"--features {mode} needs a ViT with a [CLS] token; for {type(backbone).__name__} "
                         "use --features global (its mean final-stage token)")
     if mode == "cls4":
-        blocks = backbone.vit.forward_intermediates(images, indices=num_blocks, return_prefix_tokens=True, norm=True,
-                                                    output_fmt="NLC", intermediates_only=True)
+        vit = backbone.vit
+        blocks = vit.forward_intermediates(images, indices=min(num_blocks, len(vit.blocks)), return_prefix_tokens=True,
+                                           norm=True, output_fmt="NLC", intermediates_only=True)
         return torch.cat([prefix[:, 0] for _, prefix in blocks], dim=1).float()
     out = backbone(images)
     if mode == "cls_mean":
