@@ -170,7 +170,8 @@ def image_features(backbone: torch.nn.Module, images: torch.Tensor, mode: str = 
             norm, concatenated oldest first (timm's ``forward_intermediates``), (batch, blocks * dim),
             its last ``dim`` columns the usual [CLS]; ``cls_mean`` -> [CLS] ⊕ mean patch token of the last
             block, (batch, 2 * dim); ``patches`` -> (global feature (batch, dim) not normalised, patch
-            tokens (batch, rows, cols, dim)) with rows = height / stride, cols = width / stride.
+            tokens (batch, rows, cols, dim)) with rows = height / stride, cols = width / stride (stride: the
+            backbone's ``token_stride`` attribute, pixels per output token).
 
     Returns:
         float32 tensors of the shapes above (on the backbone's device).
@@ -194,8 +195,7 @@ def image_features(backbone: torch.nn.Module, images: torch.Tensor, mode: str = 
         return torch.cat([out["cls"], out["patches"].mean(dim=1)], dim=1).float()
     if mode == "global":
         return torch.nn.functional.normalize(out["global"].float(), dim=1)
-    stride = getattr(backbone, "token_stride", None) or backbone.patch_size
-    rows, cols = images.shape[-2] // stride, images.shape[-1] // stride
+    rows, cols = images.shape[-2] // backbone.token_stride, images.shape[-1] // backbone.token_stride
     patches = out["patches"]
     return out["global"].float(), patches.reshape(patches.shape[0], rows, cols, patches.shape[-1]).float()
 
