@@ -62,7 +62,8 @@ class MeanColour(torch.nn.Module):
     token_stride = 4
 
     def forward(self, x):
-        return {"global": x.mean(dim=(2, 3)), "patches": torch.nn.functional.avg_pool2d(x, 4).flatten(2).transpose(1, 2)}
+        patches = torch.nn.functional.avg_pool2d(x, 4).flatten(2).transpose(1, 2)  # (batch, rows * cols, channels)
+        return {"global": x.mean(dim=(2, 3)), "patches": patches}
 
 
 def colour_encoder() -> FrozenBackbone:

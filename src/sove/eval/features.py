@@ -202,7 +202,8 @@ def image_features(backbone: torch.nn.Module, images: torch.Tensor, mode: str = 
 
 @torch.no_grad()
 def extract_features(backbone: torch.nn.Module, dataset: Dataset, batch_size: int = 256,
-                     device: str | torch.device = "cpu", desc: str = "features", *, mode: str = "global") -> torch.Tensor:
+                     device: str | torch.device = "cpu", desc: str = "features", *,
+                     mode: str = "global") -> torch.Tensor:
     """:func:`image_features` of every item of ``dataset``, in order, on the CPU (the one extractor of
     the dataset protocols: ``sove eval knn|linear|lowshot``, ``sove embed``, the periodic k-NN).
 
