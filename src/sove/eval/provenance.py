@@ -193,9 +193,11 @@ def review_results(run_dir: str | Path) -> tuple[dict[str, dict[str, Any]], dict
         which files are stale and how to recompute them, which could not be read, and whether there
         was a checkpoint to compare with.
     """
+    from sove.run import EVAL_DIR
+
     run_dir = Path(run_dir)
     results, notes = {}, []
-    for path in sorted((run_dir / "eval").glob("*.json")):
+    for path in sorted((run_dir / EVAL_DIR).glob("*.json")):
         try:
             r = json.loads(path.read_text())
         except (OSError, ValueError) as e:

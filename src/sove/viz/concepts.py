@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 from sove.errors import SoveError
 from sove.method import Concepts
 from sove.preflight import check_writable
+from sove.run import Run
 
 
 def concept_purity(concepts: Concepts, row_labels: torch.Tensor) -> float | None:
@@ -56,7 +57,7 @@ def run_concepts(run_dir: str | Path, cfg: DictConfig, checkpoint: str = "last.p
     from sove.train.builders import build_loss
     from sove.train.checkpoint import load_checkpoint
 
-    state = load_checkpoint(Path(run_dir) / "checkpoints" / checkpoint)
+    state = load_checkpoint(Run(run_dir, checkpoint).checkpoint)
     fs = state.get("cls_feature_set")
     if fs is None:
         raise SoveError(f"{run_dir}: this run has no CLS feature set (loss.cls_weight=0); nothing to browse")
@@ -159,7 +160,6 @@ def browse_concepts(run_dir: str | Path, num: int = 16, checkpoint: str = "last.
     from sove.data import build_source
     from sove.eval.provenance import write_json
     from sove.models import build_networks
-    from sove.run import Run
     from sove.train.builders import build_loss
     from sove.train.checkpoint import load_checkpoint, load_state_strict
 
