@@ -9,8 +9,8 @@ import torch
 from conftest import TINY
 from sove.cli import main
 from sove.config import load_config
-from sove.eval.dense import load_dense_encoder
-from sove.eval.features import teacher_backbone
+from sove.eval.encoder import load_frozen
+from sove.run import teacher_backbone
 from sove.train.trainer import pretrain
 from test_retrieval import make_dataset
 from test_segmentation import make_ade
@@ -25,12 +25,12 @@ def test_cli_on_run_and_exported_backbone(tmp_path, image_folder):
 
     # Both sources give the teacher's tokens: global = [CLS], patches on the (rows, cols) grid.
     x = torch.randn(2, 3, 16, 24, generator=torch.Generator().manual_seed(0))
-    from_run, from_file = load_dense_encoder(run_dir=run), load_dense_encoder(backbone=run / "backbone.json")
+    from_run, from_file = load_frozen(run_dir=run), load_frozen(backbone=run / "backbone.json")
     with torch.no_grad():
         ref = teacher_backbone(run, cfg).eval()(x)
     for enc in (from_run, from_file):
         g, p = enc(x)
-        assert enc.patch_size == 4 and enc.image_size == 16 and p.shape == (2, 4, 6, 32)
+        assert enc.token_stride == 4 and enc.image_size == 16 and p.shape == (2, 4, 6, 32)
         assert torch.allclose(g, ref["cls"], atol=1e-5)
         assert torch.allclose(p.reshape(2, 24, 32), ref["patches"], atol=1e-5)
 

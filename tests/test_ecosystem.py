@@ -23,7 +23,8 @@ from conftest import TINY, make_image_folder
 from sove.cli import main
 from sove.config import load_config
 from sove.errors import SoveError
-from sove.eval.features import EvalImages, teacher_backbone
+from sove.eval.features import EvalImages
+from sove.run import teacher_backbone
 from sove.models import build_networks
 from sove.models.pretrained import backbone_weights
 from sove.train.init_from import init_backbones

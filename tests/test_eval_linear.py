@@ -14,9 +14,10 @@ from conftest import make_image_folder, tiny_labelled_run
 from sove.cli import main
 from sove.config import load_config
 from sove.errors import DataError, SoveError
-from sove.eval import frozen
+from sove.eval import features as features_mod
 from sove.eval.features import extract_features
-from sove.eval.frozen import token_features
+from sove.eval.encoder import load_frozen
+from sove.eval.features import image_features
 from sove.eval.linear import evaluate_linear, head_accuracy, select_lr, train_linear_heads
 from sove.models import MaskedViT, create_vit
 
@@ -66,7 +67,7 @@ def test_cls4_and_cls_mean_match_the_standard_features():
     mean_model = MaskedViT(vit, with_mask_token=False, global_pool="mean_patch").eval()
     images = torch.randn(5, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     data = TensorDataset(images, torch.zeros(5, dtype=torch.long))
-    cls4 = token_features(cls_model, images, "cls4")
+    cls4 = image_features(cls_model, images, "cls4")
     assert cls4.shape == (5, 4 * 32)
     assert torch.allclose(torch.nn.functional.normalize(cls4[:, -32:], dim=1), extract_features(cls_model, data),
                           atol=1e-5)
@@ -74,14 +75,33 @@ def test_cls4_and_cls_mean_match_the_standard_features():
     with torch.no_grad():
         first = vit.norm(vit.blocks[0](cls_model.embed(images)))[:, 0]
     assert torch.allclose(cls4[:, :32], first, atol=1e-5)
-    cls_mean = token_features(cls_model, images, "cls_mean")
+    cls_mean = image_features(cls_model, images, "cls_mean")
     assert cls_mean.shape == (5, 2 * 32)
     assert torch.allclose(cls_mean[:, :32], cls4[:, -32:], atol=1e-5)
     assert torch.allclose(torch.nn.functional.normalize(cls_mean[:, 32:], dim=1), extract_features(mean_model, data),
                           atol=1e-5)
     # a 2-block ViT keeps the CLS of its 2 blocks
     shallow = MaskedViT(create_vit("vit_tiny", 16, 4, 3, embed_dim=32, depth=2, num_heads=2), with_mask_token=False)
-    assert token_features(shallow.eval(), images, "cls4").shape == (5, 64)
+    assert image_features(shallow.eval(), images, "cls4").shape == (5, 64)
+
+
+def test_cls4_from_forward_intermediates_equals_the_block_loop():
+    """timm's forward_intermediates gives the [CLS] of the last 4 blocks that a hand-written loop over the
+    blocks gives (each block's tokens through the final norm, oldest first)."""
+    torch.manual_seed(0)
+    model = MaskedViT(create_vit("vit_tiny", 16, 4, 3, embed_dim=32, depth=6, num_heads=2), with_mask_token=False)
+    model.eval()
+    images = torch.randn(3, 3, 16, 24, generator=torch.Generator().manual_seed(2))  # non-square: dynamic size
+    with torch.no_grad():
+        x, kept = model.embed(images), []
+        for i, block in enumerate(model.vit.blocks):
+            x = block(x)
+            if i >= 2:
+                kept.append(model.vit.norm(x)[:, 0])
+        reference = torch.cat(kept, dim=1)
+        got = image_features(model, images, "cls4")
+    assert got.shape == (3, 4 * 32)
+    torch.testing.assert_close(got, reference, rtol=0, atol=1e-6)
 
 
 def test_run_end_to_end_cache_and_exported_backbone(tiny_run, monkeypatch, capsys):
@@ -99,7 +119,7 @@ def test_run_end_to_end_cache_and_exported_backbone(tiny_run, monkeypatch, capsy
     def boom(*args, **kwargs):
         raise AssertionError("features were re-extracted")
 
-    monkeypatch.setattr(frozen, "extract", boom)
+    monkeypatch.setattr(features_mod, "extract_features", boom)
     again = evaluate_linear(tiny_run, epochs=15, batch_size=8, val_fraction=0.25, lrs=[0.01, 0.1, 1])
     assert again["top1"] == r["top1"] and again["val_top1_per_lr"] == r["val_top1_per_lr"]
     monkeypatch.undo()
@@ -119,7 +139,7 @@ def test_augment_draws_new_crops_each_epoch(tiny_run):
     from sove.eval.features import eval_split
     from sove.eval.linear import _AugmentedFeatures
 
-    encoder = frozen.load_frozen(tiny_run)
+    encoder = load_frozen(tiny_run)
     train = eval_split(encoder.cfg, "train")
     feats = _AugmentedFeatures(encoder, train, torch.arange(8), "cls_mean", True, 0, "cpu")
     e0, e1 = feats(0).clone(), feats(1).clone()

@@ -148,7 +148,7 @@ def test_unreadable_image_is_left_out_with_its_label_also_from_cache(tiny_run, t
     overrides = [f"data.root={data}", f"data.test_root={data}", "eval.knn_k=[1]"]
     r = evaluate_lowshot(tiny_run, percents=[100], overrides=overrides)  # extracts, caches NaN marker rows
     assert (r["num_train"], r["num_test"]) == (32, 32) and r["subsets"]["100"]["knn_top1"] == {"1": 100.0}
-    monkeypatch.setattr("sove.eval.frozen.extract", None)  # the second run reads the cached features
+    monkeypatch.setattr("sove.eval.features.extract_features", None)  # the second run reads the cached features
     r = evaluate_lowshot(tiny_run, subset_files=[str(listing)], overrides=overrides)
     assert r["subsets"][str(listing)]["num_labelled"] == 2 and r["subsets"][str(listing)]["percent"] == 6.25
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning")]

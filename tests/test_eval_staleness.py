@@ -13,11 +13,11 @@ import torch
 
 from conftest import make_image_folder, tiny_labelled_run
 from sove.cli import main
-from sove.eval import frozen
-from sove.eval.dense import load_dense_encoder, write_result
-from sove.eval.features import eval_split
-from sove.eval.frozen import cached_extract, load_eval_backbone, load_frozen
-from sove.eval.provenance import digest, run_checkpoint, staleness
+from sove.eval import features
+from sove.eval.encoder import load_frozen
+from sove.eval.features import eval_split, extract_features
+from sove.eval.frozen import cached_extract
+from sove.eval.provenance import digest, run_checkpoint, staleness, write_result
 from sove.train.checkpoint import atomic_save, load_checkpoint
 
 
@@ -27,8 +27,8 @@ def run(tmp_path_factory) -> Path:
 
 
 def count_extractions(monkeypatch) -> list[int]:
-    calls, real = [], frozen.extract
-    monkeypatch.setattr(frozen, "extract", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls, real = [], features.extract_features
+    monkeypatch.setattr(features, "extract_features", lambda *a, **k: calls.append(1) or real(*a, **k))
     return calls
 
 
@@ -54,7 +54,7 @@ def test_training_on_invalidates_the_cache_and_summary_marks_stale_results(run, 
     knn = json.loads((run / "eval" / "knn.json").read_text())
     encoder = load_frozen(run)
     assert knn["checkpoint_step"] == 1 and knn["fingerprint"] == digest(knn["inputs"])
-    weights = encoder.identity["encoder"]["weights_sha256"]
+    weights = encoder.identity()["weights_sha256"]
     assert knn["weights_sha256"] == run_checkpoint(run)["weights_sha256"] == weights
     assert json.loads((run / "eval" / "knn_pixels.json").read_text())["checkpoint_step"] is None
     train = eval_split(encoder.cfg, "train")
@@ -65,7 +65,7 @@ def test_training_on_invalidates_the_cache_and_summary_marks_stale_results(run, 
     encoder = load_frozen(run)
     new = cached_extract(encoder, train, "train", "global", "t")
     assert calls == [1] and not torch.allclose(new, old, rtol=0, atol=1e-7)
-    assert torch.equal(new, frozen.extract(encoder.backbone, train, "global"))
+    assert torch.equal(new, extract_features(encoder.module, train))
 
     capsys.readouterr()
     assert main(["summary", str(run)]) == 0
@@ -88,29 +88,29 @@ def test_cache_key_covers_data_root_and_image_list(run, tmp_path, monkeypatch, c
     a = make_image_folder(tmp_path / "a" / "images", seed=1)
     b = make_image_folder(tmp_path / "b" / "images", seed=2)
 
-    def features() -> tuple[torch.Tensor, torch.Tensor]:
+    def both() -> tuple[torch.Tensor, torch.Tensor]:
         """(cached features, freshly extracted ones) of the train split with a relative data.root."""
         encoder = load_frozen(run, overrides=["data.root=images", "data.test_root=images"])
         train = eval_split(encoder.cfg, "train")
-        return cached_extract(encoder, train, "train", "global", "k"), frozen.extract(encoder.backbone, train, "global")
+        return cached_extract(encoder, train, "train", "global", "k"), extract_features(encoder.module, train)
 
     monkeypatch.chdir(tmp_path / "a")
-    in_a, _ = features()
+    in_a, _ = both()
     monkeypatch.chdir(tmp_path / "b")  # same relative root and image count, other pictures
-    in_b, truth = features()
+    in_b, truth = both()
     assert torch.equal(in_b, truth) and not torch.allclose(in_b, in_a)
     (b / "dark" / "img_000.png").unlink()  # same count, one picture swapped for another
     shutil.copy(a / "light" / "img_000.png", b / "dark" / "img_new.png")
-    swapped, truth = features()
+    swapped, truth = both()
     assert torch.equal(swapped, truth) and not torch.equal(swapped, in_b)
     (b / "dark" / "img_001.png").rename(b / "tmp.png")  # two pictures exchanged under the same names
     (b / "light" / "img_001.png").rename(b / "dark" / "img_001.png")  # (sizes may match, mtimes are kept)
     (b / "tmp.png").rename(b / "light" / "img_001.png")
-    exchanged, truth = features()
+    exchanged, truth = both()
     assert torch.equal(exchanged, truth) and not torch.equal(exchanged, swapped)  # was the stale cache
     cache = run / "eval" / "k_features_global_train.pt"
     cache.write_bytes(b"truncated")
-    again, _ = features()
+    again, _ = both()
     assert torch.equal(again, truth)
     assert f"warning: feature cache '{cache}' is unreadable" in capsys.readouterr().err
 
@@ -118,10 +118,10 @@ def test_cache_key_covers_data_root_and_image_list(run, tmp_path, monkeypatch, c
 def test_exported_and_dense_results_record_the_step_and_weights(run):
     assert main(["export", str(run)]) == 0
     assert json.loads((run / "backbone.json").read_text())["step"] == 1
-    exported = load_eval_backbone(backbone=run / "backbone.json")
+    exported = load_frozen(backbone=run / "backbone.json")
     current = run_checkpoint(run)
     assert exported.step == 1 and exported.weights_sha256 == current["weights_sha256"]
-    result = json.loads(write_result({"mAP": 1.0}, run / "eval" / "dense.json", load_dense_encoder(run),
+    result = json.loads(write_result({"mAP": 1.0}, run / "eval" / "dense.json", load_frozen(run).identity(),
                                      {"data": "x"}).read_text())
     assert (result["checkpoint_step"], result["weights_sha256"]) == (1, current["weights_sha256"])
     assert result["inputs"]["settings"] == {"data": "x"} and result["fingerprint"] == digest(result["inputs"])

@@ -6,7 +6,8 @@ import torch
 
 from conftest import TINY
 from sove.config import load_config
-from sove.eval.features import extract_features, teacher_backbone
+from sove.eval.features import extract_features
+from sove.run import teacher_backbone
 from sove.eval.frozen import balanced_subset
 from sove.eval.knn import knn_classify, periodic_subsets, subset_labels
 from sove.train.trainer import Trainer

@@ -11,7 +11,7 @@ from PIL import Image
 
 from sove.cli import build_parser, main
 from sove.errors import DataError, SoveError
-from sove.eval.dense import DenseEncoder
+from sove.eval.encoder import FrozenBackbone
 from sove.eval.retrieval import average_precision, evaluate_retrieval, revisited_metrics
 
 
@@ -56,11 +56,19 @@ def test_ap_edge_cases():
 COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
 
 
-def _mean_colour_encoder() -> DenseEncoder:
-    """Stub backbone: global feature = mean normalised colour, patch tokens = 4x4 average colour."""
-    def forward(x):
-        return x.mean(dim=(2, 3)), torch.nn.functional.avg_pool2d(x, 4).permute(0, 2, 3, 1)
-    return DenseEncoder(forward, patch_size=4, image_size=16, mean=[0.5] * 3, std=[0.25] * 3)
+class MeanColour(torch.nn.Module):
+    """Stub backbone: global feature = mean normalised colour, patch tokens = 4x4 average colour (row-major)."""
+
+    token_stride = 4
+
+    def forward(self, x):
+        patches = torch.nn.functional.avg_pool2d(x, 4).flatten(2).transpose(1, 2)  # (batch, rows * cols, channels)
+        return {"global": x.mean(dim=(2, 3)), "patches": patches}
+
+
+def colour_encoder() -> FrozenBackbone:
+    return FrozenBackbone(MeanColour(), image_size=16, token_stride=4, mean=[0.5] * 3, std=[0.25] * 3)
+
 
 
 def _solid(path, colour, size=(32, 24), right=None):
@@ -90,7 +98,7 @@ def make_dataset(root, gnd_name="toyox"):
 def test_end_to_end_generated_dataset(tmp_path):
     root = make_dataset(tmp_path / "toyox")
     out = tmp_path / "res.json"
-    r = evaluate_retrieval(root, out=out, encoder=_mean_colour_encoder())
+    r = evaluate_retrieval(root, out=out, encoder=colour_encoder())
     # Cropped queries are pure red / green: their positives come first -> perfect scores.
     assert r["medium"]["mAP"] == pytest.approx(100.0) and r["hard"]["mAP"] == pytest.approx(100.0)
     assert r["medium"]["mP@1"] == pytest.approx(100.0)
@@ -114,14 +122,14 @@ def test_query_crop_none_encodes_whole_queries(tmp_path):
         del g["bbx"]  # not needed without the crop
     with open(root / "gnd_toyox.pkl", "wb") as f:
         pickle.dump(gt, f)
-    r = evaluate_retrieval(root, out=tmp_path / "r.json", query_crop="none", encoder=_mean_colour_encoder())
+    r = evaluate_retrieval(root, out=tmp_path / "r.json", query_crop="none", encoder=colour_encoder())
     assert r["medium"]["ap"] == pytest.approx([100 * 7 / 24, 100 / 4])
     assert r["hard"]["ap"] == pytest.approx([100 / 6, 100 / 4])
     assert r["query_crop"] == "none"
     with pytest.raises(DataError, match=r"gnd\[0\] has no 'bbx' \(query boxes are needed by --query-crop bbox\)"):
-        evaluate_retrieval(root, out=tmp_path / "r.json", encoder=_mean_colour_encoder())
+        evaluate_retrieval(root, out=tmp_path / "r.json", encoder=colour_encoder())
     with pytest.raises(SoveError, match="query_crop must be one of bbox, none, not 'box'"):
-        evaluate_retrieval(root, out=tmp_path / "r.json", query_crop="box", encoder=_mean_colour_encoder())
+        evaluate_retrieval(root, out=tmp_path / "r.json", query_crop="box", encoder=colour_encoder())
 
 
 def test_cli_query_crop_switch():
@@ -136,17 +144,17 @@ def test_cli_query_crop_switch():
 def test_missing_ground_truth_file(tmp_path):
     root = make_dataset(tmp_path / "d")
     with pytest.raises(DataError, match="gnd_roxford5k.pkl"):
-        evaluate_retrieval(root, name="roxford5k", out=tmp_path / "r.json", encoder=_mean_colour_encoder())
+        evaluate_retrieval(root, name="roxford5k", out=tmp_path / "r.json", encoder=colour_encoder())
     (root / "gnd_toyox.pkl").unlink()
     with pytest.raises(DataError, match="no gnd_<name>.pkl"):
-        evaluate_retrieval(root, out=tmp_path / "r.json", encoder=_mean_colour_encoder())
+        evaluate_retrieval(root, out=tmp_path / "r.json", encoder=colour_encoder())
 
 
 def test_images_missing_or_count_mismatch(tmp_path):
     root = make_dataset(tmp_path / "d")
     (root / "jpg" / "red_b.jpg").unlink()
     with pytest.raises(DataError, match=r"1 image\(s\) listed in .*gnd_toyox.pkl.*red_b.jpg"):
-        evaluate_retrieval(root, out=tmp_path / "r.json", encoder=_mean_colour_encoder())
+        evaluate_retrieval(root, out=tmp_path / "r.json", encoder=colour_encoder())
     root = make_dataset(tmp_path / "e")
     with open(root / "gnd_toyox.pkl", "rb") as f:
         gt = pickle.load(f)
@@ -154,12 +162,12 @@ def test_images_missing_or_count_mismatch(tmp_path):
     with open(root / "gnd_toyox.pkl", "wb") as f:
         pickle.dump(gt, f)
     with pytest.raises(DataError, match="2 query images.*1 ground-truth entries"):
-        evaluate_retrieval(root, out=tmp_path / "r.json", encoder=_mean_colour_encoder())
+        evaluate_retrieval(root, out=tmp_path / "r.json", encoder=colour_encoder())
     gt["gnd"] = [{"easy": [9], "hard": [], "junk": [], "bbx": [0, 0, 4, 4]}] * 2
     with open(root / "gnd_toyox.pkl", "wb") as f:
         pickle.dump(gt, f)
     with pytest.raises(DataError, match="index 9 but imlist has 5 images"):
-        evaluate_retrieval(root, out=tmp_path / "r.json", encoder=_mean_colour_encoder())
+        evaluate_retrieval(root, out=tmp_path / "r.json", encoder=colour_encoder())
 
 
 def test_cli_reports_a_missing_ground_truth_file(tmp_path, capsys):

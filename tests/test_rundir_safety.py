@@ -273,7 +273,7 @@ def test_read_only_run_directory_is_reported_in_one_line(run_copy, capsys):
 
 def test_dense_protocols_check_their_result_folder(tmp_path, monkeypatch):
     import sove.preflight as preflight
-    from sove.eval.dense import result_path
+    from sove.eval.encoder import result_path
     from sove.errors import SoveError
 
     def read_only(path):

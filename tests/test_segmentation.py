@@ -7,13 +7,12 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from sove.errors import DataError
-from sove.eval.dense import DenseEncoder
 from sove.eval.segmentation import (confusion_matrix, evaluate_segmentation, predict, segmentation_scores,
                                     train_linear_head)
+from test_retrieval import colour_encoder
 
 
 def test_scores_from_a_hand_computed_confusion_matrix():
@@ -112,22 +111,17 @@ def make_ade(root):
     return root
 
 
-def _colour_encoder() -> DenseEncoder:
-    def forward(x):
-        return x.mean(dim=(2, 3)), F.avg_pool2d(x, 4).permute(0, 2, 3, 1)
-    return DenseEncoder(forward, patch_size=4, image_size=16, mean=[0.5] * 3, std=[0.25] * 3)
-
 
 def test_separable_shapes_reach_miou_100(tmp_path):
     root = make_ade(tmp_path / "ade")
     r = evaluate_segmentation(root, out=tmp_path / "seg.json", epochs=30, lr=0.05, batch_size=3,
-                              encoder=_colour_encoder())
+                              encoder=colour_encoder())
     assert r["num_classes"] == 2 and r["num_train"] == 6 and r["num_val"] == 2
     assert r["mIoU"] == pytest.approx(100.0) and r["mAcc"] == pytest.approx(100.0)
     assert (tmp_path / "seg.json").is_file()
     # reduce_zero_label (ADE20k): background 0 is ignored, the band becomes class 0 -> 1 class.
     r = evaluate_segmentation(root, out=tmp_path / "seg.json", epochs=1, reduce_zero_label=True,
-                              encoder=_colour_encoder())
+                              encoder=colour_encoder())
     assert r["num_classes"] == 1 and r["mIoU"] == pytest.approx(100.0)
 
 
@@ -135,18 +129,18 @@ def test_folder_errors(tmp_path):
     root = make_ade(tmp_path / "ade")
     (root / "annotations" / "training" / "t3.png").unlink()
     with pytest.raises(DataError, match=r"image '.*t3.png' has no annotation"):
-        evaluate_segmentation(root, out=tmp_path / "s.json", encoder=_colour_encoder())
+        evaluate_segmentation(root, out=tmp_path / "s.json", encoder=colour_encoder())
     root = make_ade(tmp_path / "ade2")
     Image.fromarray(np.zeros((10, 16), np.uint8)).save(root / "annotations" / "validation" / "v1.png")
     with pytest.raises(DataError, match=r"v1.png' is 16x10 but its image is 32x32"):
-        evaluate_segmentation(root, out=tmp_path / "s.json", epochs=1, encoder=_colour_encoder())
+        evaluate_segmentation(root, out=tmp_path / "s.json", epochs=1, encoder=colour_encoder())
     root = tmp_path / "unlabelled"
     (root / "images" / "training").mkdir(parents=True)
     (root / "images" / "validation").mkdir(parents=True)
     with pytest.raises(DataError, match="no annotations folder"):
-        evaluate_segmentation(root, out=tmp_path / "s.json", encoder=_colour_encoder())
+        evaluate_segmentation(root, out=tmp_path / "s.json", encoder=colour_encoder())
     root = make_ade(tmp_path / "ade3")
     for name in ("v0", "v1"):
         Image.fromarray(np.full((32, 32), 255, np.uint8)).save(root / "annotations" / "validation" / f"{name}.png")
     with pytest.raises(DataError, match=r"every validation pixel in '.*validation' is ignored \(255\)"):
-        evaluate_segmentation(root, out=tmp_path / "s.json", epochs=1, encoder=_colour_encoder())
+        evaluate_segmentation(root, out=tmp_path / "s.json", epochs=1, encoder=colour_encoder())

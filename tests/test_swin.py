@@ -14,7 +14,8 @@ from sove.cli import main
 from sove.config import load_config, token_stride
 from sove.errors import ConfigError
 from sove.eval.embed import embed
-from sove.eval.features import EvalImages, extract_features, teacher_backbone
+from sove.eval.features import EvalImages, extract_features
+from sove.run import teacher_backbone
 from sove.export import global_features, load_backbone
 from sove.models import MaskedSwin, MaskedViT, build_networks, create_swin, create_vit
 from sove.train.trainer import Trainer, prepare_run_dir, pretrain

@@ -10,9 +10,9 @@ from PIL import Image
 from scipy import ndimage
 
 from sove.errors import DataError
-from sove.eval.dense import DenseEncoder
 from sove.eval.video import (VOID, _sequence_scores, boundary_f_measure, boundary_map, evaluate_video,
                              propagate_labels, region_similarity)
+from test_retrieval import colour_encoder
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -171,15 +171,10 @@ def make_davis(root, frames=5, size=32, split="val"):
     return root
 
 
-def _colour_encoder() -> DenseEncoder:
-    def forward(x):
-        return x.mean(dim=(2, 3)), F.avg_pool2d(x, 4).permute(0, 2, 3, 1)
-    return DenseEncoder(forward, patch_size=4, image_size=16, mean=[0.5] * 3, std=[0.25] * 3)
-
 
 def test_davis_folder_end_to_end(tmp_path):
     root = make_davis(tmp_path / "davis")
-    r = evaluate_video(root, out=tmp_path / "video.json", image_size=32, encoder=_colour_encoder())
+    r = evaluate_video(root, out=tmp_path / "video.json", image_size=32, encoder=colour_encoder())
     assert (tmp_path / "video.json").is_file() and r["num_objects"] == 1
     assert r["sequences"]["square"]["frames_scored"] == 3  # frames 1..3 (first and last excluded)
     assert r["J_mean"] >= 90 and r["F_mean"] >= 90
@@ -195,14 +190,14 @@ def test_davis_folder_end_to_end(tmp_path):
 
 def test_davis_layout_errors(tmp_path):
     with pytest.raises(DataError, match=r"ImageSets/2017/val.txt"):
-        evaluate_video(tmp_path, out=tmp_path / "v.json", encoder=_colour_encoder())
+        evaluate_video(tmp_path, out=tmp_path / "v.json", encoder=colour_encoder())
     root = make_davis(tmp_path / "d")
     for p in (root / "Annotations" / "480p" / "square").iterdir():
         p.unlink()
     (root / "Annotations" / "480p" / "square").rmdir()
     with pytest.raises(DataError, match="no annotations folder .*square"):
-        evaluate_video(root, out=tmp_path / "v.json", encoder=_colour_encoder())
+        evaluate_video(root, out=tmp_path / "v.json", encoder=colour_encoder())
     root = make_davis(tmp_path / "e")
     Image.new("RGB", (32, 32)).save(root / "Annotations" / "480p" / "square" / "00000.png")
     with pytest.raises(DataError, match="00000.png' is a RGB colour image"):
-        evaluate_video(root, out=tmp_path / "v.json", encoder=_colour_encoder())
+        evaluate_video(root, out=tmp_path / "v.json", encoder=colour_encoder())

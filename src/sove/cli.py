@@ -66,7 +66,9 @@ def _eval_knn(args: argparse.Namespace) -> None:
 
     modes = (list(KNN_MODES) if args.all else
              ["random_init" if args.random_init else "pixels" if args.pixels else "trained"])
-    for mode, result in evaluate_knn_modes(args.run, modes, args.overrides, args.device).items():
+    if args.run is None and args.backbone is None:
+        raise SoveError("sove eval knn: give --run RUN_DIR and/or --backbone backbone.json|RUN/checkpoints/FILE.pt")
+    for mode, result in evaluate_knn_modes(args.run, modes, args.overrides, args.device, args.backbone).items():
         ks = ", ".join(f"k={k}: {v:.2f}" for k, v in result["top1"].items())
         timing = f" in {result['seconds'] / 60:.1f} min" if args.all else ""
         print(f"k-NN top-1 ({mode}) {ks}; best {result['best_top1']:.2f}% at k={result['best_k']} "
@@ -145,14 +147,15 @@ def _plot(args: argparse.Namespace) -> None:
 
     print(f"wrote {plot_curves(args.run)}")
     if args.embedding:
-        from sove.eval.features import (eval_split, extract_features, labels_of, load_run_config, readable_rows,
-                                        teacher_backbone)
+        from sove.eval.features import eval_split, extract_features, labels_of, readable_rows
+        from sove.run import Run
         from sove.viz.curves import plot_embedding
 
-        cfg = load_run_config(args.run)
+        run = Run(args.run)
+        cfg = run.config
         test = eval_split(cfg, "test")  # labels index its own class names, as the legend shows them
-        feats = extract_features(teacher_backbone(args.run, cfg), test, cfg.eval.batch_size, "cpu", "test features")
-        keep = readable_rows(feats, test, "test", Path(args.run) / "eval")
+        feats = extract_features(run.backbone(), test, cfg.eval.batch_size, "cpu", "test features")
+        keep = readable_rows(feats, test, "test", run.eval_dir)
         path = plot_embedding(feats[keep].numpy(), labels_of(test)[keep].numpy(), test.source.classes,
                               Path(args.run) / "plots" / "embedding.png", f"teacher CLS features, PCA ({args.run})")
         print(f"wrote {path}")
@@ -220,7 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="evaluate a run's frozen teacher backbone")
     evsub = ev.add_subparsers(dest="protocol", required=True)
     knn = evsub.add_parser("knn", help="weighted k-NN (DINO protocol); writes RUN/eval/knn*.json")
-    knn.add_argument("--run", required=True, help="run directory written by `sove pretrain`")
+    knn.add_argument("--run", help="run directory written by `sove pretrain` (teacher backbone, data config, "
+                     "output in RUN/eval)")
+    knn.add_argument("--backbone", help="backbone.json from `sove export` or RUN/checkpoints/FILE.pt (data: --run's "
+                     "config, else defaults + data.* overrides; output next to it without --run)")
     group = knn.add_mutually_exclusive_group()
     group.add_argument("--random-init", action="store_true", help="the same architecture, untrained")
     group.add_argument("--pixels", action="store_true", help="raw pixels, mean-centred and L2-normalised")
@@ -232,8 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def frozen_source(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--run", help="run directory (teacher backbone, data config, output in RUN/eval)")
-        parser.add_argument("--backbone", help="backbone.json from `sove export` (data: --run's config, else "
-                            "defaults + data.* overrides; output next to it without --run)")
+        parser.add_argument("--backbone", help="backbone.json from `sove export` or RUN/checkpoints/FILE.pt (data: "
+                            "--run's config, else defaults + data.* overrides; output next to it without --run)")
         parser.add_argument("--seed", type=int, default=0, help="subset / split seed")
         parser.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache files")
         parser.add_argument("--device", default="cpu", help="device for feature extraction (cpu, cuda)")
@@ -263,7 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     def dense_source(parser: argparse.ArgumentParser, data_help: str) -> None:
         src = parser.add_mutually_exclusive_group(required=True)
         src.add_argument("--run", help="run directory (its teacher backbone; result in RUN/eval)")
-        src.add_argument("--backbone", help="backbone.json from `sove export` (result in eval/ next to it)")
+        src.add_argument("--backbone", help="backbone.json from `sove export` or RUN/checkpoints/FILE.pt (result in "
+                         "eval/ next to it)")
         parser.add_argument("--data", required=True, help=data_help)
         parser.add_argument("--out", help="result JSON (default: RUN/eval/<protocol>.json)")
         parser.add_argument("--device", default="cpu", help="device of the backbone (cpu, cuda)")
@@ -324,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     emb = sub.add_parser("embed", help="teacher embeddings of images -> OUT.npy + OUT.csv")
     src = emb.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", help="run directory (its teacher backbone)")
-    src.add_argument("--backbone", help="backbone.json written by `sove export`")
+    src.add_argument("--backbone", help="backbone.json written by `sove export`, or RUN/checkpoints/FILE.pt")
     what = emb.add_mutually_exclusive_group(required=True)
     what.add_argument("--images", help="folder of images (flat or one sub-folder per class)")
     what.add_argument("--split", choices=["train", "test"], help="the run's own train/test data")

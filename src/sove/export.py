@@ -38,9 +38,8 @@ from omegaconf import DictConfig
 from sove import __version__
 from sove.errors import DiskFullError, SoveError, disk_full
 from sove.preflight import check_writable
+from sove.run import BACKBONE_JSON, EXPORT_DIR, Run
 
-#: The export folder inside a run directory.
-EXPORT_DIR = "export"
 #: ONNX opset of ``sove export --onnx`` (torch.onnx's dynamo exporter with onnxscript).
 ONNX_OPSET = 18
 
@@ -68,23 +67,20 @@ def export_backbone(run_dir: str | Path, checkpoint: str = "last.pt", onnx: bool
             writable, ONNX packages missing (with ``onnx``); DiskFullError: no space for a file (each
             file is written atomically: an earlier export stays intact).
     """
-    from sove.eval.features import load_run_config, teacher_backbone
-    from sove.eval.provenance import checkpoint_step
     from sove.models import timm_name
     from sove.train.checkpoint import atomic_write
 
-    run_dir = Path(run_dir)
-    cfg = load_run_config(run_dir)
+    run = Run(run_dir, checkpoint)
+    run_dir, cfg = run.path, run.config
     check_writable(run_dir, "the exported backbone")
     if onnx:
         _require_onnx_exporter()
-    backbone = teacher_backbone(run_dir, cfg, checkpoint)
+    backbone = run.backbone()
     model = export_model(backbone, timm_name(cfg.model.arch))
-    source = run_dir / "checkpoints" / checkpoint
     sove_meta = {"global_pool": backbone.global_pool, "features": FEATURES[(type(backbone).__name__,
                                                                            backbone.global_pool)],
-                 "step": checkpoint_step(source), "source": str(source), "version": __version__}
-    folder = run_dir / EXPORT_DIR
+                 "step": run.step, "source": str(run.checkpoint), "version": __version__}
+    folder = run.export_dir
     for stale in ("model.onnx", "model.onnx.data"):  # an earlier --onnx export holds older weights
         (folder / stale).unlink(missing_ok=True)
     _save_hf_atomically(model, folder, data_config(cfg), {"pretrained_cfg": {"tag": "sove", "license": None},
@@ -92,7 +88,7 @@ def export_backbone(run_dir: str | Path, checkpoint: str = "last.pt", onnx: bool
     meta = {"architecture": timm_name(cfg.model.arch), "model_kwargs": backbone.timm_kwargs(),
             "mean": list(cfg.data.mean), "std": list(cfg.data.std), "timm_dir": EXPORT_DIR,
             "weights": f"{EXPORT_DIR}/model.safetensors", **sove_meta}
-    meta_path = run_dir / "backbone.json"
+    meta_path = run_dir / BACKBONE_JSON
     atomic_write(meta_path, lambda f: f.write(json.dumps(meta, indent=2).encode()))
     out: dict[str, Any] = {"folder": folder, "meta": meta_path}
     if onnx:
@@ -248,7 +244,7 @@ def load_backbone(path: str | Path) -> torch.nn.Module:
     """
     path = Path(path)
     if path.is_dir():
-        path = path / "backbone.json"
+        path = path / BACKBONE_JSON
     if not path.is_file():
         raise SoveError(f"'{path}' not found; run `sove export RUN_DIR` first")
     meta = json.loads(path.read_text())

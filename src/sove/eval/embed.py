@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import io
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -14,21 +14,6 @@ from tqdm.auto import tqdm
 from sove.errors import SoveError
 from sove.preflight import check_writable
 from sove.train.checkpoint import atomic_write
-
-
-def _encoder(run_dir: str | Path | None, backbone: str | Path | None) -> tuple[Callable, dict[str, Any]]:
-    """A function images (B, C, S, S) -> global feature (B, D), and the preprocessing (size, mean, std,
-    channels; ``cfg``: the run's config, only for a run)."""
-    from sove.eval.frozen import load_eval_backbone
-    from sove.export import global_features
-
-    loaded = load_eval_backbone(run_dir, backbone)
-    prep = {"size": loaded.image_size, "mean": loaded.mean, "std": loaded.std, "channels": loaded.channels}
-    if loaded.meta is not None:  # exported: timm's own forward, as a user of the export would run it
-        timm_model, meta = loaded.module.timm_model, loaded.meta
-        return (lambda x: global_features(timm_model, meta, x)), prep
-    model = loaded.module
-    return (lambda x: model(x)["global"]), {**prep, "cfg": loaded.cfg}
 
 
 @torch.no_grad()
@@ -45,7 +30,8 @@ def embed(out: str | Path, run_dir: str | Path | None = None, backbone: str | Pa
             (columns ``row, item, label``: ``item`` is the file path or the dataset index, ``label``
             the class name — the sub-folder name, or the Fashion-MNIST class — empty when unlabelled).
         run_dir: a run directory (its teacher backbone and preprocessing), or
-        backbone: an exported ``backbone.json`` (``sove export``).
+        backbone: an exported ``backbone.json`` (``sove export``) or a ``RUN/checkpoints/FILE.pt``
+            (both loaded by :func:`sove.eval.encoder.load_frozen`).
         images: a folder of images (flat or one sub-folder per class), or
         split: ``train`` / ``test`` of the run's own data (needs ``run_dir``).
         batch_size: images per forward.
@@ -63,35 +49,36 @@ def embed(out: str | Path, run_dir: str | Path | None = None, backbone: str | Pa
     """
     from sove.data import ImageFolder, build_source
     from sove.data.decode import unreadable_report
-    from sove.eval.features import EvalImages
+    from sove.eval.encoder import load_frozen
+    from sove.eval.features import EvalImages, image_features
 
     if (run_dir is None) == (backbone is None):
         raise SoveError("sove embed: give exactly one of --run RUN_DIR or --backbone backbone.json")
     if (images is None) == (split is None):
         raise SoveError("sove embed: give exactly one of --images DIR or --split train|test")
     check_writable(Path(out).parent, "embeddings")
-    encode, prep = _encoder(run_dir, backbone)
-    on_error = on_error or (prep["cfg"].data.on_error if "cfg" in prep else "skip")
+    frozen = load_frozen(run_dir, backbone)
+    on_error = on_error or (frozen.cfg.data.on_error if frozen.run is not None else "skip")
     if on_error not in ("skip", "raise"):
         raise SoveError(f"sove embed: --on-error must be skip or raise, got {on_error!r}")
     if images is not None:
-        source = ImageFolder(images, num_channels=prep["channels"], key="--images")
+        source = ImageFolder(images, num_channels=frozen.channels, key="--images")
         names = [str(source.path(i)) for i in range(len(source))]
     else:
-        if run_dir is None:
+        if frozen.run is None:
             raise SoveError("sove embed --split needs --run RUN_DIR (the run's data)")
-        d = prep["cfg"].data
+        d = frozen.cfg.data
         source = build_source(d.source, d.root, split, d.download, d.num_channels, d.test_root)
         names = [str(i) for i in range(len(source))]
     labels, classes = getattr(source, "labels", None), getattr(source, "classes", None)
-    dataset = EvalImages(source, prep["size"], prep["mean"], prep["std"], on_error)
+    dataset = EvalImages(source, frozen.image_size, frozen.mean, frozen.std, on_error)
     feats, rows = [], []
     for start in tqdm(range(0, len(dataset), batch_size), desc="embed", unit="batch", leave=False):
         batch = [(i, dataset[i][0]) for i in range(start, min(start + batch_size, len(dataset)))]
         batch = [(i, image) for i, image in batch if i not in dataset.unreadable]
         if batch:
             x = torch.stack([image for _, image in batch])
-            feats.append(torch.nn.functional.normalize(encode(x).float(), dim=1).numpy())
+            feats.append(image_features(frozen.module, x, "global").numpy())
             rows += [(names[i], "" if labels is None else classes[labels[i]]) for i, _ in batch]
     skipped = list(dataset.unreadable.values())
     if not rows:

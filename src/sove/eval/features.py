@@ -11,12 +11,10 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
 
-from sove.config import load_config
 from sove.data import build_source
 from sove.data.decode import RAISE_HINT, unreadable_report
 from sove.errors import DataError, SoveError, warn
-from sove.models import MaskedViT, build_networks, build_teacher_backbone
-from sove.train.checkpoint import load_checkpoint, load_state_strict
+from sove.models import MaskedViT, build_networks
 
 
 class EvalImages(Dataset):
@@ -152,29 +150,80 @@ def readable_rows(features: torch.Tensor, dataset: EvalImages, split: str, list_
     return ~bad
 
 
-@torch.no_grad()
-def extract_features(backbone: MaskedViT, dataset: Dataset, batch_size: int = 256,
-                     device: str | torch.device = "cpu", desc: str = "features") -> torch.Tensor:
-    """Global features after the final norm ([CLS], or the mean patch token with
-    ``model.global_pool=mean_patch``; Swin: the mean final-stage token), L2-normalised, in dataset order.
+#: Feature modes of :func:`image_features` for a dataset (:func:`extract_features`): ``global`` = the
+#: L2-normalised image representation (``sove eval knn``); ``cls4`` = [CLS] of the last 4 blocks, each after
+#: the final norm, concatenated (ViT-S linear protocol); ``cls_mean`` = last [CLS] ⊕ mean patch token (ViT-B/L).
+FEATURE_MODES = ("cls4", "cls_mean", "global")
+
+
+def image_features(backbone: torch.nn.Module, images: torch.Tensor, mode: str = "global",
+                   num_blocks: int = 4) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Frozen features of one batch, after the final norm, never from a projection head.
 
     Args:
-        backbone: a teacher backbone (no mask token); put in eval mode here.
+        backbone: a teacher backbone (``MaskedViT``, or ``MaskedSwin`` for ``global`` / ``patches``).
+        images: float tensor (batch, channels, height, width), normalised; height and width multiples
+            of the backbone's token stride.
+        mode: ``global`` -> L2-normalised image representation ([CLS], or the mean patch token with
+            ``model.global_pool=mean_patch``; Swin: the mean final-stage token), (batch, dim);
+            ``cls4`` -> [CLS] of the last ``min(num_blocks, depth)`` blocks, each through the final
+            norm, concatenated oldest first (timm's ``forward_intermediates``), (batch, blocks * dim),
+            its last ``dim`` columns the usual [CLS]; ``cls_mean`` -> [CLS] ⊕ mean patch token of the last
+            block, (batch, 2 * dim); ``patches`` -> (global feature (batch, dim) not normalised, patch
+            tokens (batch, rows, cols, dim)) with rows = height / stride, cols = width / stride (stride: the
+            backbone's ``token_stride`` attribute, pixels per output token).
+
+    Returns:
+        float32 tensors of the shapes above (on the backbone's device).
+
+    Raises:
+        ValueError: unknown mode.
+        SoveError: ``cls4`` / ``cls_mean`` for a backbone without a [CLS] token (Swin: use ``global``).
+    """
+    if mode not in FEATURE_MODES + ("patches",):
+        raise ValueError(f"unknown feature mode {mode!r}; use one of {', '.join(FEATURE_MODES)} or patches")
+    if mode in ("cls4", "cls_mean") and not isinstance(backbone, MaskedViT):
+        raise SoveError(f"--features {mode} needs a ViT with a [CLS] token; for {type(backbone).__name__} "
+                        "use --features global (its mean final-stage token)")
+    if mode == "cls4":
+        vit = backbone.vit
+        blocks = vit.forward_intermediates(images, indices=min(num_blocks, len(vit.blocks)), return_prefix_tokens=True,
+                                           norm=True, output_fmt="NLC", intermediates_only=True)
+        return torch.cat([prefix[:, 0] for _, prefix in blocks], dim=1).float()
+    out = backbone(images)
+    if mode == "cls_mean":
+        return torch.cat([out["cls"], out["patches"].mean(dim=1)], dim=1).float()
+    if mode == "global":
+        return torch.nn.functional.normalize(out["global"].float(), dim=1)
+    rows, cols = images.shape[-2] // backbone.token_stride, images.shape[-1] // backbone.token_stride
+    patches = out["patches"]
+    return out["global"].float(), patches.reshape(patches.shape[0], rows, cols, patches.shape[-1]).float()
+
+
+@torch.no_grad()
+def extract_features(backbone: torch.nn.Module, dataset: Dataset, batch_size: int = 256,
+                     device: str | torch.device = "cpu", desc: str = "features", *,
+                     mode: str = "global") -> torch.Tensor:
+    """:func:`image_features` of every item of ``dataset``, in order, on the CPU (the one extractor of
+    the dataset protocols: ``sove eval knn|linear|lowshot``, ``sove embed``, the periodic k-NN).
+
+    Args:
+        backbone: a teacher backbone (no mask token); put in eval mode on ``device`` here.
         dataset: items ``(float image (C, H, W), label)``.
         batch_size: images per forward.
         device: where to run the backbone.
+        mode: one of :data:`FEATURE_MODES`.
 
     Returns:
-        float32 tensor of shape (N, embed_dim) on the CPU, unit-norm rows; all-NaN rows for unreadable
-        images (see :func:`batch_features`, :func:`readable_rows`).
+        float32 tensor (N, F) on the CPU: F = dim (``global``, unit rows), 4 * dim (``cls4``) or
+        2 * dim (``cls_mean``); all-NaN rows for unreadable images (see :func:`batch_features`,
+        :func:`readable_rows`).
     """
+    if mode not in FEATURE_MODES:
+        raise ValueError(f"unknown feature mode {mode!r}; use one of {', '.join(FEATURE_MODES)}")
     backbone = backbone.to(device).eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
-
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.normalize(backbone(x)["global"].float(), dim=1)
-
-    return torch.cat([batch_features(forward, images.to(device)).cpu()
+    return torch.cat([batch_features(lambda x: image_features(backbone, x, mode), images.to(device)).cpu()
                       for images, _ in tqdm(loader, desc=desc, unit="batch", leave=False)])
 
 
@@ -189,30 +238,6 @@ def pixel_features(dataset: Dataset, center: torch.Tensor | None = None) -> tupl
     x = torch.cat([images.flatten(1) for images, _ in loader])
     center = x[~x.isnan().all(1)].mean(0) if center is None else center
     return torch.nn.functional.normalize(x - center, dim=1), center
-
-
-def load_run_config(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
-    """The resolved ``config.yaml`` of a run directory, with optional overrides.
-
-    Raises:
-        SoveError: the directory or its config.yaml is missing.
-    """
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise SoveError(f"'{run_dir}' is not a sove run directory (no config.yaml); "
-                        "pass the folder that `sove pretrain` wrote")
-    return load_config(str(path), overrides)
-
-
-def teacher_backbone(run_dir: str | Path, cfg: DictConfig, checkpoint: str = "last.pt") -> MaskedViT:
-    """The trained teacher backbone of a run (strict key check)."""
-    path = Path(run_dir) / "checkpoints" / checkpoint
-    state = load_checkpoint(path)["teacher"]
-    backbone = build_teacher_backbone(cfg)
-    prefix = "backbone."
-    load_state_strict(backbone, {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)},
-                      f"teacher backbone in {path}")
-    return backbone
 
 
 def random_init_backbone(cfg: DictConfig) -> MaskedViT:

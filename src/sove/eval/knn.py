@@ -94,36 +94,41 @@ KNN_MODES = {"trained": "knn.json", "random_init": "knn_random_init.json", "pixe
 DECODED_LIMIT = 2 * 2**30
 
 
-def evaluate_knn(run_dir: str | Path, mode: str = "trained", overrides: list[str] | tuple[str, ...] = (),
-                 device: str = "cpu") -> dict[str, Any]:
-    """``sove eval knn``: k-NN on a run's labelled train/test splits; writes ``eval/knn*.json``.
+def evaluate_knn(run_dir: str | Path | None, mode: str = "trained", overrides: list[str] | tuple[str, ...] = (),
+                 device: str = "cpu", backbone: str | Path | None = None) -> dict[str, Any]:
+    """``sove eval knn``: k-NN on the labelled train/test splits; writes ``eval/knn*.json``.
 
     Args:
-        run_dir: a directory written by ``sove pretrain``.
-        mode: ``trained`` (teacher backbone of ``checkpoints/last.pt``), ``random_init`` (the same
-            architecture as initialised, untrained) or ``pixels`` (raw pixels, mean-centred).
+        run_dir: a directory written by ``sove pretrain`` (its config gives the data and, without
+            ``backbone``, its ``checkpoints/last.pt`` the teacher).
+        mode: ``trained`` (the frozen backbone), ``random_init`` (the run's architecture as initialised,
+            untrained) or ``pixels`` (raw pixels, mean-centred); the baselines need ``run_dir``.
         overrides: config overrides (e.g. ``eval.knn_k=[1,5]``).
         device: device for feature extraction.
+        backbone: an exported backbone.json or a ``RUN/checkpoints/FILE.pt`` instead of the run's last
+            checkpoint (:func:`sove.eval.encoder.load_frozen`; without ``run_dir`` the data come from
+            the package defaults ⊕ the export's preprocessing ⊕ ``overrides``).
 
     Returns:
         The result dict of :func:`knn_classify` plus ``mode``, ``command``, ``seconds`` (wall time of
-        the mode's features and k-NN) and the provenance (:func:`sove.eval.provenance.stamp`:
+        the mode's features and k-NN) and the provenance (:func:`sove.eval.provenance.write_result`:
         ``checkpoint_step`` and ``weights_sha256`` of the trained teacher, None for the baselines;
         ``inputs``; ``fingerprint``); saved to ``eval/knn.json``, ``eval/knn_random_init.json`` or
-        ``eval/knn_pixels.json``.
+        ``eval/knn_pixels.json`` (in the results folder of :func:`sove.eval.encoder.results_dir`).
 
     Test labels are numbered by the train split's class names (:func:`sove.eval.features.eval_splits`);
     unreadable images follow ``data.on_error`` (:func:`sove.eval.features.readable_rows`).
 
     Raises:
         SoveError: unknown mode, not a run directory, no checkpoint, unlabelled data, an unreadable
-            image with ``data.on_error=raise``, ``RUN/eval`` not writable.
+            image with ``data.on_error=raise``, the results folder not writable.
     """
-    return evaluate_knn_modes(run_dir, (mode,), overrides, device)[mode]
+    return evaluate_knn_modes(run_dir, (mode,), overrides, device, backbone)[mode]
 
 
-def evaluate_knn_modes(run_dir: str | Path, modes: tuple[str, ...] | list[str] = tuple(KNN_MODES),
-                       overrides: list[str] | tuple[str, ...] = (), device: str = "cpu") -> dict[str, dict[str, Any]]:
+def evaluate_knn_modes(run_dir: str | Path | None, modes: tuple[str, ...] | list[str] = tuple(KNN_MODES),
+                       overrides: list[str] | tuple[str, ...] = (), device: str = "cpu",
+                       backbone: str | Path | None = None) -> dict[str, dict[str, Any]]:
     """:func:`evaluate_knn` for several modes in one pass (``sove eval knn --all``): the splits are read and
     preprocessed once (kept in memory as float32 when they take at most :data:`DECODED_LIMIT` bytes),
     pixels need no network pass, each network extracts the train and test features once. The results
@@ -135,16 +140,29 @@ def evaluate_knn_modes(run_dir: str | Path, modes: tuple[str, ...] | list[str] =
     Raises:
         SoveError: as :func:`evaluate_knn`.
     """
-    from sove.eval.features import eval_splits, load_run_config
+    from sove.eval.encoder import load_frozen, results_dir
+    from sove.eval.features import eval_splits
+    from sove.run import Run
 
     bad = [m for m in modes if m not in KNN_MODES]
     if bad:
         raise SoveError(f"unknown k-NN mode {bad[0]!r}; use {', '.join(KNN_MODES)}")
-    cfg = load_run_config(run_dir, overrides)
-    check_writable(Path(run_dir) / "eval", "k-NN results")  # before minutes of feature extraction
+    if run_dir is None and set(modes) != {"trained"}:
+        raise SoveError("--random-init, --pixels and --all need --run RUN_DIR (the run's architecture, seed and data)")
+    out_dir = results_dir(run_dir, backbone)
+    check_writable(out_dir, "k-NN results")  # before minutes of feature extraction
+    frozen = None
+    if run_dir is None:  # an export or a checkpoint alone: its data config comes with it
+        frozen = load_frozen(None, backbone, overrides, device)
+    cfg = frozen.cfg if frozen is not None else Run(run_dir, overrides=overrides).config
     splits = eval_splits(cfg)
     inputs = [_decoded(s) for s in splits] if len(modes) > 1 else list(splits)
-    return {mode: _evaluate_mode(run_dir, mode, overrides, device, cfg, splits, inputs) for mode in modes}
+    results = {}
+    for mode in modes:
+        if mode == "trained" and frozen is None:
+            frozen = load_frozen(run_dir, backbone, overrides, device)
+        results[mode] = _evaluate_mode(mode, frozen, device, cfg, splits, inputs, out_dir)
+    return results
 
 
 def _decoded(split: Any) -> Any:
@@ -159,15 +177,14 @@ def _decoded(split: Any) -> Any:
     return TensorDataset(torch.cat(images), torch.cat(labels))
 
 
-def _evaluate_mode(run_dir: str | Path, mode: str, overrides: list[str] | tuple[str, ...], device: str,
-                   cfg: DictConfig, splits: tuple[Any, Any], inputs: list[Any]) -> dict[str, Any]:
+def _evaluate_mode(mode: str, frozen: Any, device: str, cfg: DictConfig, splits: tuple[Any, Any],
+                   inputs: list[Any], out_dir: Path) -> dict[str, Any]:
     """One mode of :func:`evaluate_knn_modes`: features of ``inputs`` (the splits, maybe decoded), k-NN with
-    the labels and unreadable lists of ``splits``, provenance, ``RUN/eval`` JSON."""
+    the labels and unreadable lists of ``splits``, the result JSON in ``out_dir``."""
     import time
 
     from sove.eval.features import extract_features, pixel_features, random_init_backbone
-    from sove.eval.frozen import command_line, load_eval_backbone, write_json
-    from sove.eval.provenance import data_identity, items_identity, stamp
+    from sove.eval.provenance import data_identity, write_result
 
     start = time.perf_counter()
     train, test = splits
@@ -177,20 +194,18 @@ def _evaluate_mode(run_dir: str | Path, mode: str, overrides: list[str] | tuple[
         test_f, _ = pixel_features(inputs[1], center)
     else:
         if mode == "trained":
-            loaded = load_eval_backbone(run_dir, overrides=overrides)
-            backbone, encoder = loaded.module, loaded.identity()
+            backbone, encoder = frozen.module, frozen.identity()
         else:
             backbone = random_init_backbone(cfg)
         train_f = extract_features(backbone, inputs[0], cfg.eval.batch_size, device, "train features")
         test_f = extract_features(backbone, inputs[1], cfg.eval.batch_size, device, "test features")
-    result = knn_on_splits(train_f, train, test_f, test, list(cfg.eval.knn_k), cfg.eval.knn_temperature,
-                           Path(run_dir) / "eval")
-    result.update(mode=mode, command=command_line(), seconds=time.perf_counter() - start)
+    result = knn_on_splits(train_f, train, test_f, test, list(cfg.eval.knn_k), cfg.eval.knn_temperature, out_dir)
+    result.update(mode=mode, seconds=time.perf_counter() - start)
+    arch = cfg.model.arch if frozen is None or frozen.run is not None else frozen.arch
     settings = {"mode": mode, "knn_k": list(cfg.eval.knn_k), "knn_temperature": cfg.eval.knn_temperature,
-                "seed": cfg.trainer.seed if mode == "random_init" else None, "arch": cfg.model.arch}
-    stamp(result, {"encoder": encoder, "data": data_identity(cfg), "settings": settings,
-                   "items": {"train": items_identity(train), "test": items_identity(test)}})
-    write_json(result, Path(run_dir) / "eval" / KNN_MODES[mode])
+                "seed": cfg.trainer.seed if mode == "random_init" else None, "arch": arch}
+    write_result(result, out_dir / KNN_MODES[mode], encoder, settings, data_identity(cfg),
+                 {"train": train, "test": test})
     return result
 
 

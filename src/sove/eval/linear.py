@@ -185,12 +185,12 @@ class _AugmentedFeatures:
         self.x = self.scale(first)
 
     def __call__(self, epoch: int) -> torch.Tensor:
-        from sove.eval.frozen import extract
+        from sove.eval.features import extract_features
 
         if epoch != self.epoch:
             torch.manual_seed(self.seed * 100003 + epoch)
-            x = extract(self.encoder.backbone, self.images, self.mode, self.encoder.cfg.eval.batch_size,
-                        self.device, f"augmented train features (epoch {epoch})")
+            x = extract_features(self.encoder.module, self.images, self.encoder.cfg.eval.batch_size, self.device,
+                                 f"augmented train features (epoch {epoch})", mode=self.mode)
             self.epoch, self.x = epoch, self.scale(x)
         return self.x
 
@@ -213,7 +213,7 @@ def evaluate_linear(
     ``standardize=False``.
 
     Args:
-        run_dir / backbone: see :func:`sove.eval.frozen.load_frozen`.
+        run_dir / backbone: see :func:`sove.eval.encoder.load_frozen`.
         features: ``cls4``, ``cls_mean`` (ViT only) or ``global`` (the k-NN feature; the choice for Swin).
         lrs: base learning-rate grid (per 256 samples).
         epochs, batch_size, seed: SGD settings (paper scale: 100 epochs).
@@ -227,7 +227,7 @@ def evaluate_linear(
         if diverged), ``best_lr``, ``val_top1`` (of the chosen lr), ``top1``, ``top5`` (test, of the chosen head),
         ``epochs``, ``batch_size``, ``augment``, ``standardize``, ``num_train`` (fitting part),
         ``num_val``, ``num_test``, ``seed``, ``command`` and the provenance of
-        :func:`sove.eval.frozen.write_result` (``checkpoint_step``, ``weights_sha256``, ``inputs``,
+:func:`sove.eval.provenance.write_result` (``checkpoint_step``, ``weights_sha256``, ``inputs``,
         ``fingerprint``); also written to ``<out_dir>/linear.json``.
 
     Test labels are numbered by the train split's class names (:func:`sove.eval.features.eval_splits`);
@@ -238,9 +238,10 @@ def evaluate_linear(
         SoveError: bad arguments, unlabelled data or an unreadable image with ``data.on_error=raise``
             (DataError), every learning rate diverged.
     """
-    from sove.eval.features import eval_splits, labels_of, readable_rows
-    from sove.eval.frozen import (FEATURE_MODES, cached_extract, command_line, load_frozen, stratified_subset,
-                                  write_result)
+    from sove.eval.encoder import load_frozen
+    from sove.eval.features import FEATURE_MODES, eval_splits, labels_of, readable_rows
+    from sove.eval.frozen import cached_extract, stratified_subset
+    from sove.eval.provenance import command_line, data_identity, write_result
 
     if features not in FEATURE_MODES:
         raise SoveError(f"--features must be one of {', '.join(FEATURE_MODES)}, got {features!r}")
@@ -249,7 +250,7 @@ def evaluate_linear(
     if not lrs or min(lrs) <= 0 or epochs < 1 or batch_size < 1:
         raise SoveError("--lrs must be positive numbers, --epochs and --batch-size at least 1")
     lrs = [float(lr) for lr in lrs]
-    encoder = load_frozen(run_dir, backbone, overrides)
+    encoder = load_frozen(run_dir, backbone, overrides, results="results and feature caches")
     train, test = eval_splits(encoder.cfg)
     test_f = cached_extract(encoder, test, "test", features, "linear", device, cache)
     train_f = cached_extract(encoder, train, "train", features, "linear", device, cache)
@@ -283,7 +284,8 @@ def evaluate_linear(
         "num_train": int(len(fit_idx)), "num_val": int(len(val_idx)), "num_test": int(len(y_test)),
         "seed": seed, "command": command_line(),
     }
-    write_result(encoder, "linear", result, train, test,
+    write_result(result, encoder.out_dir / "linear.json", encoder.identity(),
                  {"features": features, "lrs": list(lrs), "epochs": epochs, "batch_size": batch_size,
-                  "val_fraction": val_fraction, "augment": augment, "standardize": standardize, "seed": seed})
+                  "val_fraction": val_fraction, "augment": augment, "standardize": standardize, "seed": seed},
+                 data_identity(encoder.cfg), {"train": train, "test": test})
     return result

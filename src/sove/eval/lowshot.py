@@ -156,7 +156,7 @@ def evaluate_lowshot(
     """``sove eval lowshot``: frozen k-NN and logistic regression on labelled subsets of the train split.
 
     Args:
-        run_dir / backbone: see :func:`sove.eval.frozen.load_frozen`.
+        run_dir / backbone: see :func:`sove.eval.encoder.load_frozen`.
         percents: subset sizes in percent of each class, each in (0, 100]; ignored when
             ``subset_files`` are given.
         subset_files: SimCLR-style lists (see :func:`read_subset_file`); one result per file.
@@ -168,7 +168,7 @@ def evaluate_lowshot(
         dict with ``subsets`` (key: the percent as written, e.g. ``"1"``, or the subset file path ->
         :func:`lowshot_classify` result plus ``percent`` (labelled share of the train split), ``seed``,
         ``subset_file``), ``num_train``, ``num_test``, ``knn_temperature``, ``command`` and the
-        provenance of :func:`sove.eval.frozen.write_result` (the settings include the SHA-256 of
+        provenance of :func:`sove.eval.provenance.write_result` (the settings include the SHA-256 of
         every subset file); written to ``<out_dir>/lowshot.json``.
 
     Test labels are numbered by the train split's class names (:func:`sove.eval.features.eval_splits`);
@@ -179,15 +179,17 @@ def evaluate_lowshot(
         SoveError: a percent outside (0, 100], a bad subset file, unlabelled data or an unreadable image
             with ``data.on_error=raise`` (DataError).
     """
+    from sove.eval.encoder import load_frozen
     from sove.eval.features import eval_splits, labels_of, readable_rows
-    from sove.eval.frozen import cached_extract, command_line, load_frozen, stratified_subset, write_result
+    from sove.eval.frozen import cached_extract, stratified_subset
+    from sove.eval.provenance import command_line, data_identity, write_result
 
     bad = [p for p in percents if not 0.0 < p <= 100.0]
     if bad:
         raise SoveError(f"--percent must be in (0, 100], got {bad[0]:g}")
     if not percents and not subset_files:
         raise SoveError("give --percent values or --subset-file lists")
-    encoder = load_frozen(run_dir, backbone, overrides)
+    encoder = load_frozen(run_dir, backbone, overrides, results="results and feature caches")
     train, test = eval_splits(encoder.cfg)
     listed = {str(f): read_subset_file(f, train.source) for f in subset_files}
     train_f = cached_extract(encoder, train, "train", "global", "lowshot", device, cache)
@@ -214,7 +216,8 @@ def evaluate_lowshot(
               "features": "L2-normalised CLS (model.global_pool), as sove eval knn",
               "command": command_line()}
     files = {str(f): hashlib.sha256(Path(f).read_bytes()).hexdigest() for f in subset_files}
-    write_result(encoder, "lowshot", result, train, test,
+    write_result(result, encoder.out_dir / "lowshot.json", encoder.identity(),
                  {"percents": [] if subset_files else list(percents), "subset_files_sha256": files, "seed": seed,
-                  "knn_k": list(e.knn_k), "knn_temperature": e.knn_temperature})
+                  "knn_k": list(e.knn_k), "knn_temperature": e.knn_temperature},
+                 data_identity(encoder.cfg), {"train": train, "test": test})
     return result

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -59,35 +60,11 @@ def run_checkpoint(run_dir: str | Path, checkpoint: str = "last.pt") -> dict[str
     Raises:
         SoveError: the checkpoint is missing or unreadable.
     """
-    from sove.train.checkpoint import strip_prefixes
+    from sove.run import CHECKPOINT_DIR, checkpoint_step, teacher_backbone_state
 
-    path = Path(run_dir) / "checkpoints" / checkpoint
-    state = _mapped(path)
-    teacher = strip_prefixes(state["teacher"])
-    backbone = {k[len("backbone."):]: v for k, v in teacher.items() if k.startswith("backbone.")}
-    return {"path": str(path), "step": int(state["step"]), "weights_sha256": weights_sha256(backbone)}
-
-
-def checkpoint_step(path: str | Path) -> int:
-    """The training step stored in a checkpoint (memory-mapped: the tensors are not read).
-
-    Raises:
-        SoveError: the checkpoint is missing or unreadable.
-    """
-    return int(_mapped(Path(path))["step"])
-
-
-def _mapped(path: Path) -> dict[str, Any]:
-    """``torch.load(..., mmap=True, weights_only=True)``; SoveError naming the file on failure."""
-    if not path.is_file():
-        raise SoveError(f"checkpoint '{path}' not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        if not isinstance(state, dict) or "step" not in state or "teacher" not in state:
-            raise ValueError("not a sove training checkpoint (no step/teacher)")
-        return state
-    except Exception as e:  # noqa: BLE001 - re-raised with the path
-        raise SoveError(f"checkpoint '{path}' could not be loaded: {e}") from None
+    path = Path(run_dir) / CHECKPOINT_DIR / checkpoint
+    weights = weights_sha256(teacher_backbone_state(path))
+    return {"path": str(path), "step": checkpoint_step(path), "weights_sha256": weights}
 
 
 def data_identity(cfg: DictConfig) -> dict[str, Any]:
@@ -126,6 +103,52 @@ def encoder_identity(weights_hash: str | None, step: int | None, arch: str, glob
     """The part of a cache key / result inputs that describes the frozen encoder."""
     return {"format": CACHE_FORMAT, "sove": __version__, "weights_sha256": weights_hash, "step": step,
             "arch": arch, "global_pool": global_pool, "weights": None if weights is None else str(weights.resolve())}
+
+
+def command_line() -> str:
+    """The ``sove ...`` command that is running, for the result JSON."""
+    return " ".join(["sove"] + sys.argv[1:]) if sys.argv else ""
+
+
+def write_json(result: dict[str, Any], path: Path) -> Path:
+    """Write ``result`` as indented JSON to ``path`` atomically (temporary file, then rename; parents
+    created): a crash leaves the previous file or the new one. Returns the path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(result, indent=2))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_result(result: dict[str, Any], path: str | Path, encoder: dict[str, Any] | None, settings: dict[str, Any],
+                 data: dict[str, Any] | None = None, splits: dict[str, Dataset] | None = None) -> Path:
+    """The one writer of evaluation results: stamp ``result`` and write it atomically as JSON to ``path``.
+
+    Adds ``command`` (:func:`command_line`, unless the protocol set it) and, by :func:`stamp`,
+    ``checkpoint_step``, ``weights_sha256``, ``inputs`` and their ``fingerprint``; ``sove summary``
+    compares them with the run's last checkpoint.
+
+    Args:
+        encoder: :func:`encoder_identity` of the frozen backbone (None for checkpoint-independent
+            baselines: raw pixels, random init).
+        settings: the protocol's settings (data folder included where it brings its own).
+        data: :func:`data_identity` of the config that gave the splits, when it did.
+        splits: name -> dataset, recorded as :func:`items_identity`.
+
+    Returns:
+        The path written.
+    """
+    result.setdefault("command", command_line())
+    inputs: dict[str, Any] = {"encoder": encoder, "settings": settings}
+    if data is not None:
+        inputs["data"] = data
+    if splits is not None:
+        inputs["items"] = {name: items_identity(split) for name, split in splits.items()}
+    stamp(result, inputs)
+    return write_json(result, Path(path))
 
 
 def stamp(result: dict[str, Any], inputs: dict[str, Any]) -> dict[str, Any]:
@@ -170,9 +193,11 @@ def review_results(run_dir: str | Path) -> tuple[dict[str, dict[str, Any]], dict
         which files are stale and how to recompute them, which could not be read, and whether there
         was a checkpoint to compare with.
     """
+    from sove.run import EVAL_DIR
+
     run_dir = Path(run_dir)
     results, notes = {}, []
-    for path in sorted((run_dir / "eval").glob("*.json")):
+    for path in sorted((run_dir / EVAL_DIR).glob("*.json")):
         try:
             r = json.loads(path.read_text())
         except (OSError, ValueError) as e:

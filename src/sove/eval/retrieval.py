@@ -25,7 +25,8 @@ import torch
 from tqdm.auto import tqdm
 
 from sove.errors import DataError, SoveError
-from sove.eval.dense import DenseEncoder, load_dense_encoder, result_path, write_result
+from sove.eval.encoder import FrozenBackbone, load_frozen, result_path
+from sove.eval.provenance import write_result
 
 #: Image scales of the multi-scale descriptor (DINO's ``eval_image_retrieval.py --multiscale``; docs/method.md, "Evaluation protocols").
 SCALES = (1.0, 1 / math.sqrt(2), 0.5)
@@ -187,7 +188,7 @@ def load_ground_truth(root: str | Path, name: str | None = None,
 
 
 @torch.no_grad()
-def multiscale_feature(encoder: DenseEncoder, image: torch.Tensor, image_size: int,
+def multiscale_feature(encoder: FrozenBackbone, image: torch.Tensor, image_size: int,
                        scales: Sequence[float] = SCALES) -> torch.Tensor:
     """Multi-scale global descriptor: sum over scales of the global feature, then L2-normalised.
 
@@ -204,8 +205,8 @@ def multiscale_feature(encoder: DenseEncoder, image: torch.Tensor, image_size: i
     total = None
     for s in scales:
         long_side = s * image_size
-        size = tuple(max(encoder.patch_size, int(x * long_side / max(h, w)) // encoder.patch_size * encoder.patch_size)
-                     for x in (h, w))
+        p = encoder.token_stride
+        size = tuple(max(p, int(x * long_side / max(h, w)) // p * p) for x in (h, w))
         feat = encoder(encoder.prepare(image, size)[None])[0][0]
         total = feat if total is None else total + feat
     return torch.nn.functional.normalize(total, dim=0)
@@ -225,7 +226,7 @@ def _crop(image: torch.Tensor, bbx: Sequence[float], what: str) -> torch.Tensor:
 def evaluate_retrieval(data: str | Path, run_dir: str | Path | None = None, backbone: str | Path | None = None,
                        name: str | None = None, out: str | Path | None = None, image_size: int | None = None,
                        scales: Sequence[float] = SCALES, query_crop: str = "bbox", device: str = "cpu",
-                       encoder: DenseEncoder | None = None) -> dict[str, Any]:
+                       encoder: FrozenBackbone | None = None) -> dict[str, Any]:
     """``sove eval retrieval``: revisited Oxford/Paris mAP and mP@{1,5,10}, Medium and Hard.
 
     Args:
@@ -238,7 +239,7 @@ def evaluate_retrieval(data: str | Path, run_dir: str | Path | None = None, back
         query_crop: ``"bbox"``: each query cropped to its ``bbx`` (the revisited protocol,
             Radenović et al. 2018); ``"none"``: whole query images (DINO's retrieval script).
         device: device of the backbone.
-        encoder: a ready :class:`DenseEncoder` instead of run_dir/backbone (tests, notebooks).
+        encoder: a ready :class:`FrozenBackbone` instead of run_dir/backbone (tests, notebooks).
 
     Returns:
         :func:`revisited_metrics` output plus ``dataset``, ``num_database``, ``num_queries``,
@@ -253,7 +254,7 @@ def evaluate_retrieval(data: str | Path, run_dir: str | Path | None = None, back
     root = Path(data)
     name, gt = load_ground_truth(root, name, boxes=query_crop == "bbox")
     path = result_path(f"retrieval_{name}", run_dir, backbone, out)
-    encoder = encoder or load_dense_encoder(run_dir, backbone, device)
+    encoder = encoder or load_frozen(run_dir, backbone, device=device)
     size = image_size or encoder.image_size
     boxes = [g["bbx"] if query_crop == "bbox" else None for g in gt["gnd"]]
     items = [(nm, None) for nm in gt["imlist"]] + list(zip(gt["qimlist"], boxes))
@@ -270,6 +271,7 @@ def evaluate_retrieval(data: str | Path, run_dir: str | Path | None = None, back
     result = revisited_metrics(ranking, list(gt["gnd"]))
     result.update(dataset=name, num_database=len(gt["imlist"]), num_queries=len(gt["qimlist"]),
                   image_size=size, scales=list(scales), query_crop=query_crop)
-    write_result(result, path, encoder, {"data": str(root.resolve()), "name": name, "image_size": size,
-                                         "scales": list(scales), "query_crop": query_crop})
+    write_result(result, path, encoder.identity(),
+                 {"data": str(root.resolve()), "name": name, "image_size": size, "scales": list(scales),
+                  "query_crop": query_crop})
     return result

@@ -24,7 +24,8 @@ from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
 
 from sove.errors import DataError
-from sove.eval.dense import DenseEncoder, load_dense_encoder, result_path, write_result
+from sove.eval.encoder import FrozenBackbone, load_frozen, result_path
+from sove.eval.provenance import write_result
 
 IGNORE = 255
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -146,12 +147,12 @@ def read_label_map(path: Path, image_hw: tuple[int, int], reduce_zero_label: boo
 
 
 @torch.no_grad()
-def _encode(encoder: DenseEncoder, image: torch.Tensor, image_size: int) -> torch.Tensor:
+def _encode(encoder: FrozenBackbone, image: torch.Tensor, image_size: int) -> torch.Tensor:
     """(rows, cols, dim) patch tokens of the image resized to image_size x image_size."""
     return encoder(encoder.prepare(image, (image_size, image_size))[None])[1][0]
 
 
-def cache_training_set(encoder: DenseEncoder, pairs: list[tuple[Path, Path]], image_size: int,
+def cache_training_set(encoder: FrozenBackbone, pairs: list[tuple[Path, Path]], image_size: int,
                        reduce_zero_label: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Encode every training pair once.
 
@@ -216,7 +217,7 @@ def evaluate_segmentation(data: str | Path, run_dir: str | Path | None = None, b
                           lr: float = 1e-3, batch_size: int = 16, num_classes: int | None = None,
                           reduce_zero_label: bool = False, train_split: str = "training",
                           val_split: str = "validation", device: str = "cpu", seed: int = 0,
-                          encoder: DenseEncoder | None = None) -> dict[str, Any]:
+                          encoder: FrozenBackbone | None = None) -> dict[str, Any]:
     """``sove eval segmentation``: frozen patch features + linear layer; mIoU and mAcc on the validation split.
 
     Args:
@@ -229,7 +230,7 @@ def evaluate_segmentation(data: str | Path, run_dir: str | Path | None = None, b
         reduce_zero_label: ADE20k convention: label 0 ("other") ignored, classes shifted down by one.
         train_split, val_split: folder names under ``images/`` and ``annotations/``.
         device: device of the backbone and of the linear layer's training.
-        encoder: a ready :class:`DenseEncoder` instead of run_dir/backbone.
+        encoder: a ready :class:`FrozenBackbone` instead of run_dir/backbone.
 
     Returns:
         :func:`segmentation_scores` output plus ``num_classes``, ``num_train``, ``num_val``,
@@ -242,7 +243,7 @@ def evaluate_segmentation(data: str | Path, run_dir: str | Path | None = None, b
     """
     train_pairs, val_pairs = segmentation_pairs(data, train_split), segmentation_pairs(data, val_split)
     path = result_path("segmentation", run_dir, backbone, out)
-    encoder = encoder or load_dense_encoder(run_dir, backbone, device)
+    encoder = encoder or load_frozen(run_dir, backbone, device=device)
     size = image_size or encoder.image_size
     feats, labels = cache_training_set(encoder, train_pairs, size, reduce_zero_label)
     valid = labels[labels != IGNORE]
@@ -264,8 +265,8 @@ def evaluate_segmentation(data: str | Path, run_dir: str | Path | None = None, b
     result = segmentation_scores(conf)
     result.update(num_classes=c, num_train=len(train_pairs), num_val=len(val_pairs), image_size=size,
                   epochs=epochs, lr=lr, reduce_zero_label=reduce_zero_label)
-    write_result(result, path, encoder, {"data": str(Path(data).resolve()), "train_split": train_split,
-                                         "val_split": val_split, "image_size": size, "epochs": epochs, "lr": lr,
-                                         "batch_size": batch_size, "num_classes": num_classes,
-                                         "reduce_zero_label": reduce_zero_label, "seed": seed})
+    write_result(result, path, encoder.identity(),
+                 {"data": str(Path(data).resolve()), "train_split": train_split, "val_split": val_split,
+                  "image_size": size, "epochs": epochs, "lr": lr, "batch_size": batch_size, "num_classes": num_classes,
+                  "reduce_zero_label": reduce_zero_label, "seed": seed})
     return result

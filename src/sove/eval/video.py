@@ -29,7 +29,8 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from sove.errors import DataError
-from sove.eval.dense import DenseEncoder, load_dense_encoder, result_path, write_result
+from sove.eval.encoder import FrozenBackbone, load_frozen, result_path
+from sove.eval.provenance import write_result
 from sove.preflight import check_writable
 
 VOID = 255  # DAVIS "void" label: never an object; scored as background (see _sequence_scores)
@@ -234,7 +235,7 @@ def _sequence_scores(pred: list[np.ndarray], anns: list[Path | None], object_ids
             "F": {str(o): float(np.mean(v)) if v else None for o, v in f.items()}}
 
 
-def _propagate_sequence(encoder: DenseEncoder, seq: dict[str, Any], image_size: int, bar: tqdm,
+def _propagate_sequence(encoder: FrozenBackbone, seq: dict[str, Any], image_size: int, bar: tqdm,
                         **kwargs: Any) -> tuple[list[np.ndarray], list[int] | None, list[int]]:
     """Predicted object ids (H, W) per frame, the first-frame palette and the object ids."""
     first, palette = read_annotation(seq["annotations"][0])
@@ -263,7 +264,7 @@ def evaluate_video(data: str | Path, run_dir: str | Path | None = None, backbone
                    split: str = "val", out: str | Path | None = None, masks_dir: str | Path | None = None,
                    image_size: int = 480, context: int = 7, radius: int = 12, topk: int = 5,
                    temperature: float = 0.1, resolution: str = "480p", device: str = "cpu",
-                   encoder: DenseEncoder | None = None) -> dict[str, Any]:
+                   encoder: FrozenBackbone | None = None) -> dict[str, Any]:
     """``sove eval video``: DAVIS-2017 label propagation; indexed PNGs + J, F and J&F.
 
     Args:
@@ -279,7 +280,7 @@ def evaluate_video(data: str | Path, run_dir: str | Path | None = None, backbone
         context, radius, topk, temperature: see :func:`propagate_labels`.
         resolution: DAVIS resolution folder name.
         device: device of the backbone.
-        encoder: a ready :class:`DenseEncoder` instead of run_dir/backbone.
+        encoder: a ready :class:`FrozenBackbone` instead of run_dir/backbone.
 
     Returns:
         dict with ``J_mean``, ``F_mean``, ``JF_mean`` (percent, over all objects of all sequences
@@ -294,7 +295,7 @@ def evaluate_video(data: str | Path, run_dir: str | Path | None = None, backbone
     path = result_path("video", run_dir, backbone, out)
     masks = Path(masks_dir) if masks_dir is not None else path.parent / "video_masks"
     check_writable(masks, "the predicted masks")
-    encoder = encoder or load_dense_encoder(run_dir, backbone, device)
+    encoder = encoder or load_frozen(run_dir, backbone, device=device)
     per_seq, js, fs = {}, [], []
     with tqdm(total=sum(len(s["frames"]) for s in seqs), desc="video propagation", unit="frame", leave=False) as bar:
         for seq in seqs:
@@ -314,7 +315,8 @@ def evaluate_video(data: str | Path, run_dir: str | Path | None = None, backbone
               "num_sequences": len(seqs), "sequences": per_seq, "masks_dir": str(masks), "split": split,
               "image_size": image_size, "context": context, "radius": radius, "topk": topk,
               "temperature": temperature}
-    write_result(result, path, encoder, {"data": str(Path(data).resolve()), "split": split, "resolution": resolution,
-                                         "image_size": image_size, "context": context, "radius": radius,
-                                         "topk": topk, "temperature": temperature})
+    write_result(result, path, encoder.identity(),
+                 {"data": str(Path(data).resolve()), "split": split, "resolution": resolution,
+                  "image_size": image_size, "context": context, "radius": radius, "topk": topk,
+                  "temperature": temperature})
     return result

@@ -11,7 +11,6 @@ labelled images, the share of neighbour judges with the anchor's label.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from omegaconf import DictConfig
 from sove.errors import SoveError
 from sove.method import Concepts
 from sove.preflight import check_writable
+from sove.run import Run
 
 
 def concept_purity(concepts: Concepts, row_labels: torch.Tensor) -> float | None:
@@ -57,7 +57,7 @@ def run_concepts(run_dir: str | Path, cfg: DictConfig, checkpoint: str = "last.p
     from sove.train.builders import build_loss
     from sove.train.checkpoint import load_checkpoint
 
-    state = load_checkpoint(Path(run_dir) / "checkpoints" / checkpoint)
+    state = load_checkpoint(Run(run_dir, checkpoint).checkpoint)
     fs = state.get("cls_feature_set")
     if fs is None:
         raise SoveError(f"{run_dir}: this run has no CLS feature set (loss.cls_weight=0); nothing to browse")
@@ -158,14 +158,14 @@ def browse_concepts(run_dir: str | Path, num: int = 16, checkpoint: str = "last.
         ``concepts`` (the drawn ones, see :func:`describe`), ``png``.
     """
     from sove.data import build_source
-    from sove.eval.features import load_run_config
-    from sove.train.builders import build_loss
+    from sove.eval.provenance import write_json
     from sove.models import build_networks
+    from sove.train.builders import build_loss
     from sove.train.checkpoint import load_checkpoint, load_state_strict
 
-    run_dir = Path(run_dir)
-    cfg = load_run_config(run_dir)
-    for folder, what in ((run_dir / "plots", "the concept grid"), (run_dir / "eval", "concepts.json")):
+    run = Run(run_dir, checkpoint)
+    run_dir, cfg = run.path, run.config
+    for folder, what in ((run_dir / "plots", "the concept grid"), (run.eval_dir, "concepts.json")):
         check_writable(folder, what)  # before re-embedding images
     concepts, row_index, step = run_concepts(run_dir, cfg, checkpoint)
     d = cfg.data
@@ -177,7 +177,7 @@ def browse_concepts(run_dir: str | Path, num: int = 16, checkpoint: str = "last.
     if labels is not None:
         row_labels = torch.where(row_index >= 0, labels[row_index.clamp_min(0)], torch.full_like(row_index, -1))
         result["purity"] = concept_purity(concepts, row_labels)
-        state = load_checkpoint(run_dir / "checkpoints" / checkpoint)
+        state = load_checkpoint(run.checkpoint)
         trained, untrained = build_networks(cfg)[1], build_networks(cfg, seed=cfg.trainer.seed)[1]
         load_state_strict(trained, state["teacher"], f"teacher in {checkpoint}")
         loss = build_loss(cfg)
@@ -188,7 +188,5 @@ def browse_concepts(run_dir: str | Path, num: int = 16, checkpoint: str = "last.
     png.parent.mkdir(exist_ok=True)
     draw_grid(described, source, getattr(source, "classes", None), png)
     result.update(concepts=described, png=str(png))
-    out = run_dir / "eval" / "concepts.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    write_json(result, run.eval_dir / "concepts.json")
     return result
