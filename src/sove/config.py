@@ -23,9 +23,9 @@ PRESET_DIR = Path(__file__).parent / "configs"
 class DataConfig:
     """Images, crops and augmentation (docs/method.md, "Views and augmentation")."""
 
-    source: str = "fashion_mnist"  # fashion_mnist | folder
+    source: str = "fashion_mnist"  # fashion_mnist | folder | shards (`sove shard` output: a folder or s3://, gs://, ...)
     root: Optional[str] = None  # None: search the usual Fashion-MNIST places
-    test_root: Optional[str] = None  # labelled test folder for ``source: folder`` evaluation
+    test_root: Optional[str] = None  # labelled test folder (``source: folder``) or shards (``source: shards``) for evaluation
     download: bool = False  # torchvision download of Fashion-MNIST when online
     num_channels: int = 3
     num_workers: int = 0  # 0 = data in the main process (fastest on 2 cores)
@@ -333,8 +333,9 @@ def _validate_loggers(names: list[str]) -> None:
 def _validate_data(cfg: DictConfig) -> None:
     """``data.*`` and ``mask.*``: sources, channels, crop sizes (multiples of the token stride), scales, masking."""
     d, m = cfg.data, cfg.model
-    _check(d.source in ("fashion_mnist", "folder"), "data.source", f"must be fashion_mnist or folder, got {d.source!r}")
-    _check(d.source != "folder" or d.root is not None, "data.root", "is required when data.source=folder")
+    _check(d.source in ("fashion_mnist", "folder", "shards"), "data.source",
+           f"must be fashion_mnist, folder or shards, got {d.source!r}")
+    _check(d.source == "fashion_mnist" or d.root is not None, "data.root", f"is required when data.source={d.source}")
     _check(d.on_error in ("skip", "raise"), "data.on_error", f"must be skip or raise, got {d.on_error!r}")
     _check(d.num_channels in (1, 3), "data.num_channels", f"must be 1 or 3, got {d.num_channels}")
     _check(d.augment_on in ("auto", "loader", "device"), "data.augment_on",
