@@ -2,7 +2,8 @@
 
 ``sove shard --images DIR --out DIR`` (:func:`write_shards`) stores every readable image's *file bytes*
 (the encoded JPEG / PNG / ..., not decoded pixels) with its label into LitData's chunk format
-(``chunk-*.bin`` files of at most ``chunk_bytes`` and LitData's ``index.json``) and writes one sidecar,
+(``chunk-*.bin`` files of at most ``chunk_bytes`` and LitData's ``index.json``; items are
+``(file bytes, label)`` tuples, label -1 when unlabelled) and writes one sidecar,
 ``sove_shards.json``, with the class names, every image's label and its path relative to ``--images``.
 :class:`ShardSource` (``data.source=shards``) reads them back by index through
 ``litdata.StreamingDataset.__getitem__`` and decodes with :func:`sove.data.decode.decode_image`, so
@@ -140,7 +141,7 @@ def write_shards(images: str | Path, out: str | Path, on_error: str = "skip", ch
                     skipped.append(str(e))
                     continue
                 label = -1 if folder.labels is None else int(folder.labels[i])
-                writer.add_item(len(names), {"image": data, "label": label})
+                writer.add_item(len(names), (data, label))  # a tuple: LitData reads it without a decode window
                 names.append(folder.path(i).relative_to(folder.root).as_posix())
                 labels.append(label)
         if not names:
@@ -275,8 +276,8 @@ class ShardSource(Dataset):
         Raises:
             DataError: the stored bytes cannot be decoded; the message names the shards and the image.
         """
-        item = self.dataset[int(self.rows[index])]
-        image = decode_image(f"{self.uri}::{self.names[index]}", self.num_channels, item["image"])
+        data, _ = self.dataset[int(self.rows[index])]
+        image = decode_image(f"{self.uri}::{self.names[index]}", self.num_channels, bytes(data))
         return image, -1 if self.labels is None else int(self.labels[index])
 
 
