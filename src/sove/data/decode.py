@@ -78,6 +78,22 @@ def _failure_reason(path: str | Path, error: Exception, data: bytes | None = Non
     return f"truncated or corrupt ({type(error).__name__}: {error})"
 
 
+def decode_array(path: str | Path, num_channels: int, data: bytes | None = None) -> np.ndarray:
+    """:func:`decode_image` as a numpy array: uint8, shape (height, width) for 1 channel, (height,
+    width, 3) for 3; same arguments and errors. ``sove shard`` checks files with it."""
+    if num_channels not in CHANNEL_MODES:
+        raise ValueError(f"num_channels must be 1 or 3, got {num_channels}")
+    if data is None:
+        path = Path(path)
+    try:
+        with Image.open(path if data is None else io.BytesIO(data)) as img:
+            img.load()  # decode now, inside the try, so truncated data raise here
+            img = _to_mode(ImageOps.exif_transpose(img), CHANNEL_MODES[num_channels])
+            return np.array(img, dtype=np.uint8)  # (H, W) or (H, W, 3), writable copy
+    except _DECODE_ERRORS as e:
+        raise DataError(f"cannot decode image '{path}': {_failure_reason(path, e, data)}") from e
+
+
 def decode_image(path: str | Path, num_channels: int, data: bytes | None = None) -> torch.Tensor:
     """Decode the image file ``path`` (see the module docstring for the odd cases handled).
 
@@ -98,18 +114,7 @@ def decode_image(path: str | Path, num_channels: int, data: bytes | None = None)
             Pillow's decompression-bomb limit; the one-line message names the path and the
             reason: ``cannot decode image '<path>': <reason>``.
     """
-    if num_channels not in CHANNEL_MODES:
-        raise ValueError(f"num_channels must be 1 or 3, got {num_channels}")
-    if data is None:
-        path = Path(path)
-    try:
-        with Image.open(path if data is None else io.BytesIO(data)) as img:
-            img.load()  # decode now, inside the try, so truncated data raise here
-            img = _to_mode(ImageOps.exif_transpose(img), CHANNEL_MODES[num_channels])
-            array = np.array(img, dtype=np.uint8)  # (H, W) or (H, W, 3), writable copy
-    except _DECODE_ERRORS as e:
-        raise DataError(f"cannot decode image '{path}': {_failure_reason(path, e, data)}") from e
-    image = torch.from_numpy(array)
+    image = torch.from_numpy(decode_array(path, num_channels, data))
     return image.unsqueeze(0) if image.ndim == 2 else image.permute(2, 0, 1).contiguous()
 
 

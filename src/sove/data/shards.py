@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from sove.data.decode import decode_image, unreadable_report
+from sove.data.decode import decode_array, decode_image, unreadable_report
 from sove.data.sources import ImageFolder, label_by_name
 from sove.errors import DataError, SoveError
 
@@ -67,7 +67,7 @@ def is_shard_folder(path: str | Path) -> bool:
 
 
 def _read_checked(path: Path) -> bytes:
-    """The bytes of image file ``path``, checked to decode (:func:`decode_image`).
+    """The bytes of image file ``path``, checked to decode (:func:`sove.data.decode.decode_array`).
 
     Raises:
         DataError: the file cannot be read or decoded (``cannot decode image '<path>': <reason>``).
@@ -76,7 +76,7 @@ def _read_checked(path: Path) -> bytes:
         data = path.read_bytes()
     except OSError as e:
         raise DataError(f"cannot decode image '{path}': cannot read the file ({e.strerror})") from e
-    decode_image(path, 3, data)
+    decode_array(path, 3, data)
     return data
 
 
