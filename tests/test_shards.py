@@ -7,7 +7,6 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +17,6 @@ from sove.cli import main
 from sove.config import load_config
 from sove.data import ImageFolder
 from sove.data.shards import ShardSource, write_shards
-from sove.errors import SoveError
 from sove.eval.embed import embed
 from sove.eval.knn import evaluate_knn
 from sove.train import trainer as trainer_mod
@@ -52,7 +50,12 @@ def test_shard_raises_on_unreadable_files_and_leaves_nothing(tmp_path, capsys):
         "raise stops at the first unreadable image; --on-error skip leaves such files out")
     assert sorted(os.listdir(tmp_path)) == ["images"]  # no shards, no staging folder left behind
     assert main(["shard", "--images", str(images), "--out", str(images)]) == 2  # never written over
-    assert capsys.readouterr().err.startswith(f"sove: error: sove shard: --out '{images}' already exists and is not")
+    assert capsys.readouterr().err == (f"sove: error: sove shard: --out '{images}' already exists and is not an "
+                                       "empty folder; give a new folder (existing shards are never written over)\n")
+    assert main(["shard", "--images", str(images), "--out", str(tmp_path / "s"), "--chunk-bytes", "64 parsecs"]) == 2
+    assert capsys.readouterr().err == ("sove: error: sove shard: --chunk-bytes '64 parsecs' is not a size; give bytes "
+                                       "or e.g. 64MB, 1GB\n")
+    assert sorted(os.listdir(tmp_path)) == ["images"]
 
 
 def test_missing_litdata_is_one_error_line_with_the_pip_command(tmp_path, capsys, monkeypatch):
@@ -60,6 +63,14 @@ def test_missing_litdata_is_one_error_line_with_the_pip_command(tmp_path, capsys
     assert main(["shard", "--images", str(tmp_path), "--out", str(tmp_path / "s")]) == 2
     assert capsys.readouterr().err == ("sove: error: shards (data.source=shards, sove shard) need LitData, which is "
                                        "not installed; run: pip install 'sove[shards]' (or: pip install litdata)\n")
+
+
+def test_a_folder_that_holds_no_shards_is_one_error_line(tmp_path, capsys):
+    images = make_image_folder(tmp_path / "images", num_per_class=4, size=8)
+    assert main(["pretrain", *TINY, "data.source=shards", f"data.root={images}", f"trainer.out_dir={tmp_path}"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"sove: error: data.root '{images}' holds no shards (no sove_shards.json); make them with `sove shard "
+        f"--images '{images}' --out SHARDS`, or read the images with data.source=folder")
 
 
 @pytest.mark.parametrize("channels", [1, 3])
@@ -156,7 +167,8 @@ def test_two_processes_read_disjoint_halves_of_every_epoch(runs, tmp_path):
     shards, _, _ = runs
     (tmp_path / "record.py").write_text(RECORDER)
     cmd = [sys.executable, str(tmp_path / "record.py"), str(tmp_path), "pretrain", "trainer.name=ddp",
-           *TINY, "loss.cls_feature_set_size=24", "data.source=shards", f"data.root={shards / 'shards'}", f"trainer.out_dir={tmp_path}",
+           *TINY, "loss.cls_feature_set_size=24", "data.source=shards", f"data.root={shards / 'shards'}",
+           f"trainer.out_dir={tmp_path}",
            "optim.batch_size=4", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp",
            "trainer.num_threads=1"]
     proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,

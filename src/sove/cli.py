@@ -339,8 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     emb.set_defaults(func=_embed)
 
     sha = sub.add_parser("shard", help="pack an image folder into shards (LitData chunks) for data.source=shards")
-    sha.add_argument("--images", required=True, help="folder of images (flat, or one sub-folder per class: labels kept)")
-    sha.add_argument("--out", required=True, help="new folder for the shards (upload it to read it from object storage)")
+    sha.add_argument("--images", required=True, help="folder of images (flat, or one sub-folder per class: labels)")
+    sha.add_argument("--out", required=True, help="new folder for the shards (upload it to read from object storage)")
     sha.add_argument("--on-error", choices=["skip", "raise"], default="skip",
                      help="unreadable files (as data.on_error): skip (counted, listed in OUT/unreadable.txt) or raise")
     sha.add_argument("--chunk-bytes", default="64MB", help="largest chunk file (e.g. 64MB, 256MB)")

@@ -93,6 +93,33 @@ def _fresh_out(out: Path) -> Path:
     return out.with_name(f".{out.name}.partial-{os.getpid()}")
 
 
+def _pack(folder: ImageFolder, writer: Any, on_error: str, progress: bool) -> tuple[list[str], list[int], list[str]]:
+    """Add every readable image of ``folder`` to the LitData ``writer`` as ``(file bytes, label)``, in order.
+
+    Returns:
+        (relative paths of the written images, their labels (-1 when unlabelled), messages of the skipped files).
+
+    Raises:
+        DataError: an unreadable file with ``on_error="raise"``.
+    """
+    names, labels, skipped = [], [], []
+    with tqdm(total=len(folder), desc="shard", unit="image", disable=not progress) as bar:
+        for i in range(len(folder)):
+            bar.update()
+            try:
+                data = _read_checked(folder.path(i))
+            except DataError as e:
+                if on_error == "raise":
+                    raise DataError(f"{e}; {SKIP_HINT}") from e
+                skipped.append(str(e))
+                continue
+            label = -1 if folder.labels is None else int(folder.labels[i])
+            writer.add_item(len(names), (data, label))  # a tuple: LitData reads it without a decode window
+            names.append(folder.path(i).relative_to(folder.root).as_posix())
+            labels.append(label)
+    return names, labels, skipped
+
+
 def write_shards(images: str | Path, out: str | Path, on_error: str = "skip", chunk_bytes: str | int = CHUNK_BYTES,
                  progress: bool = True) -> dict[str, Any]:
     """Pack the image folder ``images`` into LitData chunks in the new folder ``out``.
@@ -128,22 +155,12 @@ def write_shards(images: str | Path, out: str | Path, on_error: str = "skip", ch
     staging = _fresh_out(out)
     folder = ImageFolder(images, key="--images")
     try:
-        writer = BinaryWriter(str(staging), chunk_bytes=chunk_bytes)
-        names, labels, skipped = [], [], []
-        with tqdm(total=len(folder), desc="shard", unit="image", disable=not progress) as bar:
-            for i in range(len(folder)):
-                bar.update()
-                try:
-                    data = _read_checked(folder.path(i))
-                except DataError as e:
-                    if on_error == "raise":
-                        raise DataError(f"{e}; {SKIP_HINT}") from e
-                    skipped.append(str(e))
-                    continue
-                label = -1 if folder.labels is None else int(folder.labels[i])
-                writer.add_item(len(names), (data, label))  # a tuple: LitData reads it without a decode window
-                names.append(folder.path(i).relative_to(folder.root).as_posix())
-                labels.append(label)
+        try:
+            writer = BinaryWriter(str(staging), chunk_bytes=chunk_bytes)
+        except ValueError as e:
+            raise SoveError(f"sove shard: --chunk-bytes {chunk_bytes!r} is not a size; give bytes or e.g. 64MB, "
+                            "1GB") from e
+        names, labels, skipped = _pack(folder, writer, on_error, progress)
         if not names:
             raise DataError(f"no readable image in '{folder.root}' ({len(skipped)} unreadable)")
         writer.done()
@@ -169,12 +186,17 @@ def _open_streaming(uri: str, key: str) -> Any:
         DataError: a local ``uri`` that does not exist, or LitData cannot open the shards.
     """
     litdata = require_litdata()
-    if not is_remote(uri) and not Path(uri).is_dir():
-        raise DataError(f"{key} '{uri}' " + ("is not a folder" if Path(uri).exists() else "does not exist"))
+    if not is_remote(uri):
+        if not Path(uri).is_dir():
+            raise DataError(f"{key} '{uri}' " + ("is not a folder" if Path(uri).exists() else "does not exist"))
+        if not is_shard_folder(uri):
+            raise DataError(f"{key} '{uri}' holds no shards (no {SHARD_INDEX}); make them with `sove shard "
+                            f"--images '{uri}' --out SHARDS`, or read the images with data.source=folder")
     try:
         return litdata.StreamingDataset(uri, shuffle=False)
     except Exception as e:  # LitData and the cloud clients raise many types
-        raise DataError(f"{key} '{uri}': cannot open the shards ({type(e).__name__}: {e}); make them with "
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise DataError(f"{key} '{uri}': cannot open the shards ({type(e).__name__}: {first}); make them with "
                         "`sove shard --images DIR --out DIR`") from e
 
 
