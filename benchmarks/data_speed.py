@@ -3,6 +3,7 @@
     python benchmarks/data_speed.py                               # ~1.5 min on an idle 2-core CPU
     python benchmarks/data_speed.py --update-docs docs/benchmarks.md
     python benchmarks/data_speed.py --device cuda                 # device path's views on a GPU
+    python benchmarks/data_speed.py --sources-only --update-docs docs/benchmarks.md   # folder vs shards, ~1 min
 
 Two workloads: (a) the demo crops (``fashion_mnist_tiny``: 2 x 28 + 4 x 14 px) on Fashion-MNIST;
 (b) the paper's crops (``imagenet_vit_small``: 2 x 224 + 10 x 96 px) on generated 500 x 375
@@ -21,6 +22,11 @@ a DataLoader with one worker per core (the device path's views in the main proce
 images/s. Then the demo's end-to-end step time with each path (``sove.train.trainer.Trainer``,
 the same phase timer as benchmarks/compare_methods.py). Prints markdown; ``--update-docs`` writes
 it between the data_speed markers of a file.
+
+``--sources-only``: images/s *read* (no augmentation) from the folder source and from its shards
+(``sove shard``, ``data.source=shards``) on generated JPEGs, in the sampler's shuffled order: the
+stored bytes alone and bytes + decode, per core and with one DataLoader worker per core; and the
+``sove shard`` write speed. ``--update-docs`` writes it between the data_speed_sources markers.
 """
 
 from __future__ import annotations
@@ -39,12 +45,13 @@ from PIL import Image, ImageFilter
 from torch.utils.data import DataLoader, Dataset
 
 from sove.config import load_config
-from sove.data import collate_views
+from sove.data import ImageFolder, collate_views
 from sove.data.multicrop import MultiCropAugmentation
 from sove.train.builders import build_train_dataset, prepare_run_dir
 from sove.train.trainer import Trainer
 
 BEGIN, END = "<!-- data_speed:begin -->", "<!-- data_speed:end -->"
+SOURCES_BEGIN, SOURCES_END = "<!-- data_speed_sources:begin -->", "<!-- data_speed_sources:end -->"
 
 
 class PILGaussianBlur:
@@ -254,17 +261,72 @@ def report(args: argparse.Namespace, work: Path) -> list[str]:
     return lines
 
 
+class StoredBytes(Dataset):
+    """The stored bytes of a folder (the file) or shards (the chunk item) image, not decoded."""
+
+    def __init__(self, source) -> None:
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> int:
+        if isinstance(self.source, ImageFolder):
+            return len(self.source.path(index).read_bytes())
+        return len(self.source.dataset[int(self.source.rows[index])][0])
+
+
+def read_speed(ds: Dataset, order: list[int], workers: int) -> tuple[float, float]:
+    """(images/s in this process on one thread, CPU time; images/s wall clock with ``workers`` DataLoader workers)."""
+    torch.set_num_threads(1)
+    ds[order[0]]  # warm-up: opens the chunk index
+    start = time.process_time()
+    for i in order:
+        ds[i]
+    per_core = len(order) / (time.process_time() - start)
+    loader = DataLoader(ds, batch_size=32, sampler=order, collate_fn=list, num_workers=workers)
+    start = time.perf_counter()
+    for _ in loader:
+        pass
+    return per_core, len(order) / (time.perf_counter() - start)
+
+
+def sources_report(args: argparse.Namespace, work: Path) -> list[str]:
+    """Folder vs shards read speed on ``--jpeg-images`` generated JPEGs (see the module docstring)."""
+    from sove.data.shards import ShardSource, write_shards
+
+    n = args.jpeg_images
+    folder = make_jpegs(work / "jpegs", n)
+    start = time.perf_counter()
+    write_shards(folder, work / "shards", progress=False)
+    write = n / (time.perf_counter() - start)
+    sources = {"folder (`data.source=folder`)": ImageFolder(folder), "shards (`data.source=shards`, local)":
+               ShardSource(work / "shards")}
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist()
+    load0 = os.getloadavg()
+    size_kib = sum(f.stat().st_size for f in folder.iterdir()) / n / 1024
+    lines = [f"{n} generated 500 × 375 JPEGs ({size_kib:.0f} KiB per file) in a shuffled order; total = "
+             f"{args.workers} DataLoader workers. `sove shard` wrote {write:.0f} images/s (read + check-decode + "
+             f"write). Load average (1/5/15 min) at the start: {load0[0]:.2f} / {load0[1]:.2f} / {load0[2]:.2f}.", "",
+             "| source | read | images/s per core | images/s total |", "|---|---|---|---|"]
+    for name, source in sources.items():
+        for what, ds in (("stored bytes", StoredBytes(source)), ("bytes + decode", source)):
+            core, wall = read_speed(ds, order, args.workers)
+            lines.append(f"| {name} | {what} | {core:.0f} | {wall:.0f} |")
+    return lines + load_note()
+
+
 def load_note() -> list[str]:
     return ["", f"1-minute load average after this part: {os.getloadavg()[0]:.2f}."]
 
 
-def update_docs(path: Path, lines: list[str]) -> None:
-    """Replace the text between the data_speed markers of ``path`` with ``lines``."""
+def update_docs(path: Path, lines: list[str], begin: str = BEGIN, end: str = END) -> None:
+    """Replace the text between the markers ``begin`` and ``end`` of ``path`` with ``lines``."""
     text = path.read_text()
-    if BEGIN not in text or END not in text:
-        raise SystemExit(f"{path} has no '{BEGIN}' ... '{END}' markers")
-    head, rest = text.split(BEGIN, 1)
-    path.write_text(head + BEGIN + "\n" + "\n".join(lines) + "\n" + END + rest.split(END, 1)[1])
+    if begin not in text or end not in text:
+        raise SystemExit(f"{path} has no '{begin}' ... '{end}' markers")
+    head, rest = text.split(begin, 1)
+    path.write_text(head + begin + "\n" + "\n".join(lines) + "\n" + end + rest.split(end, 1)[1])
 
 
 def main() -> None:
@@ -277,13 +339,14 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=os.cpu_count())
     p.add_argument("--steps", type=int, default=10, help="demo training steps per path (after 3 warm-up steps)")
     p.add_argument("--skip-steps", action="store_true", help="no end-to-end demo steps")
+    p.add_argument("--sources-only", action="store_true", help="only the folder vs shards read speed")
     p.add_argument("--update-docs", type=Path, help="write the report between the data_speed markers of this file")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        lines = report(args, Path(tmp))
+        lines = (sources_report if args.sources_only else report)(args, Path(tmp))
     print("\n".join(lines))
     if args.update_docs:
-        update_docs(args.update_docs, lines)
+        update_docs(args.update_docs, lines, *((SOURCES_BEGIN, SOURCES_END) if args.sources_only else (BEGIN, END)))
 
 
 if __name__ == "__main__":

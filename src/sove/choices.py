@@ -7,7 +7,7 @@ from here (named after each tuple). The concept settings' values (``loss.*.label
 """
 
 #: ``data.source``: :func:`sove.data.sources.build_source`.
-SOURCES = ("fashion_mnist", "folder")
+SOURCES = ("fashion_mnist", "folder", "shards")
 #: ``data.on_error``, an unreadable image: :class:`sove.data.multicrop.SSLDataset`.
 ON_ERROR = ("skip", "raise")
 #: ``data.augment_on``, where the views are made: :func:`sove.train.builders.resolve_augment_on`.

@@ -8,6 +8,7 @@
     sove eval video --run RUN --data data/DAVIS               (DAVIS-2017 label propagation, J&F)
     sove eval segmentation --run RUN --data data/ADEChallengeData2016 [--reduce-zero-label]
     sove pretrain --resume runs/fashion_mnist_tiny [key=value ...]
+    sove shard --images DIR --out SHARDS     (then data.source=shards data.root=SHARDS)
     sove export runs/fashion_mnist_tiny [--onnx]
     sove summary runs/fashion_mnist_tiny
     sove presets
@@ -166,6 +167,15 @@ def _embed(args: argparse.Namespace) -> None:
 
     r = embed(args.out, args.run, args.backbone, args.images, args.split, args.batch_size, args.on_error)
     print(f"wrote {r['npy']} {tuple(r['shape'])} and {r['csv']}" + (f"; {r['report']}" if r["report"] else ""))
+
+
+def _shard(args: argparse.Namespace) -> None:
+    from sove.data.shards import write_shards
+
+    r = write_shards(args.images, args.out, args.on_error, args.chunk_bytes)
+    labels = f"{len(r['classes'])} classes" if r["classes"] else "no labels"
+    print(f"wrote {r['num_images']} images ({labels}) in {r['num_chunks']} chunk(s) to {r['out']}; train with "
+          f"data.source=shards data.root={r['out']}" + (f"; {r['report']}" if r["report"] else ""))
 
 
 def presets_table(indent: str = "") -> str:
@@ -333,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--run", help="run directory (its teacher backbone)")
     src.add_argument("--backbone", help="backbone.json written by `sove export`, or RUN/checkpoints/FILE.pt")
     what = emb.add_mutually_exclusive_group(required=True)
-    what.add_argument("--images", help="folder of images (flat or one sub-folder per class)")
+    what.add_argument("--images", help="folder of images (flat or one sub-folder per class), or shards (sove shard)")
     what.add_argument("--split", choices=["train", "test"], help="the run's own train/test data")
     emb.add_argument("--out", required=True, help="output prefix, e.g. embeddings/test")
     emb.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
@@ -341,6 +351,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="unreadable images: skip (listed in OUT.unreadable.txt) or raise; default: the run's "
                           "data.on_error, else skip")
     emb.set_defaults(func=_embed)
+
+    sha = sub.add_parser("shard", help="pack an image folder into shards (LitData chunks) for data.source=shards")
+    sha.add_argument("--images", required=True, help="folder of images (flat, or one sub-folder per class: labels)")
+    sha.add_argument("--out", required=True, help="new folder for the shards (upload it to read from object storage)")
+    sha.add_argument("--on-error", choices=["skip", "raise"], default="skip",
+                     help="unreadable files (as data.on_error): skip (counted, listed in OUT/unreadable.txt) or raise")
+    sha.add_argument("--chunk-bytes", default="64MB", help="largest chunk file (e.g. 64MB, 256MB)")
+    sha.set_defaults(func=_shard)
 
     pres = sub.add_parser("presets", help="list the packaged presets (--config NAME), one line each")
     pres.set_defaults(func=_presets)

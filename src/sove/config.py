@@ -24,9 +24,9 @@ PRESET_DIR = Path(__file__).parent / "configs"
 class DataConfig:
     """Images, crops and augmentation (docs/method.md, "Views and augmentation")."""
 
-    source: str = "fashion_mnist"  # fashion_mnist | folder
+    source: str = "fashion_mnist"  # fashion_mnist | folder | shards (`sove shard` output: a folder or s3://, gs://, ...)
     root: Optional[str] = None  # None: search the usual Fashion-MNIST places
-    test_root: Optional[str] = None  # labelled test folder for ``source: folder`` evaluation
+    test_root: Optional[str] = None  # labelled test folder (``source: folder``) or shards (``source: shards``) for evaluation
     download: bool = False  # torchvision download of Fashion-MNIST when online
     num_channels: int = 3
     num_workers: int = 0  # 0 = data in the main process (fastest on 2 cores)

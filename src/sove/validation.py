@@ -84,7 +84,7 @@ def _validate_data(cfg: DictConfig) -> None:
     """``data.*`` and ``mask.*``: sources, channels, crop sizes (multiples of the token stride), scales, masking."""
     d, m = cfg.data, cfg.model
     _check_choice(d.source, "data.source", SOURCES)
-    _check(d.source != "folder" or d.root is not None, "data.root", "is required when data.source=folder")
+    _check(d.source == "fashion_mnist" or d.root is not None, "data.root", f"is required when data.source={d.source}")
     _check_choice(d.on_error, "data.on_error", ON_ERROR)
     _check(d.num_channels in (1, 3), "data.num_channels", f"must be 1 or 3, got {d.num_channels}")
     _check_choice(d.augment_on, "data.augment_on", AUGMENT_ON)

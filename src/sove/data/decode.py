@@ -29,6 +29,7 @@ and the reason. Truncation is detected because the pixels are loaded inside the 
 
 from __future__ import annotations
 
+import io
 import struct
 from pathlib import Path
 
@@ -62,11 +63,12 @@ def _to_mode(img: Image.Image, mode: str) -> Image.Image:
     return img.convert(mode)
 
 
-def _failure_reason(path: Path, error: Exception) -> str:
-    """A short, human reason why ``path`` could not be decoded."""
+def _failure_reason(path: str | Path, error: Exception, data: bytes | None = None) -> str:
+    """A short, human reason why ``path`` (or its bytes ``data``) could not be decoded."""
     if isinstance(error, OSError) and error.errno is not None:  # missing, no permission, ...
         return f"cannot read the file ({error.strerror})"
-    if path.is_file() and path.stat().st_size == 0:
+    size = len(data) if data is not None else path.stat().st_size if path.is_file() else None
+    if size == 0:
         return "empty file (0 bytes)"
     if isinstance(error, Image.DecompressionBombError):
         return (f"too large for Pillow's decompression-bomb guard ({error}); downscale it or "
@@ -76,12 +78,31 @@ def _failure_reason(path: Path, error: Exception) -> str:
     return f"truncated or corrupt ({type(error).__name__}: {error})"
 
 
-def decode_image(path: str | Path, num_channels: int) -> torch.Tensor:
+def decode_array(path: str | Path, num_channels: int, data: bytes | None = None) -> np.ndarray:
+    """:func:`decode_image` as a numpy array: uint8, shape (height, width) for 1 channel, (height,
+    width, 3) for 3; same arguments and errors. ``sove shard`` checks files with it."""
+    if num_channels not in CHANNEL_MODES:
+        raise ValueError(f"num_channels must be 1 or 3, got {num_channels}")
+    if data is None:
+        path = Path(path)
+    try:
+        with Image.open(path if data is None else io.BytesIO(data)) as img:
+            img.load()  # decode now, inside the try, so truncated data raise here
+            img = _to_mode(ImageOps.exif_transpose(img), CHANNEL_MODES[num_channels])
+            return np.array(img, dtype=np.uint8)  # (H, W) or (H, W, 3), writable copy
+    except _DECODE_ERRORS as e:
+        raise DataError(f"cannot decode image '{path}': {_failure_reason(path, e, data)}") from e
+
+
+def decode_image(path: str | Path, num_channels: int, data: bytes | None = None) -> torch.Tensor:
     """Decode the image file ``path`` (see the module docstring for the odd cases handled).
 
     Args:
-        path: image file (any format Pillow reads: JPEG, PNG, WebP, BMP, TIFF, GIF, ...).
+        path: image file (any format Pillow reads: JPEG, PNG, WebP, BMP, TIFF, GIF, ...); with ``data``,
+            only the name used in error messages (kept as given, e.g. a URI).
         num_channels: 1 decodes to grayscale ("L"), 3 to "RGB".
+        data: the file's bytes, already read (an item of a shard, :mod:`sove.data.shards`): decoded
+            exactly as the file would be.
 
     Returns:
         uint8 tensor, shape (num_channels, height, width), height and width after the
@@ -93,17 +114,7 @@ def decode_image(path: str | Path, num_channels: int) -> torch.Tensor:
             Pillow's decompression-bomb limit; the one-line message names the path and the
             reason: ``cannot decode image '<path>': <reason>``.
     """
-    if num_channels not in CHANNEL_MODES:
-        raise ValueError(f"num_channels must be 1 or 3, got {num_channels}")
-    path = Path(path)
-    try:
-        with Image.open(path) as img:
-            img.load()  # decode now, inside the try, so truncated data raise here
-            img = _to_mode(ImageOps.exif_transpose(img), CHANNEL_MODES[num_channels])
-            array = np.array(img, dtype=np.uint8)  # (H, W) or (H, W, 3), writable copy
-    except _DECODE_ERRORS as e:
-        raise DataError(f"cannot decode image '{path}': {_failure_reason(path, e)}") from e
-    image = torch.from_numpy(array)
+    image = torch.from_numpy(decode_array(path, num_channels, data))
     return image.unsqueeze(0) if image.ndim == 2 else image.permute(2, 0, 1).contiguous()
 
 

@@ -1,4 +1,5 @@
-"""Image sources: Fashion-MNIST from its IDX files and a generic folder of images.
+"""Image sources: Fashion-MNIST from its IDX files, a generic folder of images, and shards of one
+(:mod:`sove.data.shards`).
 
 A *source* is a map-style :class:`torch.utils.data.Dataset` whose ``__getitem__`` returns
 ``(image, label)`` with ``image`` a uint8 tensor of shape (channels, height, width) and
@@ -211,6 +212,39 @@ class FashionMNIST(Dataset):
         return self.images[index], int(self.labels[index])
 
 
+def label_by_name(names: Sequence[str], classes: Sequence[str] | None,
+                  where: str | Path) -> tuple[list[str], np.ndarray, list[bool]]:
+    """Labels of images given their class names (a labelled folder's sub-folders, a shard's classes).
+
+    Args:
+        names: the class name of every image.
+        classes: the class names of another split, indexed by label (the train split's), or None:
+            the sorted distinct ``names``.
+        where: the folder or shard URI, for the messages.
+
+    Returns:
+        (class names by label, int64 labels of shape (kept images,), which images are kept). An image
+        whose class is not in ``classes`` is left out, with one warning line naming the classes, the
+        folder and the number of images.
+
+    Raises:
+        DataError: no image is of a class in ``classes``.
+    """
+    classes = sorted(set(names)) if classes is None else list(classes)
+    to_label = {name: i for i, name in enumerate(classes)}
+    unknown = Counter(name for name in names if name not in to_label)
+    kept = [name in to_label for name in names]
+    if unknown:
+        if not any(kept):
+            raise DataError(f"no image of '{where}' is in a class of the train split "
+                            f"({', '.join(classes)}); its sub-folders are {', '.join(sorted(unknown))}")
+        listed = ", ".join(f"'{name}' ({n} images)" for name, n in sorted(unknown.items()))
+        warn(f"'{where}': class(es) {listed} not in the train split's classes; their "
+             f"{sum(unknown.values())} images are left out")
+    labels = np.array([to_label[name] for name, keep in zip(names, kept) if keep], dtype=np.int64)
+    return classes, labels, kept
+
+
 class ImageFolder(Dataset):
     """All images under a folder, decoded on each access with :func:`decode_image`.
 
@@ -270,20 +304,8 @@ class ImageFolder(Dataset):
 
     def _label_by_folder(self, folders: list[str], classes: Sequence[str] | None) -> None:
         """Set ``classes`` and ``labels`` from each file's sub-folder name (see the class docstring)."""
-        self.classes = sorted(set(folders)) if classes is None else list(classes)
-        to_label = {name: i for i, name in enumerate(self.classes)}
-        unknown = Counter(name for name in folders if name not in to_label)
-        if unknown:
-            kept = [name in to_label for name in folders]
-            if not any(kept):
-                raise DataError(f"no image of '{self.root}' is in a class of the train split "
-                                f"({', '.join(self.classes)}); its sub-folders are {', '.join(sorted(unknown))}")
-            listed = ", ".join(f"'{name}' ({n} images)" for name, n in sorted(unknown.items()))
-            warn(f"'{self.root}': class(es) {listed} not in the train split's classes; their "
-                 f"{sum(unknown.values())} images are left out")
-            self.files = [f for f, keep in zip(self.files, kept) if keep]
-            folders = [name for name, keep in zip(folders, kept) if keep]
-        self.labels = np.array([to_label[name] for name in folders], dtype=np.int64)
+        self.classes, self.labels, kept = label_by_name(folders, classes, self.root)
+        self.files = [f for f, keep in zip(self.files, kept) if keep]
 
     def __len__(self) -> int:
         return len(self.files)
@@ -318,13 +340,14 @@ def build_source(
     """Build the image source named by the ``data.*`` config keys.
 
     Args:
-        source: ``data.source``, one of ``"fashion_mnist"`` or ``"folder"``.
+        source: ``data.source``, one of ``"fashion_mnist"``, ``"folder"`` or ``"shards"``.
         root: ``data.root``; for ``"fashion_mnist"`` None searches the default places
-            (:func:`find_fashion_mnist`); for ``"folder"`` it is the train images folder.
+            (:func:`find_fashion_mnist`); for ``"folder"`` it is the train images folder, for
+            ``"shards"`` the train shards' folder or object-store URI (:class:`sove.data.shards.ShardSource`).
         split: ``"train"`` or ``"test"``.
         download: ``data.download``, Fashion-MNIST only.
         num_channels: ``data.num_channels``; must be 1 for Fashion-MNIST.
-        test_root: ``data.test_root``, the test images folder for ``"folder"``.
+        test_root: ``data.test_root``, the test images folder (``"folder"``) or shards (``"shards"``).
         classes: a labelled folder's class names by label, from the train split (see
             :class:`ImageFolder`); pass the train split's ``classes`` when building the test
             split so that a label means the same class in both. Fashion-MNIST always has its 10.
@@ -344,12 +367,13 @@ def build_source(
                 f"data.num_channels must be 1 for data.source=fashion_mnist, got {num_channels}"
             )
         return FashionMNIST(find_fashion_mnist(root, download=download), split=split)
-    if source == "folder":
-        if split == "test":
-            if test_root is None:
-                raise DataError("data.test_root is needed for the test split of data.source=folder")
-            return ImageFolder(test_root, num_channels=num_channels, classes=classes, key="data.test_root")
-        if root is None:
-            raise DataError("data.root is needed for data.source=folder")
-        return ImageFolder(root, num_channels=num_channels, classes=classes)
+    if source in ("folder", "shards"):
+        if source == "folder":
+            opener = ImageFolder
+        else:
+            from sove.data.shards import ShardSource as opener
+        key, where = ("data.test_root", test_root) if split == "test" else ("data.root", root)
+        if where is None:
+            raise DataError(f"{key} is needed for the {split} split of data.source={source}")
+        return opener(where, num_channels=num_channels, classes=classes, key=key)
     raise DataError(f"data.source '{source}' is unknown; allowed: {', '.join(SOURCES)}")

@@ -32,7 +32,7 @@ def embed(out: str | Path, run_dir: str | Path | None = None, backbone: str | Pa
         run_dir: a run directory (its teacher backbone and preprocessing), or
         backbone: an exported ``backbone.json`` (``sove export``) or a ``RUN/checkpoints/FILE.pt``
             (both loaded by :func:`sove.eval.encoder.load_frozen`).
-        images: a folder of images (flat or one sub-folder per class), or
+        images: a folder of images (flat or one sub-folder per class) or shards of one (``sove shard``), or
         split: ``train`` / ``test`` of the run's own data (needs ``run_dir``).
         batch_size: images per forward.
         on_error: unreadable images: ``skip`` (left out, listed in ``<out>.unreadable.txt``) or ``raise``
@@ -47,8 +47,9 @@ def embed(out: str | Path, run_dir: str | Path | None = None, backbone: str | Pa
             ``on_error``; an unreadable image with ``on_error=raise`` (DataError); the output folder is
             not writable; DiskFullError: no space for an output (each file is written atomically).
     """
-    from sove.data import ImageFolder, build_source
+    from sove.data import build_source
     from sove.data.decode import unreadable_report
+    from sove.data.shards import folder_or_shards
     from sove.eval.encoder import load_frozen
     from sove.eval.features import EvalImages, image_features
 
@@ -62,7 +63,7 @@ def embed(out: str | Path, run_dir: str | Path | None = None, backbone: str | Pa
     if on_error not in ("skip", "raise"):
         raise SoveError(f"sove embed: --on-error must be skip or raise, got {on_error!r}")
     if images is not None:
-        source = ImageFolder(images, num_channels=frozen.channels, key="--images")
+        source = folder_or_shards(images, frozen.channels, "--images")
         names = [str(source.path(i)) for i in range(len(source))]
     else:
         if frozen.run is None:
