@@ -5,7 +5,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 import torch
+from timm.scheduler import CosineLRScheduler
 
 from sove.config import load_config
 from sove.train.optim import param_groups
@@ -47,3 +49,17 @@ def test_param_groups_decay_only_matrices_and_tokens():
     assert [g["apply_wd"] for g in (decay, no_decay)] == [True, False] and no_decay["weight_decay"] == 0.0
     assert [id(p) for p in decay["params"]] == [id(net.cls_token), id(net.fc.weight)]
     assert [id(p) for p in no_decay["params"]] == [id(net.fc.bias), id(net.norm.weight), id(net.norm.bias)]
+
+
+@pytest.mark.parametrize("start, end, total, warmup", [(1e-3, 1e-6, 40, 10), (0.04, 0.4, 40, 0), (0.996, 1.0, 37, 0),
+                                                       (1.0, 0.0, 5, 5), (1.0, 0.1, 1, 0)])
+def test_cosine_schedule_is_timms_cosine(start, end, total, warmup):
+    """The arrays equal timm's CosineLRScheduler (warm-up prefix, per-update steps) value for value."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=start)
+    timm_sched = CosineLRScheduler(opt, t_initial=max(total - warmup - 1, 1), lr_min=end, warmup_t=warmup,
+                                   warmup_prefix=True, t_in_epochs=False)
+    values = []
+    for t in range(total):
+        timm_sched.step_update(t)
+        values.append(opt.param_groups[0]["lr"])
+    assert cosine_schedule(start, end, total, warmup).tolist() == values
