@@ -36,6 +36,10 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], object], hint: st
     Raises:
         DiskFullError: no space left (or quota exceeded): names the file and the free space (``hint``
             appended); the previous ``path`` is intact and the temporary file is removed.
+
+    Why ours: no dependency writes atomically with the folder fsync and this disk-full message
+    (``atomicwrites`` is unmaintained); the stale temporaries' PID names serve
+    :func:`remove_stale_temporaries`.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -129,6 +133,9 @@ def rng_state() -> dict[str, Any]:
 
     ``cuda`` is the list of per-device generator states (``torch.cuda.get_rng_state_all``), absent
     when CUDA is not available.
+
+    Why ours: Lightning's ``_collect_rng_states`` is private and keeps numpy's state as a tuple holding
+    an ndarray, which ``torch.load(weights_only=True)`` refuses.
     """
     np_state = np.random.get_state()
     state = {

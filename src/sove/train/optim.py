@@ -31,6 +31,8 @@ def clip_per_tensor(params: list[torch.nn.Parameter], max_norm: float) -> bool:
 
     Returns:
         True when every gradient norm is finite.
+
+    Why ours: torch's ``clip_grad_norm_`` scales all gradients by their one total norm, not each tensor.
     """
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
@@ -46,6 +48,10 @@ class EMA:
     """Teacher <- m * teacher + (1 - m) * student over parameters of the same name (fused foreach lerp).
 
     The student's mask token has no teacher counterpart and is skipped.
+
+    Why ours: timm's ``ModelEmaV3`` and torch's ``AveragedModel`` average a deep copy of the student
+    (pairing state-dict entries by position, buffers included) with their own decay rule; the teacher
+    here is a separate network without the mask token, moved by the cosine momentum schedule.
     """
 
     def __init__(self, student: torch.nn.Module, teacher: torch.nn.Module) -> None:
