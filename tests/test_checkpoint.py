@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from sove.errors import DiskFullError, SoveError
+from sove.state_keys import BACKBONE_PREFIXES, strip_key_prefixes
 from sove.train.checkpoint import (atomic_save, load_checkpoint, load_state_strict, remove_stale_temporaries,
                                    rng_state, set_rng_state, strip_prefixes)
 
@@ -60,6 +61,14 @@ def test_load_is_weights_only(tmp_path):
 def test_missing_checkpoint_names_the_path(tmp_path):
     with pytest.raises(SoveError, match="nope.pt"):
         load_checkpoint(tmp_path / "nope.pt")
+
+
+def test_key_prefixes_stripped_in_any_order_only_at_the_start():
+    assert strip_key_prefixes("_forward_module.module._orig_mod.blocks.0.attn.qkv.weight") == "blocks.0.attn.qkv.weight"
+    assert strip_key_prefixes("module.backbone.vit.cls_token") == "backbone.vit.cls_token"
+    assert strip_key_prefixes("module.backbone.vit.cls_token", BACKBONE_PREFIXES) == "cls_token"
+    assert strip_key_prefixes("modules.0.weight") == "modules.0.weight"
+    assert strip_key_prefixes("head.module.weight", BACKBONE_PREFIXES) == "head.module.weight"
 
 
 def test_wrapper_prefixes_are_stripped_and_keys_checked():

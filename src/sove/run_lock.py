@@ -78,6 +78,9 @@ class RunLock:
     Raises (on :meth:`acquire`):
         SoveError: another live process holds the run ("run RUN is in use by process PID (started
             ...)"), or the run directory cannot be written.
+
+    Why ours and not ``filelock`` (the same ``flock``): its flock lock records no holder, and the error
+    message names the owner from the record (PID, host, start, command) written into the locked file.
     """
 
     def __init__(self, run_dir: str | Path, name: str = LOCK_NAME) -> None:

@@ -19,6 +19,11 @@ class ResumableSampler(Sampler[int]):
     ``r``-th contiguous block of ``B``, so gathering the ranks' batches in rank order gives exactly
     the batch a single process with batch ``R*B`` would see (identical feature-set contents).
 
+    Why ours and not torchdata's ``StatefulDataLoader``: it would still need this sampler (rank blocks,
+    per-epoch seeds) and only replace the resume position, two integers in the checkpoint, with a state
+    that differs per rank (a rank-0 checkpoint cannot hold it) and that it restores by replaying the
+    sampler (0.5 s against 0.04 s at batch 19000 of an ImageNet epoch; both resume exactly with workers).
+
     Args:
         num_samples: dataset size n.
         batch_size: per-rank batch size (used to drop the incomplete last global batch and to

@@ -13,8 +13,8 @@ Sources:
   or ``module``.
 
 Key prefixes of wrappers and heads' owners (``module.``, ``_orig_mod.``, ``_forward_module.``,
-``backbone.``, ``vit.``, ``swin.``) are stripped; projection heads, classifiers (``head.*``) and
-mask tokens are left out (listed in :class:`BackboneWeights`).
+``backbone.``, ``vit.``, ``swin.``: :data:`sove.state_keys.BACKBONE_PREFIXES`) are stripped; projection
+heads, classifiers (``head.*``) and mask tokens are left out (listed in :class:`BackboneWeights`).
 """
 
 from __future__ import annotations
@@ -28,9 +28,8 @@ from typing import Any
 import torch
 
 from sove.errors import SoveError
+from sove.state_keys import BACKBONE_PREFIXES, strip_key_prefixes
 
-#: Prefixes stripped from every key (repeatedly, in any order).
-PREFIXES = ("module.", "_orig_mod.", "_forward_module.", "backbone.", "vit.", "swin.")
 #: Nested state dicts looked for in a checkpoint, in this order (DINO and sove: the teacher).
 NESTED = ("teacher", "state_dict", "model", "module")
 
@@ -130,16 +129,10 @@ def _backbone_state(obj: Any, origin: str, **stats: Any) -> BackboneWeights:
         raise SoveError(f"model.init: '{origin}' holds no state dict (tensors by parameter name)")
     state, left_out = {}, []
     for key, value in tensors.items():
-        short = strip_prefixes(key)
+        short = strip_key_prefixes(key, BACKBONE_PREFIXES)
         if short.startswith("head.") or short in ("mask_token", "masked_embed"):
             left_out.append(key)
         else:
             state[short] = value
     return BackboneWeights(state, origin, left_out, **stats)
 
-
-def strip_prefixes(key: str) -> str:
-    """``key`` without leading :data:`PREFIXES` (``module.backbone.vit.cls_token`` -> ``cls_token``)."""
-    from sove.train.checkpoint import strip_key_prefixes
-
-    return strip_key_prefixes(key, PREFIXES)

@@ -13,9 +13,7 @@ import torch
 
 from sove.errors import DiskFullError, SoveError, disk_full
 from sove.run_lock import pid_alive
-
-#: Wrapper prefixes stripped from state-dict keys on load (DDP, torch.compile, Fabric).
-WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_forward_module.")
+from sove.state_keys import strip_key_prefixes
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
@@ -38,6 +36,10 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], object], hint: st
     Raises:
         DiskFullError: no space left (or quota exceeded): names the file and the free space (``hint``
             appended); the previous ``path`` is intact and the temporary file is removed.
+
+    Why ours: no dependency writes atomically with the folder fsync and this disk-full message
+    (``atomicwrites`` is unmaintained); the stale temporaries' PID names serve
+    :func:`remove_stale_temporaries`.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -100,19 +102,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise SoveError(f"checkpoint '{path}' could not be loaded: {e}") from None
 
 
-def strip_key_prefixes(key: str, prefixes: tuple[str, ...] = WRAPPER_PREFIXES) -> str:
-    """``key`` without any leading run of ``prefixes`` (``module._orig_mod.x`` -> ``x``)."""
-    changed = True
-    while changed:
-        changed = False
-        for p in prefixes:
-            if key.startswith(p):
-                key, changed = key[len(p):], True
-    return key
-
-
 def strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Remove wrapper prefixes (``module.``, ``_orig_mod.``, ``_forward_module.``) from every key."""
+    """Remove wrapper prefixes (``module.``, ``_orig_mod.``, ``_forward_module.``) from every key
+    (:data:`sove.state_keys.WRAPPER_PREFIXES`)."""
     return {strip_key_prefixes(key): value for key, value in state.items()}
 
 
@@ -141,6 +133,9 @@ def rng_state() -> dict[str, Any]:
 
     ``cuda`` is the list of per-device generator states (``torch.cuda.get_rng_state_all``), absent
     when CUDA is not available.
+
+    Why ours: Lightning's ``_collect_rng_states`` is private and keeps numpy's state as a tuple holding
+    an ndarray, which ``torch.load(weights_only=True)`` refuses.
     """
     np_state = np.random.get_state()
     state = {

@@ -5,18 +5,20 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from timm.optim import param_groups_weight_decay
 
 
 def param_groups(model: torch.nn.Module) -> list[dict[str, Any]]:
-    """AdamW groups: weight decay on >= 2-D weights only; none on biases and 1-D parameters.
+    """AdamW groups by timm's rule (``param_groups_weight_decay``, as DINO's): weight decay on >= 2-D
+    weights only; none on biases and 1-D parameters (``pos_embed`` and ``cls_token`` are decayed).
 
-    The ``apply_wd`` flag tells the trainer which group follows the weight-decay schedule.
+    Returns:
+        The decayed group first (``apply_wd`` True: the trainer sets its ``weight_decay`` from the
+        schedule each step), then the undecayed one (``apply_wd`` False, ``weight_decay`` 0); this order
+        is the one saved optimizer states were written with. A group with no parameters is left out.
     """
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
-    return [{"params": decay, "apply_wd": True}, {"params": no_decay, "apply_wd": False, "weight_decay": 0.0}]
+    groups = param_groups_weight_decay(model, weight_decay=1.0)  # 1.0: a placeholder the schedule overwrites
+    return sorted(({**g, "apply_wd": g["weight_decay"] > 0} for g in groups), key=lambda g: not g["apply_wd"])
 
 
 @torch.no_grad()
@@ -29,6 +31,8 @@ def clip_per_tensor(params: list[torch.nn.Parameter], max_norm: float) -> bool:
 
     Returns:
         True when every gradient norm is finite.
+
+    Why ours: torch's ``clip_grad_norm_`` scales all gradients by their one total norm, not each tensor.
     """
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
@@ -44,6 +48,10 @@ class EMA:
     """Teacher <- m * teacher + (1 - m) * student over parameters of the same name (fused foreach lerp).
 
     The student's mask token has no teacher counterpart and is skipped.
+
+    Why ours: timm's ``ModelEmaV3`` and torch's ``AveragedModel`` average a deep copy of the student
+    (pairing state-dict entries by position, buffers included) with their own decay rule; the teacher
+    here is a separate network without the mask token, moved by the cosine momentum schedule.
     """
 
     def __init__(self, student: torch.nn.Module, teacher: torch.nn.Module) -> None:

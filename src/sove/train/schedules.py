@@ -21,6 +21,11 @@ def cosine_schedule(start: float, end: float, total_iters: int, warmup_iters: in
 
     Returns:
         float64 array of shape (total_iters,).
+
+    Why ours and not timm's ``CosineLRScheduler`` (whose curve this equals value for value:
+    tests/test_schedules.py): timm's schedulers write one field of a live optimizer per step, while
+    sove needs four whole curves up front (two are no optimizer field: teacher momentum and temperature)
+    that the time budget re-sizes and a resume indexes by step.
     """
     warmup_iters = min(warmup_iters, total_iters)
     warm = np.linspace(warmup_start, start, warmup_iters, endpoint=False)
