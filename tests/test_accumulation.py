@@ -28,7 +28,7 @@ def test_two_half_batches_equal_one_full_batch(tmp_path, image_folder):
         torch.testing.assert_close(g_acc[name], g_full[name], atol=1e-5, rtol=0, msg=name)
     torch.testing.assert_close(terms_acc["loss"], terms_full["loss"], atol=1e-5, rtol=0)
     # E_C / E_P were written once, with the 8 images of the step in batch order.
-    for fs_full, fs_acc in ((full.cls_fs, acc.cls_fs), (full.patch_fs, acc.patch_fs)):
+    for fs_full, fs_acc in ((full.method.cls_fs, acc.method.cls_fs), (full.method.patch_fs, acc.method.patch_fs)):
         assert int(fs_acc.ptr) == int(fs_full.ptr) == 8
         assert torch.equal(fs_acc.indices, fs_full.indices)
         torch.testing.assert_close(fs_acc.features, fs_full.features, atol=1e-5, rtol=0)
@@ -66,8 +66,8 @@ def test_patch_rows_come_from_the_step_teacher(tmp_path, image_folder):
         tokens = out["patch_tokens"][b:][torch.arange(b), positions]  # (B, D), the step's teacher
         expected = before.head(tokens)
         post_ema = trainer.teacher.head(tokens)  # the head after the update (the old rows)
-    rows = trainer.patch_fs.features[:b]
+    rows = trainer.method.patch_fs.features[:b]
     torch.testing.assert_close(rows, expected, atol=1e-5, rtol=0)
     torch.testing.assert_close(rows.norm(dim=1), torch.ones(b), atol=1e-5, rtol=0)
-    torch.testing.assert_close(trainer.cls_fs.features[:b], out["cls"][b:], atol=1e-5, rtol=0)
+    torch.testing.assert_close(trainer.method.cls_fs.features[:b], out["cls"][b:], atol=1e-5, rtol=0)
     assert (post_ema - expected).abs().max() > 1e-2  # head_{t+1} differs: the test can tell them apart

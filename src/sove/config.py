@@ -106,6 +106,14 @@ class LossConfig:
 
 
 @dataclass
+class PeersConfig:
+    """DINO / iBOT only (``method=dino|ibot``; docs/method.md, "Methods"): lightly's head and centering."""
+
+    num_prototypes: int = 4096  # K, the width of the head's weight-normalised last layer
+    center_momentum: float = 0.9  # teacher-logit center: m * center + (1 - m) * step mean
+
+
+@dataclass
 class OptimConfig:
     """AdamW and schedules (docs/method.md, "Optimisation and schedules")."""
 
@@ -164,10 +172,12 @@ class EvalConfig:
 class SOVEConfig:
     """The whole configuration; see ``docs/configs.md``."""
 
+    method: str = "sove"  # sove | dino | ibot: the objective (sove.method.METHODS)
     data: DataConfig = field(default_factory=DataConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    peers: PeersConfig = field(default_factory=PeersConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -238,6 +248,7 @@ def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...
 
 #: The values of the string keys checked here by membership (the others list theirs in their message).
 CHOICES = {
+    "method": ("sove", "dino", "ibot"),
     "trainer.accelerator": ("auto", "cpu", "gpu", "cuda", "mps", "tpu"),
     "trainer.precision": ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true"),
     "trainer.loggers": ("csv", "tensorboard", "wandb", "mlflow"),
@@ -284,6 +295,11 @@ def validate(cfg: DictConfig) -> None:
     Checks that need the dataset size (steps per epoch, feature sets the run can fill, images
     dropped per epoch) run later, in :func:`sove.train.preflight.check_run_plan`.
     """
+    _check(cfg.method in CHOICES["method"], "method",
+           f"must be one of {', '.join(CHOICES['method'])}; got {cfg.method!r}")
+    _check(cfg.peers.num_prototypes >= 1, "peers.num_prototypes", f"must be >= 1, got {cfg.peers.num_prototypes}")
+    _check(0.0 <= cfg.peers.center_momentum < 1.0, "peers.center_momentum",
+           f"must be in [0, 1), got {cfg.peers.center_momentum}")
     _validate_arch(cfg.model)
     _validate_data(cfg)
     _validate_loss(cfg)

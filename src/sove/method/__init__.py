@@ -1,13 +1,53 @@
-"""The SOVE method: feature sets, concepts (anchors + judges), soft labels, the two losses.
+"""Self-supervised methods on one trainer: SOVE (ours) and its peers DINO and iBOT.
 
-Pure tensor code: imports only torch/numpy and ``sove.distributed``.
+:class:`~sove.method.base.Method` is what the trainer sees; :data:`METHODS` maps the config's
+``method=`` to a class. The SOVE pieces (feature sets, concepts, losses) are pure tensor code.
 """
 
+from typing import Any
+
+from omegaconf import DictConfig
+
+from sove.errors import SoveError
+from sove.method.base import Method, StepContext, micro_views
 from sove.method.concepts import Concepts, anchor_generator, draw_anchors, nearest_judges, select_judges
 from sove.method.feature_set import FeatureSet
 from sove.method.losses import ConceptSettings, SOVELoss, cls_loss, cross_view_pairs, patch_loss
+from sove.method.peers import DINO, IBOT
+from sove.method.sove import SOVE
+
+#: ``method=`` name -> class (the config's choices are these keys).
+METHODS: dict[str, type[Method]] = {"sove": SOVE, "dino": DINO, "ibot": IBOT}
 
 __all__ = [
-    "Concepts", "ConceptSettings", "FeatureSet", "SOVELoss", "anchor_generator", "cls_loss",
-    "cross_view_pairs", "draw_anchors", "nearest_judges", "patch_loss", "select_judges",
+    "Concepts", "ConceptSettings", "DINO", "FeatureSet", "IBOT", "METHODS", "Method", "SOVE", "SOVELoss",
+    "StepContext", "anchor_generator", "build_method", "checkpoint_method", "cls_loss", "cross_view_pairs",
+    "draw_anchors", "micro_views", "nearest_judges", "patch_loss", "select_judges",
 ]
+
+
+def build_method(cfg: DictConfig) -> Method:
+    """The :class:`Method` named by ``cfg.method`` (built from the full config, on the CPU).
+
+    Raises:
+        SoveError: the peers' optional dependency is missing (names ``pip install 'sove[peers]'``).
+    """
+    return METHODS[cfg.method](cfg)
+
+
+def checkpoint_method(state: dict[str, Any], source: str) -> tuple[str, dict[str, Any]]:
+    """``(name, state_dict)`` of the method saved in a checkpoint. A checkpoint written before methods
+    existed (top-level ``cls_feature_set`` / ``patch_feature_set``) is a SOVE one: its feature sets
+    become the ``cls_fs.*`` / ``patch_fs.*`` entries of :class:`SOVE`'s state.
+
+    Raises:
+        SoveError: the checkpoint holds no method state, naming ``source``.
+    """
+    if "method" in state:
+        return state["method"]["name"], state["method"]["state"]
+    if "cls_feature_set" not in state and "patch_feature_set" not in state:
+        raise SoveError(f"{source} holds no method state (no 'method' entry); is it a sove training checkpoint?")
+    converted = {}
+    for key, prefix in (("cls_feature_set", "cls_fs."), ("patch_feature_set", "patch_fs.")):
+        converted.update({prefix + k: v for k, v in (state.get(key) or {}).items()})
+    return "sove", converted

@@ -13,7 +13,7 @@ from sove.config import token_stride
 from sove.data import MultiCropAugmentation, SSLDataset, build_source
 from sove.data.decoded import DecodedDataset
 from sove.errors import SoveError
-from sove.method import ConceptSettings, SOVELoss
+from sove.method.sove import build_sove_loss as build_loss  # noqa: F401 (re-exported: viz, benchmarks)
 from sove.preflight import check_run_name, check_trainer_device, check_writable
 from sove.run_lock import LOCK_NAME, is_sove_run
 from sove.train.loggers import check_installed
@@ -61,17 +61,6 @@ def build_train_dataset(cfg: DictConfig) -> SSLDataset:
     if resolve_augment_on(cfg) == "device":
         return DecodedDataset(*args, max_image_side=d.max_image_side, **kwargs)
     return SSLDataset(*args, **kwargs)
-
-
-def build_loss(cfg: DictConfig) -> SOVELoss:
-    """:class:`SOVELoss` from ``cfg.loss`` (anchors seeded by ``trainer.seed``)."""
-    lo = cfg.loss
-
-    def settings(c) -> ConceptSettings:
-        return ConceptSettings(**OmegaConf.to_container(c))
-
-    return SOVELoss(settings(lo.cls), settings(lo.patch), lo.cls_weight, lo.patch_weight,
-                    lo.student_temp, cfg.trainer.seed, lo.chunk_size)
 
 
 #: What a start writes before its first checkpoint (and the lock). A run directory holding only

@@ -19,29 +19,8 @@ import torch
 from omegaconf import DictConfig
 
 from sove.errors import SoveError
-from sove.method import Concepts
+from sove.method.concepts import Concepts, concept_purity  # noqa: F401 (re-exported)
 from sove.preflight import check_writable
-
-
-def concept_purity(concepts: Concepts, row_labels: torch.Tensor) -> float | None:
-    """Share of neighbour judges (anchor excluded) whose label equals their anchor's.
-
-    Args:
-        concepts: concepts with ``judge_index`` of shape (K, J), J >= 2.
-        row_labels: int64 (N,), the label of each feature-set row (-1 = unknown: random initial
-            row or unlabelled image).
-
-    Returns:
-        Purity in [0, 1] over concepts whose rows are all labelled; None when there is none.
-    """
-    if concepts.num_judges < 2:
-        return None
-    labels = row_labels[concepts.judge_index]  # (K, J)
-    known = (labels >= 0).all(dim=1)
-    if not bool(known.any()):
-        return None
-    same = labels[known, 1:] == labels[known, :1]
-    return float(same.float().mean())
 
 
 def run_concepts(run_dir: str | Path, cfg: DictConfig, checkpoint: str = "last.pt", task: int = 0
