@@ -88,7 +88,7 @@ def test_init_from_loads_weights_but_starts_fresh(tmp_path, image_folder, capsys
     # The start-up line gives the configured peak lr and schedule length (it used to print the
     # largest scheduled lr, here min_lr 1e-6, and "1 steps").
     assert capsys.readouterr().out.splitlines()[0] == (
-        f"sove {__version__}: 32 images, global batch 8, 4 steps/epoch, 1 of the schedule's 8 steps "
+        f"sove {__version__}: method sove, 32 images, global batch 8, 4 steps/epoch, 1 of the schedule's 8 steps "
         "(trainer.max_steps), peak lr 0.00e+00 (= 0.0 x 8/256), precision 32-true, device cpu")
     a, b = load_checkpoint(src), load_checkpoint(second / "checkpoints" / "last.pt")
     assert b["step"] == 1  # a new run, not a resume

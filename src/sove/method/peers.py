@@ -98,7 +98,9 @@ class Peer(Method):
         """DINO loss over the cross-view pairs of [CLS] logits (iBOT: masked student globals, + the patch
         loss on the masked tokens); keeps the teacher logits for the center update."""
         v = micro_views(batch, micro, list(self.cfg.mask.views))
-        b, flat = v.b, v.masks.flatten(0, 1) if self.patch else None  # (2b, L): iBOT only
+        b, flat = v.b, v.masks.flatten(0, 1)  # (2b, L)
+        if not self.patch:  # DINO masks nothing; an all-False mask keeps the mask token in the graph (DDP)
+            flat = torch.zeros_like(flat)
         with ctx.phase("forward"):
             with torch.no_grad(), ctx.autocast():
                 t_out = teacher(v.global_crops, masks=None, patch_select=flat)
