@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from conftest import TINY
+from conftest import PEERS, TINY
 from sove.config import load_config
 from sove.train.trainer import Trainer, prepare_run_dir
 
@@ -32,6 +33,25 @@ def test_two_half_batches_equal_one_full_batch(tmp_path, image_folder):
         assert int(fs_acc.ptr) == int(fs_full.ptr) == 8
         assert torch.equal(fs_acc.indices, fs_full.indices)
         torch.testing.assert_close(fs_acc.features, fs_full.features, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("method", PEERS)
+def test_peers_two_half_batches_equal_one_full_batch_and_center_once(tmp_path, image_folder, method):
+    # lightly updates a center inside each loss forward: held over the micro-batches and updated once
+    # after the step from all of them, the second half sees the step's center and the update equals
+    # one full batch's (updated per micro-batch, the gradient and the center would differ).
+    extra = [f"method={method}", "peers.num_prototypes=32"]
+    full, terms_full, g_full = one_step(tmp_path, image_folder, "full", extra)
+    acc, terms_acc, g_acc = one_step(tmp_path, image_folder, "acc", extra + ["optim.accumulate_grad_batches=2"])
+    assert g_full.keys() == g_acc.keys() and len(g_full) > 10
+    for name in g_full:
+        torch.testing.assert_close(g_acc[name], g_full[name], atol=1e-5, rtol=0, msg=name)
+    for name in terms_full:
+        torch.testing.assert_close(terms_acc[name], terms_full[name], atol=1e-5, rtol=0, msg=name)
+    state_full, state_acc = full.method.state_dict(), acc.method.state_dict()
+    for name in state_full:
+        assert state_full[name].abs().sum() > 0, name  # moved off zero: one update happened
+        torch.testing.assert_close(state_acc[name], state_full[name], atol=1e-6, rtol=0, msg=name)
 
 
 def test_accumulation_must_divide_the_batch():
