@@ -123,8 +123,8 @@ class Trainer(Diagnostics):
         if self.budget is not None:
             steps = (f"steps sized to trainer.time_budget={t.time_budget} by the pace of the first steps"
                      + (f" (stop at trainer.max_steps={t.max_steps})" if t.max_steps else ""))
-        self.fabric.print(f"sove {__version__}: method {self.method.name}, {len(self.dataset)} images, global batch {b * world}, "
-                          f"{self.sampler.batches_per_epoch} steps/epoch, {steps}, "
+        self.fabric.print(f"sove {__version__}: method {self.method.name}, {len(self.dataset)} images, "
+                          f"global batch {b * world}, {self.sampler.batches_per_epoch} steps/epoch, {steps}, "
                           f"peak lr {cfg.optim.base_lr * b * world / 256:.2e} (= {cfg.optim.base_lr} x {b * world}/256), "
                           f"precision {self.fabric.strategy.precision.precision}, device {self.fabric.device}")
 

@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 
 from sove.errors import SoveError
 from sove.method.concepts import Concepts, concept_purity  # noqa: F401 (re-exported)
+from sove.method.sove import feature_set_state
 from sove.preflight import check_writable
 
 
@@ -31,13 +32,16 @@ def run_concepts(run_dir: str | Path, cfg: DictConfig, checkpoint: str = "last.p
         (concepts, dataset index of every E_C row (N,), step).
 
     Raises:
-        SoveError: the checkpoint has no E_C (``loss.cls_weight`` was 0).
+        SoveError: the checkpoint has no E_C (a DINO / iBOT run, or ``loss.cls_weight`` was 0).
     """
     from sove.train.builders import build_loss
     from sove.train.checkpoint import load_checkpoint
 
     state = load_checkpoint(Path(run_dir) / "checkpoints" / checkpoint)
-    fs = state.get("cls_feature_set")
+    method = state.get("method", {}).get("name", "sove")
+    if method != "sove":
+        raise SoveError(f"{run_dir}: a method={method} run has no concepts (they are SOVE's); nothing to browse")
+    fs = feature_set_state(state, "cls")
     if fs is None:
         raise SoveError(f"{run_dir}: this run has no CLS feature set (loss.cls_weight=0); nothing to browse")
     loss = build_loss(cfg)
@@ -161,7 +165,7 @@ def browse_concepts(run_dir: str | Path, num: int = 16, checkpoint: str = "last.
         load_state_strict(trained, state["teacher"], f"teacher in {checkpoint}")
         loss = build_loss(cfg)
         for key, teacher in (("purity_clean", trained), ("purity_random_init", untrained)):
-            rows = reembed_rows(cfg, teacher, state["cls_feature_set"]["features"], row_index, source)
+            rows = reembed_rows(cfg, teacher, feature_set_state(state, "cls")["features"], row_index, source)
             result[key] = concept_purity(loss.concepts(loss.cls, rows, step, 0, stream=0), row_labels)
     png = run_dir / "plots" / "concepts.png"
     png.parent.mkdir(exist_ok=True)
