@@ -86,3 +86,12 @@ def test_resume_with_another_method_is_refused_naming_the_key(tmp_path, image_fo
                                              "trainer.name=s", "trainer.max_steps=1"]))
     with pytest.raises(ConfigError, match=r"--resume would change training from .*last.pt: method \(sove -> dino\)\."):
         resume(run, ["method=dino"])
+
+
+def test_run_plan_of_a_peer_leaves_out_sove_feature_sets():
+    from sove.train.preflight import check_run_plan
+
+    over = TINY + ["data.root=x", "loss.cls_feature_set_size=1000"]  # E_C: more rows than the run enqueues
+    with pytest.raises(ConfigError, match="loss.cls_feature_set_size: 1000 rows are never filled"):
+        check_run_plan(load_config(None, over), 32, 1)
+    assert check_run_plan(load_config(None, over + ["method=dino"]), 32, 1) == []  # DINO has no feature sets
