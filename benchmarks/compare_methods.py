@@ -1,18 +1,19 @@
 """SOVE vs DINO vs iBOT at the same backbone, data, optimiser, schedules and wall-clock budget.
 
-    pip install -e ".[bench]"        # lightly: the peers' objectives (DINOLoss, IBOTPatchLoss, DINOProjectionHead)
+    pip install -e ".[peers]"        # lightly: the peers' objectives (DINOLoss, IBOTPatchLoss, DINOProjectionHead)
     python benchmarks/compare_methods.py --config fashion_mnist_tiny --budget-minutes 10 --out docs/compare.md
     python benchmarks/compare_methods.py --smoke data.source=folder data.root=DIR data.test_root=DIR ...  # CI
 
 What is shared: the trainer (``sove.train.trainer.Trainer``: Fabric, multi-crop + masks, sampler,
 AdamW groups, per-tensor clipping, lr / weight-decay / momentum / teacher-temperature schedules,
 EMA teacher), the ViT backbone and the head MLP (``model.head_hidden_dim`` -> ``head_out_dim``).
-What differs is only the objective:
+What differs is only the objective, the config's ``method=`` (:mod:`sove.method`; each run here is
+``sove pretrain method=M``):
 
 * **SOVE** (ours): Eq. 2 on E_C concepts + Eq. 4 on E_P concepts; the head output is the embedding.
 * **DINO**: lightly's ``DINOProjectionHead`` (the same MLP, ``head_out_dim`` bottleneck, then a
-  weight-normalised layer to ``--num-prototypes`` logits) and lightly's ``DINOLoss`` (centering,
-  all cross-view pairs). No masking.
+  weight-normalised layer to ``--num-prototypes`` = ``peers.num_prototypes`` logits) and lightly's
+  ``DINOLoss`` (centering, all cross-view pairs). No masking.
 * **iBOT**: the DINO CLS loss on masked global views + lightly's ``IBOTPatchLoss`` on the masked
   tokens (the same masks as SOVE, shared head), weights ``loss.cls_weight`` / ``loss.patch_weight``.
 
@@ -53,7 +54,6 @@ from sove.config import load_config
 from sove.errors import SoveError
 from sove.eval.features import eval_splits, extract_features, pixel_features, random_init_backbone
 from sove.eval.knn import knn_on_splits
-from sove.models import build_networks
 from sove.train.budget import resize_to_budget
 from sove.train.builders import build_train_dataset, prepare_run_dir
 from sove.train.trainer import Trainer
@@ -65,95 +65,20 @@ METHODS = ("sove", "dino", "ibot")
 PHASES = ("data", "forward", "objective", "backward", "optimizer", "enqueue")
 
 
-class SOVEBench(Trainer):
-    """SOVE exactly as ``sove pretrain`` trains it, minus the purity diagnostic (it would move the
-    next step's concept selection out of the timed objective)."""
-
-    def concept_purity(self) -> None:
-        return None
-
-
-class PeerTrainer(SOVEBench):
-    """DINO (``patch=False``) or iBOT (``patch=True``) with lightly's losses on SOVE's trainer.
-
-    Args:
-        cfg, run_dir, dataset: as :class:`Trainer`.
-        num_prototypes: K, the DINO head's output width (prototypes).
-        patch: add iBOT's masked patch loss (student global views masked as in SOVE).
-    """
-
-    def __init__(self, cfg, run_dir: Path, dataset, num_prototypes: int, patch: bool) -> None:
-        from lightly.loss import DINOLoss, IBOTPatchLoss
-        from lightly.models.modules import DINOProjectionHead
-
-        m = cfg.model
-        student, teacher = build_networks(cfg, seed=cfg.trainer.seed)
-        torch.manual_seed(cfg.trainer.seed + 17)
-        def head() -> torch.nn.Module:
-            return DINOProjectionHead(student.backbone.embed_dim, m.head_hidden_dim, m.head_out_dim, num_prototypes)
-
-        student.head, teacher.head = head(), head()  # weight norm: no deepcopy, copy the state instead
-        teacher.head.load_state_dict(student.head.state_dict())
-        teacher.head.requires_grad_(False)
-        super().__init__(cfg, run_dir, dataset, networks=(student, teacher))
-        self.cls_fs = self.patch_fs = None  # no feature sets
-        lo = cfg.loss
-        self.patch = patch
-        self.dino_loss = DINOLoss(num_prototypes, lo.teacher_temp, lo.teacher_temp, 0, lo.student_temp).to(
-            self.fabric.device)
-        self.ibot_loss = IBOTPatchLoss(num_prototypes, lo.teacher_temp, lo.student_temp).to(
-            self.fabric.device) if patch else None
-
-    def micro_step(self, batch: dict[str, Any], micro: slice, positions: torch.Tensor, scale: float):
-        crops = [c[micro] for c in batch["crops"]]
-        b = crops[0].shape[0]
-        global_crops = torch.cat(crops[:2])
-        local_crops = torch.cat(crops[2:]) if len(crops) > 2 else None
-        flat = None
-        if self.patch:
-            masks = batch["masks"][:, micro]
-            if len(self.cfg.mask.views) < 2:
-                masks = masks.clone()
-                masks[[v for v in (0, 1) if v not in self.cfg.mask.views]] = False
-            flat = masks.flatten(0, 1)  # (2b, L)
-        with self.phase("forward"):
-            with torch.no_grad(), self.fabric.autocast():
-                t_out = self.teacher(global_crops, masks=None, patch_select=flat)
-            out = self.student(global_crops, local_crops, masks=flat, patch_select=flat)
-        with self.phase("objective"):
-            temp = float(self.schedules.teacher_temp[self.step])
-            t_cls = t_out["cls"].float().view(2, b, -1)
-            s_cls = out["cls"].float().view(-1, b, out["cls"].shape[-1])
-            terms = {"cls": self.dino_loss(list(t_cls), list(s_cls), teacher_temp=temp)}
-            loss = self.cfg.loss.cls_weight * terms["cls"]
-            if self.patch:
-                side = int(flat.shape[1] ** 0.5)
-                terms["patch"] = self.ibot_loss(t_out["patches"].float(), out["patches"].float(),
-                                                flat.view(-1, side, side), teacher_temp=temp)
-                loss = loss + self.cfg.loss.patch_weight * terms["patch"]
-            terms["loss"] = loss
-        if not bool(torch.isfinite(loss)):
-            raise SoveError(f"non-finite peer loss at step {self.step}: {({k: float(v) for k, v in terms.items()})}")
-        with self.phase("backward"):
-            self.fabric.backward(loss * scale)
-        return {k: v.detach() for k, v in terms.items()}, t_cls, torch.empty(0)
-
-    def enqueue(self, *args) -> None:
-        return None
-
-
-def make_trainer(method: str, cfg, run_dir: Path, dataset, num_prototypes: int) -> Trainer:
-    """A trainer of ``method`` (sove | dino | ibot) in ``run_dir`` (created)."""
+def make_trainer(cfg, run_dir: Path, dataset) -> Trainer:
+    """The trainer of ``cfg.method`` in ``run_dir`` (created), exactly as ``sove pretrain`` trains it minus
+    SOVE's purity diagnostic (it would move the next step's concept selection out of the timed objective)."""
     prepare_run_dir(cfg, overwrite=True)
-    if method == "sove":
-        return SOVEBench(cfg, run_dir, dataset)
-    return PeerTrainer(cfg, run_dir, dataset, num_prototypes, patch=method == "ibot")
+    trainer = Trainer(cfg, run_dir, dataset)
+    trainer.labels = None  # no concept purity
+    return trainer
 
 
-def method_config(args: argparse.Namespace, method: str, epochs: float | None = None):
-    """The shared config with this method's run name and, if given, a schedule of ``epochs``."""
+def method_config(args: argparse.Namespace, method: str, epochs: float | None = None, name: str | None = None):
+    """The shared config with ``method=``, this method's run name and, if given, a schedule of ``epochs``."""
     base = load_config(args.config, args.overrides)
-    extra = [f"trainer.out_dir={args.work_dir}", f"trainer.name={method}", "trainer.progress=false",
+    extra = [f"method={method}", f"peers.num_prototypes={args.num_prototypes}", f"trainer.out_dir={args.work_dir}",
+             f"trainer.name={name or method}", "trainer.progress=false",
              "trainer.checkpoint_every=1000000000", "trainer.keep_checkpoints=0", "eval.knn_every_epochs=0"]
     if epochs is not None:
         frac = base.optim.warmup_epochs / base.optim.epochs
@@ -162,17 +87,11 @@ def method_config(args: argparse.Namespace, method: str, epochs: float | None = 
 
 
 def persistent_mib(trainer: Trainer) -> float:
-    """MiB held between steps: student, teacher, optimizer state, feature sets, loss buffers."""
+    """MiB held between steps: student, teacher, optimizer state, the method's state (feature sets, centers)."""
     tensors = list(trainer.student_module.state_dict().values()) + list(trainer.teacher.state_dict().values())
     for state in trainer.optimizer.state.values():
         tensors += [v for v in state.values() if torch.is_tensor(v)]
-    for fs in (trainer.cls_fs, trainer.patch_fs):
-        if fs is not None:
-            tensors += list(fs.state_dict().values())
-    for name in ("dino_loss", "ibot_loss"):
-        module = getattr(trainer, name, None)
-        if module is not None:
-            tensors += list(module.state_dict().values())
+    tensors += list(trainer.method.state_dict().values())
     return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t)) / 2**20
 
 
@@ -184,9 +103,8 @@ def _rss_now_mib() -> float:
 def _calibrate_child(args: argparse.Namespace, method: str, steps: int, queue) -> None:
     """Child process: build ``method``'s trainer, run 1 + ``steps`` steps; report s/step and memory."""
     try:
-        cfg = method_config(args, f"calibrate_{method}")
-        dataset = build_train_dataset(cfg)
-        trainer = make_trainer(method, cfg, Path(args.work_dir) / f"calibrate_{method}", dataset, args.num_prototypes)
+        cfg = method_config(args, method, name=f"calibrate_{method}")
+        trainer = make_trainer(cfg, Path(args.work_dir) / f"calibrate_{method}", build_train_dataset(cfg))
         trainer.fit(deadline=0.0)  # warm-up step
         device = trainer.fabric.device
         if device.type == "cuda":
@@ -259,7 +177,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         steps = args.steps if args.steps else max(1, int(budget / c["s_per_step"]))
         cfg = method_config(args, m, epochs=steps / c["batches_per_epoch"])
         dataset = dataset if dataset is not None else build_train_dataset(cfg)
-        trainers[m] = make_trainer(m, cfg, Path(args.work_dir) / m, dataset, args.num_prototypes)
+        trainers[m] = make_trainer(cfg, Path(args.work_dir) / m, dataset)
         timers[m] = Timer(trainers[m].fabric.device)
         trainers[m].timer = timers[m]
         used[m] = 0.0

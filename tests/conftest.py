@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -69,3 +70,14 @@ def config_only_run(run: Path, overrides: list[str]) -> Path:
     run.mkdir(parents=True)
     OmegaConf.save(load_config(None, TINY + overrides), run / "config.yaml", resolve=True)
     return run
+
+
+def with_method_state(state: dict) -> dict:
+    """A checkpoint dict whose ``method`` entry is the method's state dict itself (for key-by-key comparisons)."""
+    return {**state, "method": state["method"]["state"]}
+
+
+#: The peer methods as pytest parameters, skipped without the optional lightly (``sove[peers]``).
+PEERS = [pytest.param(m, marks=pytest.mark.skipif(importlib.util.find_spec("lightly") is None,
+                                                  reason="DINO / iBOT need lightly (sove[peers])"))
+         for m in ("dino", "ibot")]

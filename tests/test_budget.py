@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import TINY
+from conftest import TINY, with_method_state
 from sove.config import load_config
 from sove.errors import ConfigError
 from sove.train import budget as budget_mod
@@ -72,7 +72,8 @@ def test_budgeted_run_plans_resizes_and_resumes_bit_identically(tmp_path, image_
     resume(tmp_path / "resumed", ["trainer.max_steps=null"])
     b = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")
     assert b["step"] == 11 and b["time_budget"] == a["time_budget"]
-    for part in ("student", "teacher", "cls_feature_set", "patch_feature_set"):
+    a, b = with_method_state(a), with_method_state(b)
+    for part in ("student", "teacher", "method"):
         for key in a[part]:
             assert torch.equal(a[part][key], b[part][key]), f"{part}.{key} differs after resume"
 

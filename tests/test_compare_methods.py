@@ -1,4 +1,4 @@
-"""benchmarks/compare_methods.py in its 1-step smoke mode (CI): SOVE, DINO and iBOT on one trainer."""
+"""benchmarks/compare_methods.py in its 1-step smoke mode (CI): SOVE, DINO and iBOT as ``method=`` of one trainer."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 from conftest import TINY, make_image_folder
 
-pytest.importorskip("lightly", reason="the method comparison needs the [bench] extra (lightly)")
+pytest.importorskip("lightly", reason="the method comparison needs the [peers] extra (lightly)")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import compare_methods  # noqa: E402
 
@@ -39,11 +39,12 @@ def test_peer_heads_start_equal_in_student_and_teacher(tmp_path):
     from sove.train.builders import build_train_dataset
 
     images = make_image_folder(tmp_path / "images")
-    cfg = load_config(None, TINY + [f"data.root={images}", f"trainer.out_dir={tmp_path}", "trainer.name=dino"])
-    trainer = compare_methods.make_trainer("ibot", cfg, tmp_path / "dino", build_train_dataset(cfg), 32)
+    cfg = load_config(None, TINY + [f"data.root={images}", f"trainer.out_dir={tmp_path}", "trainer.name=dino",
+                                    "method=ibot", "peers.num_prototypes=32"])
+    trainer = compare_methods.make_trainer(cfg, tmp_path / "dino", build_train_dataset(cfg))
     s, t = trainer.student_module.head.state_dict(), trainer.teacher.head.state_dict()
     assert s.keys() == t.keys() and all(bool((s[k] == t[k]).all()) for k in s)
-    assert trainer.cls_fs is None and trainer.patch_fs is None  # peers keep no feature sets
+    assert sorted(trainer.method.state_dict()) == ["cls_loss.center", "patch_loss.center.center"]  # no feature sets
     assert trainer.teacher.head.last_layer.weight_v.shape[0] == 32  # K prototypes
 
 
@@ -55,7 +56,7 @@ def test_resize_to_budget_fits_the_schedule_to_the_pace_and_keeps_the_warmup_fra
     images = make_image_folder(tmp_path / "images")  # 32 images, batch 8: 4 steps per epoch
     cfg = load_config(None, TINY + [f"data.root={images}", f"trainer.out_dir={tmp_path}", "trainer.name=sove",
                                     "optim.epochs=2", "optim.warmup_epochs=0.5"])
-    trainer = compare_methods.make_trainer("sove", cfg, tmp_path / "sove", build_train_dataset(cfg), 0)
+    trainer = compare_methods.make_trainer(cfg, tmp_path / "sove", build_train_dataset(cfg))
     assert trainer.total_steps == 8
     trainer.fit(deadline=0.0)  # one step
     trainer.fit(deadline=0.0)

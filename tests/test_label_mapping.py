@@ -14,7 +14,7 @@ from conftest import config_only_run, make_image_folder
 from sove.config import load_config
 from sove.eval.features import eval_splits, labels_of
 from sove.eval.knn import evaluate_knn
-from sove.train.diagnostics import Diagnostics
+from sove.eval.periodic import PeriodicKNN
 
 CLASSES = ("a", "b", "c")  # brightness 60, 180, 255 (clipped): separable raw pixels
 
@@ -76,7 +76,7 @@ def periodic_knn(run: Path) -> tuple[list, list]:
         cfg=load_config(str(run / "config.yaml")), teacher=SimpleNamespace(backbone=Brightness()), run_dir=run,
         step=4, epoch=1, fabric=SimpleNamespace(device="cpu", print=printed.append,
                                                 log_dict=lambda d, step: logged.append((step, d))))
-    Diagnostics.periodic_knn(trainer)
+    PeriodicKNN().run(trainer)
     return logged, printed
 
 

@@ -12,6 +12,7 @@ import torch
 from conftest import TINY
 from sove.config import load_config
 from sove.method import losses
+from sove.method.sove import feature_set_state
 from sove.train.checkpoint import load_checkpoint
 from sove.train.trainer import NonFiniteLossError, pretrain
 
@@ -76,5 +77,5 @@ def test_nonfinite_skip_mode_skips_the_step(tmp_path, image_folder, nan_patch_lo
     assert state["step"] == 5
     assert all(torch.isfinite(v).all() for v in state["student"].values())
     # The skipped step did not enqueue: 4 good steps x 8 images = 32 rows into E_C (40 rows).
-    assert int(state["cls_feature_set"]["ptr"]) == 32
+    assert int(feature_set_state(state, "cls")["ptr"]) == 32
     assert (run / "debug" / "nonfinite_step_0000003.json").is_file()

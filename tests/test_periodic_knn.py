@@ -10,6 +10,7 @@ from sove.eval.features import extract_features
 from sove.run import teacher_backbone
 from sove.eval.frozen import balanced_subset
 from sove.eval.knn import knn_classify, periodic_subsets, subset_labels
+from sove.eval.periodic import PeriodicKNN
 from sove.train.trainer import Trainer
 
 
@@ -47,7 +48,7 @@ def test_periodic_knn_equals_the_offline_protocol_and_leaves_the_rng_alone(tmp_p
     logged = {}
     trainer.fabric.log_dict = lambda metrics, step: logged.update(metrics)
     rng = torch.get_rng_state()
-    trainer.periodic_knn()
+    PeriodicKNN().run(trainer)
     assert torch.equal(torch.get_rng_state(), rng)  # the feature loader's seed draw is undone
     assert "periodic k-NN on a class-balanced subset: 8 train / 6 test images of 2 classes, seed 0" \
         in capsys.readouterr().out

@@ -12,6 +12,7 @@ import torch
 from conftest import TINY
 from sove.cli import main
 from sove.config import load_config
+from sove.method.sove import feature_set_state
 from sove.models import build_networks
 from sove.train.checkpoint import load_checkpoint, load_state_strict
 from sove.train.trainer import pretrain
@@ -40,12 +41,12 @@ def test_tiny_pretrain_writes_a_run_that_reloads(tiny_run):
     load_state_strict(teacher, ckpt["teacher"], "teacher")
     # 8 steps x 8 images = 64 CLS rows into a 40-row E_C: the pointer wrapped to 64 % 40 = 24,
     # and every row now holds a real dataset index.
-    fs = ckpt["cls_feature_set"]
+    fs = feature_set_state(ckpt, "cls")
     assert int(fs["ptr"]) == 24
     assert fs["indices"].min() >= 0 and fs["indices"].max() < 32
     assert torch.allclose(fs["features"].norm(dim=1), torch.ones(40), atol=1e-5)
     # E_P: one patch per image per step: 64 % 24 = 16.
-    assert int(ckpt["patch_feature_set"]["ptr"]) == 16
+    assert int(feature_set_state(ckpt, "patch")["ptr"]) == 16
     # Training moved the teacher away from its initialisation, and teacher != student.
     _, teacher0 = build_networks(cfg, seed=cfg.trainer.seed)
     t_now = teacher.state_dict()["head.mlp.0.weight"]

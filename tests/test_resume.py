@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import TINY
+from conftest import TINY, with_method_state
 from sove.config import load_config
 from sove.train import trainer as trainer_mod
 from sove.train.checkpoint import load_checkpoint
-from sove.train.trainer import pretrain, resume
+from sove.api import pretrain, resume
 
 
 @pytest.fixture
@@ -47,7 +47,8 @@ def test_interrupted_and_resumed_run_equals_straight_run(tmp_path, image_folder,
     a = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")
     b = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")
     assert a["step"] == b["step"] == 8
-    for part in ("student", "teacher", "cls_feature_set", "patch_feature_set"):
+    a, b = with_method_state(a), with_method_state(b)
+    for part in ("student", "teacher", "method"):
         assert a[part].keys() == b[part].keys()
         for key in a[part]:
             assert torch.equal(a[part][key], b[part][key]), f"{part}.{key} differs after resume"
@@ -87,7 +88,7 @@ def test_init_from_loads_weights_but_starts_fresh(tmp_path, image_folder, capsys
     # The start-up line gives the configured peak lr and schedule length (it used to print the
     # largest scheduled lr, here min_lr 1e-6, and "1 steps").
     assert capsys.readouterr().out.splitlines()[0] == (
-        f"sove {__version__}: 32 images, global batch 8, 4 steps/epoch, 1 of the schedule's 8 steps "
+        f"sove {__version__}: method sove, 32 images, global batch 8, 4 steps/epoch, 1 of the schedule's 8 steps "
         "(trainer.max_steps), peak lr 0.00e+00 (= 0.0 x 8/256), precision 32-true, device cpu")
     a, b = load_checkpoint(src), load_checkpoint(second / "checkpoints" / "last.pt")
     assert b["step"] == 1  # a new run, not a resume
@@ -116,7 +117,8 @@ def test_fit_with_deadlines_equals_one_straight_fit(tmp_path, image_folder, reco
     assert record_indices == straight_seen
     a = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")
     b = load_checkpoint(tmp_path / "sliced" / "checkpoints" / "last.pt")
-    for part in ("student", "teacher", "cls_feature_set", "patch_feature_set"):
+    a, b = with_method_state(a), with_method_state(b)
+    for part in ("student", "teacher", "method"):
         for key in a[part]:
             assert torch.equal(a[part][key], b[part][key]), f"{part}.{key} differs with deadlines"
 

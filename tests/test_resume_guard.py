@@ -14,7 +14,7 @@ import pytest
 import torch
 from timm.layers import resample_abs_pos_embed
 
-from conftest import TINY, make_image_folder
+from conftest import TINY, make_image_folder, with_method_state
 from sove.cli import main
 from sove.config import load_config
 from sove.train.checkpoint import atomic_save, load_checkpoint
@@ -121,7 +121,8 @@ def test_neutral_overrides_resume_exactly(run3, tmp_path):
     a = load_checkpoint(plain / "checkpoints" / "last.pt")
     b = load_checkpoint(other / "checkpoints" / "last.pt")
     assert a["step"] == b["step"] == 5
-    for part in ("student", "teacher", "cls_feature_set", "patch_feature_set"):
+    a, b = with_method_state(a), with_method_state(b)
+    for part in ("student", "teacher", "method"):
         for key in a[part]:
             assert torch.equal(a[part][key], b[part][key]), f"{part}.{key}"
 

@@ -141,7 +141,7 @@ def test_swin_preset_builds_and_steps_at_reduced_size(tmp_path, image_folder):
     assert batch["masks"].any()
     terms = trainer.training_step(batch)
     assert torch.isfinite(terms["loss"]) and torch.isfinite(terms["cls"]) and torch.isfinite(terms["patch"])
-    assert int(trainer.cls_fs.ptr) == 8 and int(trainer.patch_fs.ptr) == 8
+    assert int(trainer.method.cls_fs.ptr) == 8 and int(trainer.method.patch_fs.ptr) == 8
     assert torch.count_nonzero(trainer.student_module.backbone.mask_token.grad) > 0  # the patch loss reaches it
 
 

@@ -60,21 +60,21 @@ def test_mask_views_only_first_global_view(tmp_path, image_folder, captured):
 def test_patch_weight_zero_leaves_e_p_unallocated_and_computes_no_patches(tmp_path, image_folder, captured):
     trainer = make_trainer(tmp_path, image_folder, "nopatch", ["loss.patch_weight=0"])
     terms = step_once(trainer)
-    assert trainer.patch_fs is None and "patch" not in terms
+    assert trainer.method.patch_fs is None and "patch" not in terms
     assert captured["student_patches"].shape[0] == 0  # no patch projections computed
 
 
 def test_cls_weight_zero_leaves_e_c_unallocated(tmp_path, image_folder):
     trainer = make_trainer(tmp_path, image_folder, "nocls", ["loss.cls_weight=0"])
     terms = step_once(trainer)
-    assert trainer.cls_fs is None and "cls" not in terms and torch.isfinite(terms["patch"])
+    assert trainer.method.cls_fs is None and "cls" not in terms and torch.isfinite(terms["patch"])
 
 
 def test_label_mode_onehot_gives_equal_weights(tmp_path, image_folder):
     soft = make_trainer(tmp_path, image_folder, "soft", [])
     onehot = make_trainer(tmp_path, image_folder, "onehot", ["loss.cls.label_mode=onehot"])
-    w_soft = soft.loss_fn.concepts(soft.loss_fn.cls, soft.cls_fs.features, 0, 0, 0).weights
-    w_one = onehot.loss_fn.concepts(onehot.loss_fn.cls, onehot.cls_fs.features, 0, 0, 0).weights
+    w_soft = soft.method.loss_fn.concepts(soft.method.loss_fn.cls, soft.method.cls_fs.features, 0, 0, 0).weights
+    w_one = onehot.method.loss_fn.concepts(onehot.method.loss_fn.cls, onehot.method.cls_fs.features, 0, 0, 0).weights
     assert torch.all(w_one == 0.9) and not torch.all(w_soft == 0.9)
 
 
@@ -90,7 +90,7 @@ def test_paper_presets_build_and_step_at_reduced_size(tmp_path, image_folder, pr
     assert cfg.optim.epochs == {"imagenet_vit_small": 800, "imagenet_vit_base": 400, "imagenet_vit_large": 250}[preset]
     trainer = Trainer(cfg, prepare_run_dir(cfg, overwrite=False))
     terms = step_once(trainer)
-    assert torch.isfinite(terms["loss"]) and int(trainer.cls_fs.ptr) == 8
+    assert torch.isfinite(terms["loss"]) and int(trainer.method.cls_fs.ptr) == 8
 
 
 @pytest.mark.parametrize("override, key", [

@@ -14,8 +14,9 @@ from sove.cli import main
 from sove.config import load_config
 from sove.eval.knn import knn_classify
 from sove.method import select_judges
+from sove.method.sove import feature_set_state
 from sove.train.checkpoint import load_checkpoint
-from sove.train.trainer import pretrain
+from sove.api import pretrain
 from sove.viz.concepts import concept_purity
 
 
@@ -45,7 +46,7 @@ def test_concepts_json_equals_the_loss_concepts(run, capsys):
     out = json.loads((run / "eval" / "concepts.json").read_text())
     assert (run / "plots" / "concepts.png").stat().st_size > 1000
     state = load_checkpoint(run / "checkpoints" / "last.pt")
-    fs = state["cls_feature_set"]
+    fs = feature_set_state(state, "cls")
     cfg = load_config(str(run / "config.yaml"))
     # The same anchors as the loss at that step (explicit generator), then select_judges directly.
     from sove.method import anchor_generator, draw_anchors

@@ -6,6 +6,8 @@ from here (named after each tuple). The concept settings' values (``loss.*.label
 ``loss.search_dtype``) are in :mod:`sove.method.settings`.
 """
 
+#: ``method``, the objective: :data:`sove.method.registry.METHODS` (its keys, in this order).
+METHODS = ("sove", "dino", "ibot")
 #: ``data.source``: :func:`sove.data.sources.build_source`.
 SOURCES = ("fashion_mnist", "folder", "shards")
 #: ``data.on_error``, an unreadable image: :class:`sove.data.multicrop.SSLDataset`.

@@ -39,12 +39,12 @@ def _pretrain(args: argparse.Namespace) -> None:
         own = Path(args.resume) / "config.yaml"
         if own.is_file():
             load_config(str(own), args.overrides)
-        from sove.train.trainer import resume
+        from sove.api import resume
 
         resume(args.resume, args.overrides)
     else:
         cfg = load_config(args.config or DEFAULT_PRESET, args.overrides)
-        from sove.train.trainer import pretrain
+        from sove.api import pretrain
 
         pretrain(cfg, overwrite=args.overwrite)
 

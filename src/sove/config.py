@@ -94,6 +94,14 @@ class LossConfig:
 
 
 @dataclass
+class PeersConfig:
+    """DINO / iBOT only (``method=dino|ibot``; docs/method.md, "Methods"): lightly's head and centering."""
+
+    num_prototypes: int = 4096  # K, the width of the head's weight-normalised last layer
+    center_momentum: float = 0.9  # teacher-logit center: m * center + (1 - m) * step mean
+
+
+@dataclass
 class OptimConfig:
     """AdamW and schedules (docs/method.md, "Optimisation and schedules")."""
 
@@ -152,10 +160,12 @@ class EvalConfig:
 class SOVEConfig:
     """The whole configuration; see ``docs/configs.md``."""
 
+    method: str = "sove"  # sove | dino | ibot: the objective (sove.method.METHODS)
     data: DataConfig = field(default_factory=DataConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    peers: PeersConfig = field(default_factory=PeersConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

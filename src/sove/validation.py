@@ -10,7 +10,7 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from sove.choices import (
-    ACCELERATORS, AUGMENT_ON, GLOBAL_POOLS, LOGGERS, MASK_MODES, ON_ERROR, ON_NONFINITE, PRECISIONS, SOURCES,
+    ACCELERATORS, AUGMENT_ON, GLOBAL_POOLS, LOGGERS, MASK_MODES, METHODS, ON_ERROR, ON_NONFINITE, PRECISIONS, SOURCES,
 )
 from sove.config import is_swin, token_stride
 from sove.errors import ConfigError
@@ -36,6 +36,10 @@ def validate(cfg: DictConfig) -> None:
     Checks that need the dataset size (steps per epoch, feature sets the run can fill, images
     dropped per epoch) run later, in :func:`sove.train.preflight.check_run_plan`.
     """
+    _check_choice(cfg.method, "method", METHODS)
+    _check(cfg.peers.num_prototypes >= 1, "peers.num_prototypes", f"must be >= 1, got {cfg.peers.num_prototypes}")
+    _check(0.0 <= cfg.peers.center_momentum < 1.0, "peers.center_momentum",
+           f"must be in [0, 1), got {cfg.peers.center_momentum}")
     _validate_arch(cfg.model)
     _validate_data(cfg)
     _validate_loss(cfg)

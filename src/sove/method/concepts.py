@@ -253,3 +253,24 @@ def select_judges(
     else:
         weights = torch.full(judge_index.shape, 1.0 - smoothing, device=features.device)
     return Concepts(judges=judges, weights=weights, judge_index=judge_index)
+
+
+def concept_purity(concepts: Concepts, row_labels: torch.Tensor) -> float | None:
+    """Share of neighbour judges (anchor excluded) whose label equals their anchor's.
+
+    Args:
+        concepts: concepts with ``judge_index`` of shape (K, J), J >= 2.
+        row_labels: int64 (N,), the label of each feature-set row (-1 = unknown: random initial
+            row or unlabelled image).
+
+    Returns:
+        Purity in [0, 1] over concepts whose rows are all labelled; None when there is none.
+    """
+    if concepts.num_judges < 2:
+        return None
+    labels = row_labels[concepts.judge_index]  # (K, J)
+    known = (labels >= 0).all(dim=1)
+    if not bool(known.any()):
+        return None
+    same = labels[known, 1:] == labels[known, :1]
+    return float(same.float().mean())

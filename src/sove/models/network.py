@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -78,14 +80,18 @@ class SOVENetwork(nn.Module):
         return out
 
 
-def build_networks(cfg, seed: int | None = None) -> tuple[SOVENetwork, SOVENetwork]:
+def build_networks(cfg, seed: int | None = None,
+                   head: Callable[[int], nn.Module] | None = None) -> tuple[SOVENetwork, SOVENetwork]:
     """Student and teacher from the ``model``/``data`` config; teacher = student copy, no storage shared.
 
-    The teacher has no mask token and no drop path and never needs gradients.
+    The teacher has no mask token and no drop path and never needs gradients. It is built like the
+    student, then loaded from the student's state (this also copies weight-normalised heads).
 
     Args:
         cfg: the full config (``sove.config.SOVEConfig``).
         seed: if given, ``torch.manual_seed(seed)`` before initialisation (reproducible weights).
+        head: ``head(embed_dim)`` -> projection head (the method's ``make_head``); default
+            :class:`ProjectionHead` of ``model.head_hidden_dim`` / ``head_out_dim``.
 
     Returns:
         (student, teacher).
@@ -93,10 +99,13 @@ def build_networks(cfg, seed: int | None = None) -> tuple[SOVENetwork, SOVENetwo
     if seed is not None:
         torch.manual_seed(seed)
     m = cfg.model
+    if head is None:
+        def head(embed_dim: int) -> nn.Module:
+            return ProjectionHead(embed_dim, m.head_hidden_dim, m.head_out_dim)
 
     def make(drop_path: float, mask_token: bool) -> SOVENetwork:
         backbone = build_backbone(cfg, drop_path, mask_token)
-        return SOVENetwork(backbone, ProjectionHead(backbone.embed_dim, m.head_hidden_dim, m.head_out_dim))
+        return SOVENetwork(backbone, head(backbone.embed_dim))
 
     student = make(m.drop_path_rate, True)
     teacher = make(0.0, False)

@@ -6,12 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from sove.config import token_stride
 from sove.data import MultiCropAugmentation, SSLDataset, build_source
 from sove.data.decoded import DecodedDataset
-from sove.method import SOVELoss
+from sove.method.sove import build_sove_loss as build_loss  # noqa: F401 (re-exported: viz, benchmarks)
 from sove.preflight import check_run_name, check_trainer_device, check_writable
 from sove.run import check_run_dir, prepare_run_dir, resume_checkpoint  # noqa: F401 (the trainer imports them here)
 from sove.train.loggers import check_installed
@@ -61,21 +61,6 @@ def build_train_dataset(cfg: DictConfig) -> SSLDataset:
     return SSLDataset(*args, **kwargs)
 
 
-def resolve_search_dtype(cfg: DictConfig) -> torch.dtype:
-    """``loss.search_dtype`` as a torch dtype; ``auto`` = bfloat16 when training on CUDA, float32
-    elsewhere (docs/method.md, "Precision, memory and reproducibility")."""
-    name = cfg.loss.search_dtype
-    if name == "auto":
-        name = "bfloat16" if _uses_cuda(cfg) else "float32"
-    return getattr(torch, name)
-
-
-def build_loss(cfg: DictConfig) -> SOVELoss:
-    """:class:`SOVELoss` from ``cfg.loss`` (anchors seeded by ``trainer.seed``); ``loss.cls`` /
-    ``loss.patch`` are :class:`~sove.method.settings.ConceptSettings` nodes of the schema."""
-    lo = cfg.loss
-    return SOVELoss(OmegaConf.to_object(lo.cls), OmegaConf.to_object(lo.patch), lo.cls_weight, lo.patch_weight,
-                    lo.student_temp, cfg.trainer.seed, lo.chunk_size, resolve_search_dtype(cfg))
 
 
 def preflight(cfg: DictConfig, overwrite: bool) -> Path:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Callable
 
 import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
@@ -29,18 +30,21 @@ from sove.models import build_networks
 from sove.models.pretrained import backbone_weights
 from sove.train import checkpoint as ckpt
 
+Head = Callable[[int], torch.nn.Module]  # embed_dim -> projection head (a method's make_head)
+Networks = tuple[torch.nn.Module, torch.nn.Module]  # (student, teacher)
 
-def initial_networks(cfg: DictConfig) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+
+def initial_networks(cfg: DictConfig, head: Head | None = None) -> Networks | None:
     """(student, teacher) of a new run from ``trainer.init_from`` or ``model.init``; None when neither
-    is set (the trainer builds fresh networks)."""
+    is set (the trainer builds fresh networks). ``head``: the method's ``make_head``."""
     if cfg.trainer.init_from:
-        return init_networks(cfg, cfg.trainer.init_from)
+        return init_networks(cfg, cfg.trainer.init_from, head)
     if cfg.model.init:
-        return init_backbones(cfg, cfg.model.init)
+        return init_backbones(cfg, cfg.model.init, head)
     return None
 
 
-def init_backbones(cfg: DictConfig, source: str) -> tuple[torch.nn.Module, torch.nn.Module]:
+def init_backbones(cfg: DictConfig, source: str, head: Head | None = None) -> Networks:
     """Student and teacher of ``cfg`` (seeded by ``trainer.seed``) whose backbones hold the weights of
     ``source`` (``model.init``); heads and mask token as built.
 
@@ -52,7 +56,7 @@ def init_backbones(cfg: DictConfig, source: str) -> tuple[torch.nn.Module, torch
             or of another shape than the backbone's (other than the position-embedding grid), naming
             the source and the parameter.
     """
-    student, teacher = build_networks(cfg, seed=cfg.trainer.seed)
+    student, teacher = build_networks(cfg, seed=cfg.trainer.seed, head=head)
     weights = backbone_weights(source)
     what = f"model.init: {weights.origin}"
     state = fit_pos_embed(student.backbone.timm_model, weights.state, what)
@@ -70,7 +74,7 @@ def init_backbones(cfg: DictConfig, source: str) -> tuple[torch.nn.Module, torch
     return student, teacher
 
 
-def init_networks(cfg: DictConfig, path: str | Path) -> tuple[torch.nn.Module, torch.nn.Module]:
+def init_networks(cfg: DictConfig, path: str | Path, head: Head | None = None) -> Networks:
     """Student and teacher of ``cfg`` (seeded by ``trainer.seed``) holding the weights of checkpoint ``path``.
 
     Raises:
@@ -78,7 +82,7 @@ def init_networks(cfg: DictConfig, path: str | Path) -> tuple[torch.nn.Module, t
             parameter's shape differs other than by the position-embedding grid (names the
             file and the parameter).
     """
-    student, teacher = build_networks(cfg, seed=cfg.trainer.seed)
+    student, teacher = build_networks(cfg, seed=cfg.trainer.seed, head=head)
     state = ckpt.load_checkpoint(path)
     for name, net in (("student", student), ("teacher", teacher)):
         if not isinstance(state.get(name), dict):

@@ -121,7 +121,8 @@ def check_run_plan(cfg: DictConfig, num_images: int, world_size: int) -> list[st
         elif steps < length:
             out.append(f"trainer.max_steps={steps} stops the run inside the {what} ({length} steps)")
     small = bool(out)
-    out += _feature_set_plan(lo, total, steps, g, fit) + _unused_settings(cfg, per_epoch, steps, g)
+    feature_sets = _feature_set_plan(lo, total, steps, g, fit) if cfg.method == "sove" else []  # E_C, E_P: SOVE's
+    out += feature_sets + _unused_settings(cfg, per_epoch, steps, g)
     if small and fit:
         out.append(fit.lstrip("; "))
     for message in out:
@@ -149,7 +150,7 @@ def _small_data(cfg: DictConfig, num_images: int, per_epoch: int, g: int) -> lis
         out.append(f"each epoch drops {dropped} of {num_images} images ({100 * dropped / num_images:.0f}%): "
                    f"only whole global batches of {g} are used; lower optim.batch_size to use more of the data")
     lo = cfg.loss
-    if lo.cls_weight > 0 and lo.cls_feature_set_size > num_images:
+    if cfg.method == "sove" and lo.cls_weight > 0 and lo.cls_feature_set_size > num_images:
         out.append(f"loss.cls_feature_set_size ({lo.cls_feature_set_size}) is larger than the dataset ({num_images} "
                    "images): E_C holds several views of each image, embedded by older teachers, as concept "
                    "candidates")

@@ -1,11 +1,14 @@
-"""The SOVE training loop on Lightning Fabric. The one place that knows the order of a step.
+"""The training loop on Lightning Fabric, one for every method. The one place that knows the order of a step.
 
-One step (docs/architecture.md, "One step"; docs/method.md, "Order of a step")::
+One step (docs/architecture.md, "Who owns what in a step")::
 
-    teacher(clean globals)            -> t_cls (2, B, d), projected patches
-    student(masked globals + locals)  -> s_cls (V, B, d), projected masked patches
-    loss = l1 * L_CLS(Eq. 2) + l2 * L_patch(Eq. 4)      (concepts from E_C / E_P, no grad)
-    backward -> per-tensor clip -> AdamW -> EMA(teacher) -> enqueue E_C, E_P (all-gathered)
+    method.begin_step                                      (SOVE: E_P positions of the global batch)
+    per micro-batch: method.forward_step -> terms -> backward (teacher + student forward, loss)
+    per-tensor clip -> AdamW -> EMA(teacher) -> method.after_optimizer_step (SOVE: enqueue E_C, E_P;
+                                                                          DINO/iBOT: center update)
+
+The method (:mod:`sove.method`: SOVE, DINO, iBOT) owns heads, buffers and losses; this module owns data,
+schedules, optimizer, clipping, EMA, precision, logging, checkpoints and the loop.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import time
 from pathlib import Path
-from typing import Any, Callable, ContextManager
+from typing import Any, Callable, ContextManager, Iterable
 
 import torch
 from lightning.fabric import Fabric
@@ -29,15 +32,15 @@ from sove.data.decoded import DecodedDataset, DeviceViews
 from sove.data.sampler import EpochKeys, ResumableSampler
 from sove.distributed import all_gather_objects
 from sove.errors import DataError, SoveError
-from sove.method import FeatureSet, anchor_generator
+from sove.method import Method, StepContext, build_method, checkpoint_method
 from sove.models import build_networks
 from sove.train import checkpoint as ckpt
 from sove.preflight import check_trainer_device
 from sove.run_lock import rank_zero_lock
 from sove.train.budget import TimeBudget
-from sove.train.builders import (build_loss, build_train_dataset, loader_options, preflight, prepare_run_dir,
-                                 resolve_precision, resume_checkpoint)
-from sove.train.diagnostics import Diagnostics, NonFiniteLossError  # noqa: F401 (re-exported)
+from sove.train.builders import (build_train_dataset, loader_options, preflight, prepare_run_dir, resolve_precision,
+                                 resume_checkpoint)
+from sove.train.diagnostics import Diagnostics, NonFiniteLossError, SkippedStep  # noqa: F401 (re-exported)
 from sove.train.init_from import initial_networks
 from sove.train.loggers import build_loggers, check_installed, finalize_loggers, start_loggers
 from sove.train.metrics_csv import MetricsCSV
@@ -47,18 +50,25 @@ from sove.train.schedules import Schedules, build_schedules
 
 
 class Trainer(Diagnostics):
-    """Owns the networks, feature sets, optimizer and loop of one pretraining run."""
+    """Owns the networks, optimizer, schedules and loop of one pretraining run; ``method`` the objective."""
 
     def __init__(self, cfg: DictConfig, run_dir: Path, dataset: SSLDataset | None = None,
-                 networks: tuple[torch.nn.Module, torch.nn.Module] | None = None) -> None:
-        """Set up Fabric, data, networks, optimizer, feature sets, loss and schedules.
+                 networks: tuple[torch.nn.Module, torch.nn.Module] | None = None, method: Method | None = None,
+                 callbacks: Iterable[Any] = ()) -> None:
+        """Set up Fabric, data, method, networks, optimizer and schedules.
 
         Args:
             cfg: the full config.
             run_dir: the run directory (exists; rank 0 made it).
             dataset: the training dataset (default: built from ``cfg.data``).
-            networks: (student, teacher) to train instead of :func:`build_networks` ones (the
-                method-comparison benchmark swaps heads this way).
+            networks: (student, teacher) to train instead of :func:`build_networks` ones with the
+                method's head (``trainer.init_from`` / ``model.init`` give them this way).
+            method: the objective (default: :func:`sove.method.build_method` of ``cfg.method``).
+            callbacks: Fabric callbacks; ``on_train_epoch_end(trainer=...)`` is called after each epoch
+                (the periodic k-NN of :mod:`sove.eval.periodic`, attached by :mod:`sove.api`).
+
+        Raises:
+            SoveError: ``method=dino|ibot`` without lightly; fewer images than one global batch.
         """
         self.cfg, self.run_dir = cfg, run_dir
         # Optional phase timer (benchmarks): a callable name -> context manager; None = no timing.
@@ -68,7 +78,8 @@ class Trainer(Diagnostics):
             torch.set_num_threads(t.num_threads)
         loggers = build_loggers(cfg, run_dir)  # trainer.loggers, MetricsCSV first
         self.fabric = Fabric(accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
-                             strategy=t.strategy, precision=resolve_precision(cfg), loggers=loggers)
+                             strategy=t.strategy, precision=resolve_precision(cfg), loggers=loggers,
+                             callbacks=list(callbacks))
         self.metrics_csv: MetricsCSV = loggers[0]
         self.fabric.launch()
         if self.fabric.is_global_zero:
@@ -88,23 +99,18 @@ class Trainer(Diagnostics):
         self.loader = self.fabric.setup_dataloaders(loader, use_distributed_sampler=False, move_to_device=not on_device)
         if on_device:  # the workers decoded; the views are made on the training device
             self.loader = DeviceViews(self.loader, self.dataset, self.fabric.device)
-        student, teacher = networks if networks is not None else build_networks(cfg, seed=t.seed)
+        self.method = method if method is not None else build_method(cfg)
+        student, teacher = networks if networks is not None else build_networks(cfg, t.seed, self.method.make_head)
         self.student_module, self.teacher = student, self.fabric.to_device(teacher)
         self.optimizer = torch.optim.AdamW(param_groups(student), lr=0.0, betas=tuple(cfg.optim.betas))
         self.student, self.optimizer = self.fabric.setup(
             torch.compile(student) if t.compile else student, self.optimizer)
         self.ema = EMA(self.student_module, self.teacher)
         self.student_params = [p for p in self.student_module.parameters() if p.requires_grad]
-        lo, dim = cfg.loss, cfg.model.head_out_dim
-        self.cls_fs = FeatureSet(lo.cls_feature_set_size, dim, seed=t.seed) if lo.cls_weight > 0 else None
-        self.patch_fs = FeatureSet(lo.patch_feature_set_size, dim, seed=t.seed + 1) if lo.patch_weight > 0 else None
-        for fs in (self.cls_fs, self.patch_fs):
-            if fs is not None:
-                fs.to(self.fabric.device)
-        self.loss_fn = build_loss(cfg)
+        self.method.to(self.fabric.device)
         self.budget = TimeBudget(cfg, self.sampler.batches_per_epoch, b * world) if t.time_budget else None
         self.schedules: Schedules = (self.budget.schedules() if self.budget is not None else
-                                     build_schedules(cfg.optim, lo, self.sampler.batches_per_epoch, b * world))
+                                     build_schedules(cfg.optim, cfg.loss, self.sampler.batches_per_epoch, b * world))
         self.total_steps = min(self.schedules.total_iters, t.max_steps or self.schedules.total_iters)
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.checkpoint_step: int | None = None  # step of the last checkpoint saved or resumed from
@@ -117,8 +123,8 @@ class Trainer(Diagnostics):
         if self.budget is not None:
             steps = (f"steps sized to trainer.time_budget={t.time_budget} by the pace of the first steps"
                      + (f" (stop at trainer.max_steps={t.max_steps})" if t.max_steps else ""))
-        self.fabric.print(f"sove {__version__}: {len(self.dataset)} images, global batch {b * world}, "
-                          f"{self.sampler.batches_per_epoch} steps/epoch, {steps}, "
+        self.fabric.print(f"sove {__version__}: method {self.method.name}, {len(self.dataset)} images, "
+                          f"global batch {b * world}, {self.sampler.batches_per_epoch} steps/epoch, {steps}, "
                           f"peak lr {cfg.optim.base_lr * b * world / 256:.2e} (= {cfg.optim.base_lr} x {b * world}/256), "
                           f"precision {self.fabric.strategy.precision.precision}, device {self.fabric.device}")
 
@@ -131,9 +137,9 @@ class Trainer(Diagnostics):
     def training_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """One optimizer step on one batch (split into ``optim.accumulate_grad_batches`` micro-batches).
 
-        Every micro-batch uses the same concepts (the feature sets change only after the optimizer
-        step) and its loss is divided by the number of micro-batches, so the gradient equals the
-        full batch's. The feature sets are written once, after the optimizer step.
+        Every micro-batch sees the same method state (feature sets, centers change only after the
+        optimizer step) and its loss is divided by the number of micro-batches, so the gradient
+        equals the full batch's. :meth:`Method.after_optimizer_step` runs once, after the EMA.
 
         Returns:
             The loss terms (detached), averaged over micro-batches.
@@ -144,25 +150,18 @@ class Trainer(Diagnostics):
             if group["apply_wd"]:
                 group["weight_decay"] = float(sch.weight_decay[it])
         b, parts = batch["index"].shape[0], self.cfg.optim.accumulate_grad_batches
-        # E_P rows: one random view-2 patch per image, positions for the whole global batch drawn
-        # from a (seed, step) generator and sliced for this rank (= a single process's choice).
-        num_patches = batch["masks"].shape[-1]
-        g = anchor_generator(self.cfg.trainer.seed, it, 0, stream=2)  # stream 2: E_P positions
-        rank = self.fabric.global_rank
-        positions = torch.randint(num_patches, (self.fabric.world_size * b,), generator=g)[rank * b:(rank + 1) * b]
+        ctx = StepContext(it, float(sch.teacher_temp[it]), self.fabric.global_rank, self.fabric.world_size,
+                          self.fabric.autocast, self.phase)
+        self.method.begin_step(ctx, batch)
         self.optimizer.zero_grad(set_to_none=True)
         totals: dict[str, torch.Tensor] = {}
-        enqueue_cls, enqueue_patch = [], []
         for k, lo in enumerate(range(0, b, b // parts)):
-            micro = slice(lo, lo + b // parts)
             with self.fabric.no_backward_sync(self.student, enabled=k < parts - 1):
-                terms, t_cls, t_patch = self.micro_step(batch, micro, positions[micro], 1.0 / parts)
-            if terms is None:
-                return t_cls  # the NaN guard's report (skip mode)
+                terms = self.micro_step(batch, slice(lo, lo + b // parts), ctx, 1.0 / parts)
+            if isinstance(terms, SkippedStep):
+                return terms.terms  # the NaN guard's report (skip mode)
             for name, value in terms.items():
                 totals[name] = totals.get(name, 0.0) + value / parts
-            enqueue_cls.append(t_cls[1])
-            enqueue_patch.append(t_patch)
         with self.phase("optimizer"):
             if not clip_per_tensor(self.student_params, self.cfg.optim.clip_grad):
                 self.optimizer.zero_grad(set_to_none=True)
@@ -170,68 +169,26 @@ class Trainer(Diagnostics):
             self.optimizer.step()
             self.ema.update(float(sch.momentum[it]))
         with self.phase("enqueue"):
-            t_patch = torch.cat(enqueue_patch) if self.patch_fs is not None else None
-            self.enqueue(torch.cat(enqueue_cls), t_patch, batch["index"])
+            self.method.after_optimizer_step(batch["index"])
         if self.cfg.trainer.check_sync and self.fabric.world_size > 1:
             self.check_sync()
         return totals
 
-    def micro_step(self, batch: dict[str, Any], micro: slice, positions: torch.Tensor, scale: float):
-        """Forward, loss and backward of one micro-batch.
+    def micro_step(self, batch: dict[str, Any], micro: slice, ctx: StepContext,
+                   scale: float) -> dict[str, torch.Tensor] | SkippedStep:
+        """Forward and loss of one micro-batch (:meth:`Method.forward_step`), then backward of ``scale`` x loss.
 
         Returns:
-            (detached loss terms, teacher CLS (2, b, d), E_P rows (b, d) or None without E_P); on a
-            non-finite loss ``(None, nan-guard result, None)``. The E_P rows are the view-2 patch
-            tokens at ``positions`` projected by the teacher head of this forward (before the
-            step's update), like the CLS rows: both feature sets hold the teacher's embeddings of
-            the step (paper Sec. 3).
+            The detached loss terms, or a :class:`SkippedStep` when the loss is not finite and
+            ``trainer.on_nonfinite=skip`` (with ``stop`` the NaN guard raises).
         """
-        crops = [c[micro] for c in batch["crops"]]
-        masks = batch["masks"][:, micro]  # (2, b, L)
-        if len(self.cfg.mask.views) < 2:  # mask.views: the other global view stays unmasked
-            masks = masks.clone()
-            masks[[v for v in (0, 1) if v not in self.cfg.mask.views]] = False
-        b = crops[0].shape[0]
-        global_crops = torch.cat(crops[:2])  # (2b, C, H, W), view-major
-        local_crops = torch.cat(crops[2:]) if len(crops) > 2 else None
-        flat_masks = masks.flatten(0, 1)  # (2b, L)
-        owner = flat_masks.nonzero()[:, 0]  # image index of each masked token, row-major order
-        # Patch projections are needed only for the patch loss (lambda2 = 0: none computed).
-        select = flat_masks if self.patch_fs is not None else torch.zeros_like(flat_masks)
-        with self.phase("forward"):
-            with torch.no_grad(), self.fabric.autocast():
-                t_out = self.teacher(global_crops, masks=None, patch_select=select)
-                t_patch = None
-                if self.patch_fs is not None:  # E_P rows: one view-2 token per image, this head
-                    rows = torch.arange(b, device=global_crops.device)
-                    chosen = t_out["patch_tokens"][b:][rows, positions.to(global_crops.device)]  # (b, D)
-                    t_patch = self.teacher.head(chosen).float()
-            out = self.student(global_crops, local_crops, masks=flat_masks, patch_select=select)
-        t_cls = t_out["cls"].float().view(2, b, -1)
-        s_cls = out["cls"].float().view(-1, b, out["cls"].shape[-1])
-        with self.phase("objective"):
-            terms = self.loss_fn(
-                student_cls=s_cls, teacher_cls=t_cls, student_patches=out["patches"].float(),
-                teacher_patches=t_out["patches"].float(), patch_owner=owner, num_images=2 * b,
-                cls_feature_set=self.cls_fs, patch_feature_set=self.patch_fs, step=self.step,
-                teacher_temp=float(self.schedules.teacher_temp[self.step]),
-            )
+        terms = self.method.forward_step(self.student, self.teacher, batch, micro, ctx)
         if not bool(torch.isfinite(terms["loss"])):
             bad = [k for k, v in terms.items() if k != "loss" and not torch.isfinite(v)] or ["loss"]
-            stats = {"teacher_cls": t_cls.detach(), "student_cls": s_cls.detach()}
-            return None, self.non_finite(bad, terms, batch, stats), None
+            return SkippedStep(self.non_finite(bad, terms, batch, self.method.report_stats()))
         with self.phase("backward"):
             self.fabric.backward(terms["loss"] * scale)
-        return {k: v.detach() for k, v in terms.items()}, t_cls, t_patch
-
-    @torch.no_grad()
-    def enqueue(self, t_cls_view2: torch.Tensor, t_patch_view2: torch.Tensor | None, index: torch.Tensor) -> None:
-        """E_C <- teacher CLS embeddings of global view 2 (B, d); E_P <- the teacher's projected view-2
-        patch embeddings (B, d) from :meth:`micro_step` (both unit norm, from the step's own forward)."""
-        if self.cls_fs is not None:
-            self.cls_fs.enqueue(t_cls_view2, index)
-        if self.patch_fs is not None:
-            self.patch_fs.enqueue(t_patch_view2, index)
+        return {k: v.detach() for k, v in terms.items()}
 
     # ----------------------------------------------------------------------------------- loop
     def fit(self, deadline: float | None = None) -> Path | None:
@@ -303,12 +260,11 @@ class Trainer(Diagnostics):
         check_budget_plan(self.cfg, self.schedules.total_iters, self.cfg.optim.batch_size * self.fabric.world_size)
 
     def end_epoch(self) -> None:
-        """Report unreadable images of the epoch, run the periodic k-NN if due, move to the next epoch."""
+        """Report unreadable images of the epoch, move to the next epoch, call the callbacks'
+        ``on_train_epoch_end`` (the periodic k-NN runs on a forked RNG: training is the same with or without it)."""
         self.report_skipped()
         self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-        every = self.cfg.eval.knn_every_epochs
-        if every > 0 and self.epoch % every == 0 and self.fabric.is_global_zero:
-            self.periodic_knn()  # on a forked RNG: training is the same with or without it
+        self.fabric.call("on_train_epoch_end", trainer=self)
 
     def report_skipped(self) -> None:
         """When some rank met a new unreadable file: ``epoch E: skipped N unreadable file(s) of TOTAL (list
@@ -326,9 +282,7 @@ class Trainer(Diagnostics):
     def log(self, terms: dict[str, torch.Tensor], img_per_s: float) -> None:
         it, sch = self.step - 1, self.schedules
         metrics = {f"loss/{k}": float(v) for k, v in terms.items()}
-        purity = self.concept_purity()
-        if purity is not None:
-            metrics["concept_purity"] = purity
+        metrics.update(self.method.metrics(self.labels, self.step))
         metrics.update({"lr": float(sch.lr[it]), "weight_decay": float(sch.weight_decay[it]),
                         "momentum": float(sch.momentum[it]), "teacher_temp": float(sch.teacher_temp[it]),
                         "epoch": self.epoch, "img_per_s": img_per_s})
@@ -336,12 +290,12 @@ class Trainer(Diagnostics):
 
     # ----------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
-        """Everything an exact resume needs (docs/method.md, "Feature sets"; docs/architecture.md, "Run directory")."""
+        """Everything an exact resume needs (docs/method.md, "Feature sets"; docs/architecture.md, "Run directory");
+        ``method`` = ``{"name": cfg.method, "state": the method's state_dict}`` (feature sets, centers)."""
         return {
             "student": self.student_module.state_dict(), "teacher": self.teacher.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "cls_feature_set": self.cls_fs.state_dict() if self.cls_fs is not None else None,
-            "patch_feature_set": self.patch_fs.state_dict() if self.patch_fs is not None else None,
+            "method": {"name": self.method.name, "state": self.method.state_dict()},
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
             "rng": ckpt.rng_state(), "config": OmegaConf.to_yaml(self.cfg), "version": __version__,
             "world_size": self.fabric.world_size, "precision": self.fabric.strategy.precision.precision,
@@ -349,15 +303,20 @@ class Trainer(Diagnostics):
         }
 
     def load_state_dict(self, state: dict[str, Any], source: str) -> None:
-        """Restore a :meth:`state_dict` (strict keys; ``source`` names the file in errors)."""
+        """Restore a :meth:`state_dict` (strict keys; ``source`` names the file in errors). A checkpoint
+        written before methods existed loads as a SOVE one (:func:`sove.method.checkpoint_method`).
+
+        Raises:
+            SoveError: the checkpoint's method is not ``cfg.method``; a state that does not fit (naming the keys).
+        """
+        name, method_state = checkpoint_method(state, source)
+        if name != self.method.name:
+            raise SoveError(f"{source} was trained with method={name}, this run is method={self.method.name}; "
+                            f"resume it with method={name}, or start a new run")
         ckpt.load_state_strict(self.student_module, state["student"], f"student in {source}")
         ckpt.load_state_strict(self.teacher, state["teacher"], f"teacher in {source}")
         self.optimizer.load_state_dict(state["optimizer"])
-        for name, fs in (("cls_feature_set", self.cls_fs), ("patch_feature_set", self.patch_fs)):
-            if fs is not None:
-                if state.get(name) is None:
-                    raise SoveError(f"{source} has no {name}; it was saved with that loss disabled")
-                ckpt.load_state_strict(fs, state[name], f"{name} in {source}")
+        ckpt.load_state_strict(self.method, method_state, f"method {name} in {source}")
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         if self.budget is not None:
             self.budget.load_state_dict(state.get("time_budget"), source)
@@ -383,8 +342,8 @@ class Trainer(Diagnostics):
         return path
 
 
-def pretrain(cfg: DictConfig, overwrite: bool = False) -> Path:
-    """Run SOVE pretraining for ``cfg``; returns the run directory ``trainer.out_dir/trainer.name``.
+def pretrain(cfg: DictConfig, overwrite: bool = False, callbacks: Iterable[Any] = ()) -> Path:
+    """Run pretraining of ``cfg.method`` for ``cfg``; returns the run directory ``trainer.out_dir/trainer.name``.
 
     Writes ``config.yaml`` (the resolved config), ``metrics.csv``, TensorBoard events and
     ``checkpoints/last.pt`` (atomic, every ``trainer.checkpoint_every`` steps and at the end).
@@ -392,7 +351,8 @@ def pretrain(cfg: DictConfig, overwrite: bool = False) -> Path:
     ``model.init=SOURCE`` their backbones from timm / export / checkpoint weights (a fresh run: new
     optimizer, feature sets and step 0; see :mod:`sove.train.init_from`).
     Data, run plan (:func:`~sove.train.preflight.check_run_plan`) and initial weights are
-    checked before the run directory is created.
+    checked before the run directory is created. ``callbacks``: Fabric callbacks (see :class:`Trainer`;
+    :func:`sove.api.pretrain` attaches the periodic k-NN and draws the curves at the end).
 
     Raises:
         SoveError: existing run without ``overwrite`` (a folder that is not a sove run: never replaced), run
@@ -402,20 +362,21 @@ def pretrain(cfg: DictConfig, overwrite: bool = False) -> Path:
     run_dir = preflight(cfg, overwrite)  # name, device, existing folder, writable: before any work
     dataset = build_train_dataset(cfg)  # bad data stops here, before the run directory exists
     check_run_plan(cfg, len(dataset), planned_world_size(cfg))
-    networks = initial_networks(cfg)  # trainer.init_from / model.init, checked before the run directory exists
+    method = build_method(cfg)  # a missing optional dependency stops here
+    networks = initial_networks(cfg, method.make_head)  # trainer.init_from / model.init, before the run directory
     with rank_zero_lock(run_dir):
         if rank_zero_only.rank == 0:  # before the launch: the processes Fabric spawns skip this
             prepare_run_dir(cfg, overwrite)
-        return _fit(Trainer(cfg, run_dir, dataset, networks), run_dir)
+        return _fit(Trainer(cfg, run_dir, dataset, networks, method, callbacks), run_dir)
 
 
-def resume(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Path:
+def resume(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = (), callbacks: Iterable[Any] = ()) -> Path:
     """Continue a run exactly where ``checkpoints/last.pt`` left it (mid-epoch included).
 
     The run's own ``config.yaml`` is used; ``overrides`` may change only trajectory-neutral keys
     (:data:`sove.train.preflight.TRAJECTORY_NEUTRAL`, e.g. ``trainer.max_steps``), on the same
     number of processes and precision. Everything is checked before the run directory is touched.
-    ``metrics.csv`` keeps its rows up to the checkpoint's step.
+    ``metrics.csv`` keeps its rows up to the checkpoint's step. ``callbacks``: as in :func:`pretrain`.
 
     Raises:
         SoveError: not a run directory, no checkpoint in it, in use by another process, absent device,
@@ -438,7 +399,7 @@ def resume(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
         check_run_plan(cfg, len(dataset), world)
         if rank_zero_only.rank == 0:
             ckpt.remove_stale_temporaries(run_dir / "checkpoints")
-        trainer = Trainer(cfg, run_dir, dataset)
+        trainer = Trainer(cfg, run_dir, dataset, callbacks=callbacks)
         trainer.load_state_dict(state, str(path))
         trainer.fabric.print(f"resumed {path} at step {trainer.step} (epoch {trainer.epoch}, batch {trainer.batch_in_epoch})")
         return _fit(trainer, run_dir)
@@ -449,9 +410,5 @@ def _fit(trainer: Trainer, run_dir: Path) -> Path:
     trainer.fit()
     if trainer.budget is not None:
         trainer.fabric.print(trainer.budget.report(trainer.step, trainer.clock()), flush=True)
-    if trainer.fabric.is_global_zero:
-        from sove.viz.curves import plot_curves
-
-        trainer.fabric.print(f"training curves: {plot_curves(run_dir)}")
     trainer.fabric.print(f"pretraining done in {(time.perf_counter() - start) / 60:.1f} min: {run_dir}")
     return run_dir

@@ -18,30 +18,10 @@ import torch
 from omegaconf import DictConfig
 
 from sove.errors import SoveError
-from sove.method import Concepts
+from sove.method.concepts import Concepts, concept_purity  # noqa: F401 (re-exported)
+from sove.method.sove import feature_set_state
 from sove.preflight import check_writable
 from sove.run import Run
-
-
-def concept_purity(concepts: Concepts, row_labels: torch.Tensor) -> float | None:
-    """Share of neighbour judges (anchor excluded) whose label equals their anchor's.
-
-    Args:
-        concepts: concepts with ``judge_index`` of shape (K, J), J >= 2.
-        row_labels: int64 (N,), the label of each feature-set row (-1 = unknown: random initial
-            row or unlabelled image).
-
-    Returns:
-        Purity in [0, 1] over concepts whose rows are all labelled; None when there is none.
-    """
-    if concepts.num_judges < 2:
-        return None
-    labels = row_labels[concepts.judge_index]  # (K, J)
-    known = (labels >= 0).all(dim=1)
-    if not bool(known.any()):
-        return None
-    same = labels[known, 1:] == labels[known, :1]
-    return float(same.float().mean())
 
 
 def run_concepts(run_dir: str | Path, cfg: DictConfig, checkpoint: str = "last.pt", task: int = 0
@@ -52,13 +32,16 @@ def run_concepts(run_dir: str | Path, cfg: DictConfig, checkpoint: str = "last.p
         (concepts, dataset index of every E_C row (N,), step).
 
     Raises:
-        SoveError: the checkpoint has no E_C (``loss.cls_weight`` was 0).
+        SoveError: the checkpoint has no E_C (a DINO / iBOT run, or ``loss.cls_weight`` was 0).
     """
     from sove.train.builders import build_loss
     from sove.train.checkpoint import load_checkpoint
 
     state = load_checkpoint(Run(run_dir, checkpoint).checkpoint)
-    fs = state.get("cls_feature_set")
+    method = state.get("method", {}).get("name", "sove")
+    if method != "sove":
+        raise SoveError(f"{run_dir}: a method={method} run has no concepts (they are SOVE's); nothing to browse")
+    fs = feature_set_state(state, "cls")
     if fs is None:
         raise SoveError(f"{run_dir}: this run has no CLS feature set (loss.cls_weight=0); nothing to browse")
     loss = build_loss(cfg)
@@ -182,7 +165,7 @@ def browse_concepts(run_dir: str | Path, num: int = 16, checkpoint: str = "last.
         load_state_strict(trained, state["teacher"], f"teacher in {checkpoint}")
         loss = build_loss(cfg)
         for key, teacher in (("purity_clean", trained), ("purity_random_init", untrained)):
-            rows = reembed_rows(cfg, teacher, state["cls_feature_set"]["features"], row_index, source)
+            rows = reembed_rows(cfg, teacher, feature_set_state(state, "cls")["features"], row_index, source)
             result[key] = concept_purity(loss.concepts(loss.cls, rows, step, 0, stream=0), row_labels)
     png = run_dir / "plots" / "concepts.png"
     png.parent.mkdir(exist_ok=True)
