@@ -77,9 +77,11 @@ def make_trainer(cfg, run_dir: Path, dataset) -> Trainer:
 def method_config(args: argparse.Namespace, method: str, epochs: float | None = None, name: str | None = None):
     """The shared config with ``method=``, this method's run name and, if given, a schedule of ``epochs``."""
     base = load_config(args.config, args.overrides)
-    extra = [f"method={method}", f"peers.num_prototypes={args.num_prototypes}", f"trainer.out_dir={args.work_dir}",
+    extra = [f"method={method}", f"trainer.out_dir={args.work_dir}",
              f"trainer.name={name or method}", "trainer.progress=false",
              "trainer.checkpoint_every=1000000000", "trainer.keep_checkpoints=0", "eval.knn_every_epochs=0"]
+    if getattr(args, "num_prototypes", None) is not None:
+        extra.append(f"peers.num_prototypes={args.num_prototypes}")
     if epochs is not None:
         frac = base.optim.warmup_epochs / base.optim.epochs
         extra += [f"optim.epochs={epochs}", f"optim.warmup_epochs={frac * epochs}"]
@@ -227,7 +229,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                            cfg.trainer.out_dir)
     rand = knn_of(random_init_backbone(cfg), train, test, cfg, device)
     result = {"command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]), "budget_minutes": args.budget_minutes,
-              "slice_seconds": args.slice_seconds, "num_prototypes": args.num_prototypes, "config": args.config,
+              "slice_seconds": args.slice_seconds, "config": args.config,
+              "num_prototypes": trainers[args.methods[0]].cfg.peers.num_prototypes,
               "overrides": list(args.overrides), "threads": torch.get_num_threads(), "device": str(device),
               "methods": rows, "pixels": {"knn_top1": pixels["top1"], "knn_best_top1": pixels["best_top1"]},
               "random_init": {"knn_top1": rand["top1"], "knn_best_top1": rand["best_top1"]},
@@ -263,7 +266,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--budget-minutes", type=float, default=10.0, help="training wall-clock budget per method")
     p.add_argument("--slice-seconds", type=float, default=60.0, help="alternation slice")
-    p.add_argument("--num-prototypes", type=int, default=4096, help="DINO/iBOT head output width K")
+    p.add_argument("--num-prototypes", type=int, default=None,
+                   help="DINO/iBOT head output width K (default: the config's peers.num_prototypes, 4096)")
     p.add_argument("--calibration-steps", type=int, default=8,
                    help="timed steps per method in the child process (3 overestimated the step time by 7-11%%)")
     p.add_argument("--calibrate-only", action="store_true",

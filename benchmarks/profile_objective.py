@@ -31,8 +31,8 @@ def profile(args: argparse.Namespace) -> dict[str, Any]:
     """Run ``warmup + steps`` steps; return the mean seconds per profiled loss call and ms per operator."""
     cfg = method_config(argparse.Namespace(config=args.config, overrides=args.overrides, work_dir=args.work_dir),
                         "sove", epochs=None)
-    trainer = make_trainer("sove", cfg, Path(args.work_dir) / "sove", build_train_dataset(cfg), 0)
-    forward = trainer.loss_fn.forward
+    trainer = make_trainer(cfg, Path(args.work_dir) / "sove", build_train_dataset(cfg))
+    forward = trainer.method.loss_fn.forward
     per_op: collections.Counter = collections.Counter()
     seconds, calls = 0.0, 0
     activities = [torch.profiler.ProfilerActivity.CPU]
@@ -54,7 +54,7 @@ def profile(args: argparse.Namespace) -> dict[str, Any]:
             per_op[event.key] += event.self_cpu_time_total + getattr(event, "self_device_time_total", 0)
         return out
 
-    trainer.loss_fn.forward = profiled
+    trainer.method.loss_fn.forward = profiled
     for _ in range(args.warmup + args.steps):
         if trainer.fit(deadline=0.0) is not None:  # the schedule ended (tiny configs)
             break

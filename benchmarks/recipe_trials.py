@@ -82,7 +82,7 @@ def trial_args(args: argparse.Namespace, name: str, overrides: list[str]) -> arg
     slug = "".join(c if c.isalnum() else "_" for c in name).strip("_")
     return argparse.Namespace(config=args.config, overrides=list(args.overrides) + overrides,
                               work_dir=str(Path(args.work_dir) / slug), calibration_steps=args.calibration_steps,
-                              num_prototypes=0, smoke=args.smoke)
+                              num_prototypes=None, smoke=args.smoke)
 
 
 def run_trial(args: argparse.Namespace, name: str, overrides: list[str]) -> dict[str, Any]:
@@ -93,7 +93,7 @@ def run_trial(args: argparse.Namespace, name: str, overrides: list[str]) -> dict
     budget = args.budget_minutes * 60
     steps = args.steps if args.steps else max(1, int(budget / calib["s_per_step"]))
     cfg = method_config(targs, "sove", epochs=steps / calib["batches_per_epoch"])
-    trainer = make_trainer("sove", cfg, Path(targs.work_dir) / "sove", build_train_dataset(cfg), 0)
+    trainer = make_trainer(cfg, Path(targs.work_dir) / "sove", build_train_dataset(cfg))
     start = time.perf_counter()
     if args.steps:
         trainer.fit()

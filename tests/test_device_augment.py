@@ -158,7 +158,7 @@ def test_persistent_workers_follow_the_samplers_epoch():
 
 def test_augment_on_config_keys():
     assert load_config(None).data.augment_on == "auto"
-    with pytest.raises(ConfigError, match=r"^data.augment_on: must be auto, loader or device, got 'gpu'$"):
+    with pytest.raises(ConfigError, match=r"^data.augment_on: must be one of auto, loader, device; got 'gpu'$"):
         load_config(None, ["data.augment_on=gpu"])
     with pytest.raises(ConfigError, match=r"^data.max_image_side: must be >= 0 \(0 = no bound\), got -1$"):
         load_config(None, ["data.max_image_side=-1"])
