@@ -274,3 +274,19 @@ def concept_purity(concepts: Concepts, row_labels: torch.Tensor) -> float | None
         return None
     same = labels[known, 1:] == labels[known, :1]
     return float(same.float().mean())
+
+
+def judge_weight_stats(values: torch.Tensor) -> dict[str, float]:
+    """Mean and 10th / 50th / 90th percentiles of judge weights (a diagnostic of how soft the labels are).
+
+    Args:
+        values: float tensor of any shape, e.g. ``concepts.weights[:, 1:]`` (K, J - 1): the weight
+            w_j of every non-anchor judge for its own concept. Must not be empty.
+
+    Returns:
+        ``{"mean", "p10", "p50", "p90"}`` as Python floats; percentiles by linear interpolation
+        (``torch.quantile``, numpy's default).
+    """
+    flat = values.detach().reshape(-1).float().cpu()
+    q = torch.quantile(flat, torch.tensor([0.1, 0.5, 0.9]))
+    return {"mean": float(flat.mean()), "p10": float(q[0]), "p50": float(q[1]), "p90": float(q[2])}

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from sove.method.base import Method, StepContext, micro_views
-from sove.method.concepts import anchor_generator, concept_purity
+from sove.method.concepts import anchor_generator, concept_purity, judge_weight_stats
 from sove.method.feature_set import FeatureSet
 from sove.method.losses import SOVELoss
 from sove.models.head import ProjectionHead
@@ -152,12 +152,24 @@ class SOVE(Method):
         return state
 
     def metrics(self, labels: torch.Tensor | None, step: int) -> dict[str, float]:
-        """``concept_purity`` of the next step's task-0 CLS concepts (a diagnostic; labels are never used
-        by the loss). The concepts are cached by the loss, so the next step reuses them: no extra search."""
+        """Diagnostics of the next step's task-0 CLS concepts (labels are never used by the loss); computed
+        when the dataset has labels, E_C exists and ``loss.cls.num_judges`` >= 2:
+
+        * ``concept_purity``: share of neighbour judges whose image has the anchor's label;
+        * ``judge_weight/{mean,p10,p50,p90}``: the weights w_j of the non-anchor judges, as the loss uses
+          them (soft: cos(judge, anchor); onehot: the constant 1 - ``smoothing``);
+        * ``judge_cos/{mean,p10,p50,p90}`` (onehot only): cos(judge, anchor), the weights soft labels
+          would have given (Tab. 9's difference).
+
+        The concepts are cached by the loss, so the next step reuses them: no extra search."""
         if labels is None or self.cls_fs is None or self.cfg.loss.cls.num_judges < 2:
             return {}
         concepts = self.loss_fn.concepts(self.loss_fn.cls, self.cls_fs.features, step, 0, stream=0)
+        out = {f"judge_weight/{k}": v for k, v in judge_weight_stats(concepts.weights[:, 1:]).items()}
+        if self.cfg.loss.cls.label_mode == "onehot":
+            cos = (concepts.judges[:, 1:] * concepts.judges[:, :1]).sum(-1)
+            out.update({f"judge_cos/{k}": v for k, v in judge_weight_stats(cos).items()})
         idx = self.cls_fs.indices
         row_labels = torch.where(idx >= 0, labels.to(idx.device)[idx.clamp_min(0)], torch.full_like(idx, -1))
         purity = concept_purity(concepts, row_labels)
-        return {} if purity is None else {"concept_purity": purity}
+        return out if purity is None else {"concept_purity": purity, **out}

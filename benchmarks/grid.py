@@ -1,0 +1,256 @@
+"""Seeded grids for issue #20: SOVE vs DINO vs iBOT at equal wall clock, and the Tab. 7/8/9 ablations.
+
+    python benchmarks/grid.py run --grid methods --seeds 0 1 2 --budget 20min     # 9 cells
+    python benchmarks/grid.py run --grid ablations --seeds 0 1 --steps 1170       # 16 cells
+    python benchmarks/grid.py run --grid ablations --only onehot --seeds 0        # one setting
+    python benchmarks/grid.py tables            # docs/benchmarks.md + docs/ablations.md from the JSON files
+
+Every cell (setting, seed) is ``sove pretrain`` of ``fashion_mnist_tiny`` with the demo's recipe
+(``make demo``: ``data.num_local_crops=2``), the setting's overrides and ``trainer.seed=S`` (init,
+data order, augmentation, anchors), then ``sove eval knn`` and ``sove eval linear`` of its teacher,
+each a child process through the CLI. The result goes to ``benchmarks/results/<grid>/<setting>__seed<S>.json``
+(written atomically), which makes the grid resumable over sessions:
+
+* a cell whose JSON exists is skipped;
+* a run directory with ``checkpoints/last.pt`` but no ``grid_pretrain.json`` (written when
+  ``sove pretrain`` exits 0) was interrupted: ``sove pretrain --resume`` continues it exactly;
+* a finished run without the JSON only reruns its evaluations.
+
+Budgets: ``methods`` runs each cell for ``--budget`` of wall clock (``trainer.time_budget``: the
+schedules are sized to the pace each run measures, so every method gets the same time; default
+20 min, at least the demo's pretraining budget, which is 20 min minus the evaluation estimate and
+45 s); ``ablations`` trains every setting for ``--steps`` optimizer steps (default 1170 = the demo
+schedule's 2.5 epochs at 468 steps per epoch; schedules sized to that many steps), so the result
+does not depend on machine load. The linear probe runs ``--linear-epochs`` (default 50, the
+protocol's default) on cached ``cls4`` features.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import grid_tables  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = "fashion_mnist_tiny"
+RECIPE = ["data.num_local_crops=2"]  # the Makefile's DEMO_RECIPE
+GRIDS: dict[str, dict[str, list[str]]] = {
+    "methods": {"sove": ["method=sove"], "dino": ["method=dino"], "ibot": ["method=ibot"]},
+    "ablations": {
+        "default": [],
+        "cls_only": ["loss.patch_weight=0"], "mim_only": ["loss.cls_weight=0"],
+        "judges3": ["loss.cls.num_judges=3"], "judges1": ["loss.cls.num_judges=1"],
+        "onehot": ["loss.cls.label_mode=onehot"],
+        "wide_soft": ["model.head_out_dim=256"],
+        "wide_onehot": ["model.head_out_dim=256", "loss.cls.label_mode=onehot"],
+    },
+}
+DEFAULT_SEEDS = {"methods": [0, 1, 2], "ablations": [0, 1]}
+DOCS = {"methods": ROOT / "docs" / "benchmarks.md", "ablations": ROOT / "docs" / "ablations.md"}
+DONE = "grid_pretrain.json"
+DIAG_POINTS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def machine() -> dict[str, Any]:
+    """CPU model, cores, torch version, threads and the training device of this process's machine."""
+    import torch
+
+    cpu = platform.processor() or "unknown"
+    if Path("/proc/cpuinfo").is_file():
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "device": device}
+
+
+def schedule_overrides(args: argparse.Namespace, base: list[str]) -> list[str]:
+    """``trainer.time_budget=B`` (``--budget``) or a schedule of ``--steps`` optimizer steps (epochs from the
+    train split's batches per epoch, lr warm-up the config's fraction of the schedule)."""
+    if args.steps is None:
+        return [f"trainer.time_budget={args.budget}"]
+    from sove.config import load_config
+    from sove.train.builders import build_train_dataset
+
+    cfg = load_config(args.config, base)
+    per_epoch = len(build_train_dataset(cfg)) // cfg.optim.batch_size
+    epochs = args.steps / per_epoch
+    warmup = cfg.optim.warmup_epochs / cfg.optim.epochs * epochs
+    return [f"optim.epochs={epochs!r}", f"optim.warmup_epochs={warmup!r}"]
+
+
+def sove_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "sove", *args]
+
+
+def timed(cmd: list[str], log: list[str]) -> float:
+    """Run ``cmd`` (output passed through), append its command line to ``log``; its wall seconds.
+
+    Raises:
+        SystemExit: the command failed (its exit status and command line are printed).
+    """
+    log.append(shlex.join(["sove"] + cmd[3:]))
+    print(f"[grid] $ {log[-1]}", flush=True)
+    start = time.perf_counter()
+    rc = subprocess.run(cmd).returncode
+    if rc != 0:
+        raise SystemExit(f"[grid] failed with exit status {rc}: {log[-1]}")
+    return time.perf_counter() - start
+
+
+def diagnostics(run_dir: Path) -> list[dict[str, float]]:
+    """Rows of ``metrics.csv`` with SOVE's concept diagnostics at :data:`DIAG_POINTS` of training
+    (step, concept_purity, judge_weight/*, judge_cos/*, loss/loss); empty for DINO / iBOT."""
+    path = run_dir / "metrics.csv"
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("judge_weight/mean") or r.get("concept_purity")]
+    keys = ("step", "loss/loss") + tuple(k for k in (rows[0] if rows else {}) if k.startswith(("judge_", "concept_")))
+    picked = sorted({round(f * (len(rows) - 1)) for f in DIAG_POINTS}) if rows else []
+    return [{k: float(rows[i][k]) for k in keys if rows[i].get(k)} for i in picked]
+
+
+def pretrain_command(args: argparse.Namespace, setting: str, seed: int, run_dir: Path) -> list[str] | None:
+    """The cell's ``sove pretrain`` command: None when it finished earlier (``grid_pretrain.json``),
+    ``--resume RUN`` when it has a checkpoint (interrupted), else a fresh run (``--overwrite``: a run
+    directory without a checkpoint holds nothing to keep)."""
+    if (run_dir / DONE).is_file():
+        return None
+    if (run_dir / "checkpoints" / "last.pt").is_file():
+        return sove_cmd("pretrain", "--resume", str(run_dir))
+    base = list(args.recipe) + GRIDS[args.grid][setting] + list(args.overrides)
+    return sove_cmd("pretrain", "--config", args.config, "--overwrite", *base, *schedule_overrides(args, base),
+                    f"trainer.seed={seed}", f"trainer.out_dir={run_dir.parent}", f"trainer.name={run_dir.name}",
+                    "trainer.progress=false")
+
+
+def run_cell(args: argparse.Namespace, setting: str, seed: int) -> dict[str, Any]:
+    """Pretrain (or resume) one cell and evaluate it; returns the result (not yet written)."""
+    name = f"{setting}__seed{seed}"
+    run_dir = Path(args.work_dir) / args.grid / name
+    commands: list[str] = []
+    cmd = pretrain_command(args, setting, seed, run_dir)
+    if cmd is None:
+        pre = json.loads((run_dir / DONE).read_text())
+        print(f"[grid] {args.grid}/{name}: pretraining finished earlier, evaluations only", flush=True)
+    else:
+        seconds = timed(cmd, commands)
+        pre = {"wall_s": seconds, "resumed": "--resume" in cmd, "command": commands[-1]}
+        (run_dir / DONE).write_text(json.dumps(pre, indent=2))
+    device = ["--device", "cuda"] if machine()["device"] != "cpu" else []
+    knn_s = timed(sove_cmd("eval", "knn", "--run", str(run_dir), *device), commands)
+    lin_s = timed(sove_cmd("eval", "linear", "--run", str(run_dir), "--epochs", str(args.linear_epochs), *device),
+                  commands)
+    from sove.run import CHECKPOINT_DIR, checkpoint_step
+
+    knn = json.loads((run_dir / "eval" / "knn.json").read_text())
+    lin = json.loads((run_dir / "eval" / "linear.json").read_text())
+    return {
+        "grid": args.grid, "setting": setting, "seed": seed, "config": args.config, "recipe": list(args.recipe),
+        "overrides": GRIDS[args.grid][setting], "extra_overrides": list(args.overrides), "budget": args.budget,
+        "steps_asked": args.steps,
+        "pretrain_command": pre["command"], "pretrain_resumed": pre["resumed"], "commands": commands,
+        "machine": machine(), "run_dir": str(run_dir),
+        "wall_s": {"pretrain": pre["wall_s"], "knn": knn_s, "linear": lin_s},
+        "steps": checkpoint_step(run_dir / CHECKPOINT_DIR / "last.pt"),
+        "knn": {"top1": knn["top1"], "best_k": knn["best_k"], "best_top1": knn["best_top1"]},
+        "linear": {"top1": lin["top1"], "best_lr": lin["best_lr"], "epochs": lin["epochs"]},
+        "diagnostics": diagnostics(run_dir),
+    }
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write ``data`` to ``path`` atomically (temporary file in the same folder, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def run_grid(args: argparse.Namespace, cell: Callable[[argparse.Namespace, str, int], dict[str, Any]] = run_cell
+             ) -> list[Path]:
+    """Every (setting, seed) of ``args.grid`` (``--only`` settings) whose JSON is missing; returns the JSON paths."""
+    settings = args.only or list(GRIDS[args.grid])
+    unknown = [s for s in settings if s not in GRIDS[args.grid]]
+    if unknown:
+        raise SystemExit(f"--only: unknown setting(s) {unknown} of grid {args.grid}; "
+                         f"choose from {list(GRIDS[args.grid])}")
+    paths = []
+    for seed in args.seeds:
+        for setting in settings:
+            path = Path(args.results) / args.grid / f"{setting}__seed{seed}.json"
+            paths.append(path)
+            if path.is_file():
+                print(f"[grid] {args.grid}/{path.stem}: done ({path}), skipped", flush=True)
+                continue
+            start = time.perf_counter()
+            write_json(path, cell(args, setting, seed))
+            print(f"[grid] {args.grid}/{path.stem}: written {path} ({(time.perf_counter() - start) / 60:.1f} min)",
+                  flush=True)
+    return paths
+
+
+def tables(results: Path, docs: dict[str, Path]) -> None:
+    """Regenerate the tables between the ``<!-- grid:NAME -->`` markers of each doc from the JSON files."""
+    for grid, doc in docs.items():
+        found = grid_tables.load_results(results, grid)
+        if grid == "methods":
+            body = grid_tables.methods_markdown(found, len(DEFAULT_SEEDS[grid]))
+        else:
+            body = grid_tables.ablations_markdown(found, len(DEFAULT_SEEDS[grid]), GRIDS[grid])
+        n = sum(len(c) for c in found.values())
+        header = f"Generated by `python benchmarks/grid.py tables` from {n} file(s) in `benchmarks/results/{grid}/`."
+        doc.write_text(grid_tables.replace_between_markers(doc.read_text(), grid, header + "\n\n" + body, doc))
+        print(f"[grid] {doc}: {grid} table from {n} result file(s)")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="train and evaluate the missing cells of a grid")
+    r.add_argument("--grid", required=True, choices=list(GRIDS))
+    r.add_argument("--seeds", type=int, nargs="+", default=None, help="default: methods 0 1 2, ablations 0 1")
+    r.add_argument("--budget", default=None, help="wall clock per pretraining (methods default 20min)")
+    r.add_argument("--steps", type=int, default=None, help="optimizer steps per pretraining (ablations default 1170)")
+    r.add_argument("--only", nargs="+", default=None, metavar="SETTING", help="only these settings of the grid")
+    r.add_argument("--work-dir", default="runs/grid", help="run directories (<work-dir>/<grid>/<setting>__seed<S>)")
+    r.add_argument("--results", default=str(ROOT / "benchmarks" / "results"), help="result JSON root")
+    r.add_argument("--config", default=CONFIG)
+    r.add_argument("--linear-epochs", type=int, default=50)
+    r.add_argument("overrides", nargs="*", metavar="key=value", help="extra overrides for every cell (smoke tests)")
+    t = sub.add_parser("tables", help="regenerate the doc tables from the result JSON files")
+    t.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
+    args = p.parse_args(argv)
+    if args.command == "run":
+        if args.budget is not None and args.steps is not None:
+            p.error("--budget and --steps exclude each other")
+        if args.budget is None and args.steps is None:
+            args.budget, args.steps = ("20min", None) if args.grid == "methods" else (None, 1170)
+        args.seeds = args.seeds if args.seeds is not None else DEFAULT_SEEDS[args.grid]
+        args.recipe = RECIPE if args.config == CONFIG else []
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.command == "run":
+        run_grid(args)
+    else:
+        tables(Path(args.results), DOCS)
+
+
+if __name__ == "__main__":
+    main()
