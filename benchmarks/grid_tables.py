@@ -192,7 +192,28 @@ def ablations_markdown(results: dict[str, dict[int, dict[str, Any]]], expected: 
                          f"{_fmt_ms(list(knn.values()))} | {_fmt_ms(list(lin.values()))} | {dk} | {dl} | {v} | "
                          f"{_diag(cells)} | {_minutes(cells, 'pretrain')} |")
         lines.append("")
-    return "\n".join(lines).rstrip()
+    return "\n".join(lines + trajectory_markdown(results)).rstrip()
+
+
+def _trajectory(cells: dict[int, dict[str, Any]], key: str) -> str:
+    """``key`` at each logged diagnostics point (same positions for every seed), mean over seeds."""
+    runs = [r["diagnostics"] for r in cells.values() if r.get("diagnostics")]
+    points = min((len(d) for d in runs), default=0)
+    vals = [[d[i].get(key) for d in runs] for i in range(points)]
+    return " / ".join("–" if None in v else f"{np.mean(v):.3f}" for v in vals) or "–"
+
+
+def trajectory_markdown(results: dict[str, dict[int, dict[str, Any]]]) -> list[str]:
+    """The concept diagnostics over training (0, 25, 50, 75, 100 % of the logged steps), mean over seeds,
+    for every setting that logged them."""
+    lines = ["**Concept diagnostics over training** (logged steps at 0 / 25 / 50 / 75 / 100 %, mean over seeds; "
+             "w_j = median weight of the non-anchor CLS judges, cos = their median cosine to the anchor)", "",
+             "| setting | w_j p50 | cos p50 (one-hot) | concept purity |", "|---|---|---|---|"]
+    for setting, cells in results.items():
+        if any(r.get("diagnostics") for r in cells.values()):
+            lines.append(f"| {setting} | {_trajectory(cells, 'judge_weight/p50')} | "
+                         f"{_trajectory(cells, 'judge_cos/p50')} | {_trajectory(cells, 'concept_purity')} |")
+    return lines
 
 
 def replace_between_markers(text: str, name: str, body: str, path: Path) -> str:
