@@ -165,15 +165,15 @@ def test_augment_on_config_keys():
     assert load_config(None).data.max_image_side == 512
 
 
-def test_auto_picks_device_on_cuda_or_without_workers(monkeypatch, image_folder):
-    from conftest import TINY
+def test_auto_picks_device_on_cuda_or_without_workers(monkeypatch, image_folder, tiny_cfg):
 
     def path(*overrides):
-        return resolve_augment_on(load_config(None, TINY + [f"data.root={image_folder}", *overrides]))
+        return resolve_augment_on(tiny_cfg(f"data.root={image_folder}", *overrides))
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert path() == "device" and path("data.num_workers=2") == "loader"
-    assert path("data.augment_on=loader") == "loader" and path("data.augment_on=device", "data.num_workers=2") == "device"
-    assert type(build_train_dataset(load_config(None, TINY + [f"data.root={image_folder}"]))) is DecodedDataset
+    assert path("data.augment_on=loader") == "loader" and path("data.augment_on=device",
+                                                               "data.num_workers=2") == "device"
+    assert type(build_train_dataset(tiny_cfg(f"data.root={image_folder}"))) is DecodedDataset
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert path("data.num_workers=2") == "device" and path("data.num_workers=2", "trainer.accelerator=cpu") == "loader"
