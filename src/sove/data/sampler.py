@@ -14,8 +14,8 @@ class ResumableSampler(Sampler[int]):
     """Shuffled indices of one epoch, sharded over ranks, able to start mid-epoch.
 
     The permutation of epoch ``e`` is ``randperm(n)`` from the ``data_order`` stream of the seed at
-    key ``e`` (:mod:`sove.seeding`; no global RNG is consumed), so a resumed run sees exactly the indices the uninterrupted run
-    would have seen. The permutation is truncated to a
+    key ``e`` (:mod:`sove.seeding`; no global RNG is consumed), so a resumed run sees exactly the
+    indices the uninterrupted run would have seen. The permutation is truncated to a
     multiple of ``R * batch_size`` (the last, incomplete global batch is dropped, as with
     ``drop_last=True``). Global batch ``k`` is ``perm[k*R*B : (k+1)*R*B]`` and rank ``r`` takes its
     ``r``-th contiguous block of ``B``, so gathering the ranks' batches in rank order gives exactly

@@ -52,7 +52,8 @@ class FeatureSet(nn.Module):
         super().__init__()
         if size < 1 or dim < 1:
             raise ValueError(f"feature set size ({size}) and dim ({dim}) must be positive")
-        init = nn.functional.normalize(torch.randn(size, dim, generator=generator(seed, "feature_set_init", key)), dim=1)
+        g = generator(seed, "feature_set_init", key)
+        init = nn.functional.normalize(torch.randn(size, dim, generator=g), dim=1)
         self.register_buffer("features", init)
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
         self.register_buffer("indices", torch.full((size,), -1, dtype=torch.long))

@@ -142,8 +142,9 @@ class SOVELoss(nn.Module):
         ``features`` is a :class:`FeatureSet` (its ``features`` rows, cached by its change counter
         ``version``) or a bare (N, d) tensor (never cached); ``stream`` is 0 for the CLS loss, 1 for
         the patch loss (the last key of the ``anchors`` stream). Cached while the feature set is
-        unchanged (same set, same ``version``, same rows' memory and shape; every concept setting), so the micro-batches of gradient accumulation share one judge search
-        per task. The cache holds the tensor, so its memory cannot be reused by another one while cached.
+        unchanged (same ``version``, same rows' memory, shape and strides; every concept setting), so
+        the micro-batches of gradient accumulation share one judge search per task. The cache holds
+        the tensor, so its memory cannot be reused by another one while cached.
         """
         version = features.version if isinstance(features, FeatureSet) else None
         features = features.features if isinstance(features, FeatureSet) else features

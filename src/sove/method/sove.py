@@ -59,7 +59,8 @@ class SOVE(Method):
     Submodules: ``cls_fs`` / ``patch_fs`` (:class:`FeatureSet`, None when that loss weight is 0)
     and ``loss_fn`` (:class:`SOVELoss`). After each optimizer step E_C receives the teacher's
     view-2 [CLS] embeddings and E_P one view-2 patch embedding per image (position drawn from the
-    ``patch_positions`` stream (:mod:`sove.seeding`) for the whole global batch), both from the step's own teacher forward.
+    ``patch_positions`` stream (:mod:`sove.seeding`) for the whole global batch), both from the
+    step's own teacher forward.
     """
 
     name = "sove"
