@@ -36,6 +36,7 @@ BASE = ["data.root=unused"]  # on TINY; 32 images below: batch 8 -> 4 steps/epoc
     (["eval.knn_k=[]"], "eval.knn_k: needs at least one k and every k must be >= 1, got []"),  # was ValueError
     (["eval.knn_temperature=-1"], "eval.knn_temperature: must be > 0 (votes are exp(sim / T)), got -1.0"),
     (["eval.batch_size=0"], "eval.batch_size: must be >= 1, got 0"),  # was torch's ValueError
+    (["trainer.seed=-1"], "trainer.seed: must be >= 0 (it seeds numpy's SeedSequence), got -1"),  # was numpy's error
     (["eval.knn_train_subset=0"], "eval.knn_train_subset: must be >= 1 (images), got 0"),
 ])
 def test_key_checks_refuse_with_the_exact_line(overrides, line, tiny_cfg):

@@ -1,10 +1,12 @@
 """Every random draw of sove from one seed: named streams, each a pure function of (seed, stream, keys).
 
 A draw never depends on another one: the generator of stream ``name`` at keys ``k1, k2, ...`` is
-seeded from ``numpy.random.SeedSequence([seed, STREAMS[name], k1, k2, ...])``, so adding a draw to
-one stream, resuming mid-epoch, changing the number of DataLoader workers or of processes leaves
-every other draw as it was. The stream numbers below are fixed (never Python's per-process
-``hash()``); a new stream gets a new number, an old number is never reused.
+seeded from ``numpy.random.SeedSequence(seed, spawn_key=(STREAMS[name], k1, k2, ...))`` (numpy's
+own derivation of independent child streams; the seed and the keys are kept apart, so, unlike a flat
+``SeedSequence([seed, k1, k2])``, a trailing zero key or a seed above 2**32 cannot alias another
+draw). Adding a draw to one stream, resuming mid-epoch, changing the number of DataLoader workers or
+of processes leaves every other draw as it was. The stream numbers below are fixed (never Python's
+per-process ``hash()``); a new stream gets a new number, an old number is never reused.
 
 ==================  ==  =====================  ===========================================================
 stream              id  keys                   what draws from it
@@ -48,18 +50,19 @@ def stream_seed(seed: int, stream: str, *keys: int, bits: int = 64) -> int:
     Args:
         seed: the run's or the protocol's seed, an integer >= 0.
         stream: a name of :data:`STREAMS`.
-        keys: integers >= 0 that pick one draw of the stream (e.g. epoch and image index).
+        keys: integers in [0, 2**32) that pick one draw of the stream (e.g. epoch and image index).
         bits: 64, or 32 for APIs that take a 32-bit seed (``lightning``'s ``seed_everything``).
 
     Raises:
-        ValueError: an unknown stream name, or a negative seed or key.
+        ValueError: an unknown stream name, a negative seed, or a key outside [0, 2**32).
     """
     if stream not in STREAMS:
         raise ValueError(f"unknown random stream {stream!r}; known: {', '.join(STREAMS)}")
-    values = [int(seed), *map(int, keys)]
-    if min(values) < 0:
-        raise ValueError(f"seed and keys of stream {stream!r} must be >= 0, got seed {seed}, keys {keys}")
-    state = np.random.SeedSequence([values[0], STREAMS[stream], *values[1:]]).generate_state(2, dtype=np.uint32)
+    keys = tuple(int(k) for k in keys)
+    if int(seed) < 0 or any(not 0 <= k < 2**32 for k in keys):
+        raise ValueError(f"stream {stream!r} needs a seed >= 0 and keys in [0, 2**32), got seed {seed}, keys {keys}")
+    sequence = np.random.SeedSequence(int(seed), spawn_key=(STREAMS[stream], *keys))
+    state = sequence.generate_state(2, dtype=np.uint32)
     value = int(state[0]) << 32 | int(state[1])
     return value >> (64 - bits)
 
