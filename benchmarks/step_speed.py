@@ -66,7 +66,7 @@ def run_steps(cfg, steps: int, device: torch.device) -> tuple[dict[str, float], 
     params = [p for p in student.parameters() if p.requires_grad]
     lo, dim = cfg.loss, cfg.model.head_out_dim
     cls_fs = FeatureSet(lo.cls_feature_set_size, dim).to(device) if lo.cls_weight > 0 else None
-    patch_fs = FeatureSet(lo.patch_feature_set_size, dim).to(device) if lo.patch_weight > 0 else None
+    patch_fs = FeatureSet(lo.patch_feature_set_size, dim, key=1).to(device) if lo.patch_weight > 0 else None
     loss_fn = build_loss(cfg)
     b = cfg.optim.batch_size
     g = torch.Generator().manual_seed(0)
@@ -93,7 +93,7 @@ def run_steps(cfg, steps: int, device: torch.device) -> tuple[dict[str, float], 
                 continue
             for task in range(settings.num_tasks):
                 with timer("concept selection"):
-                    concepts = loss_fn.concepts(settings, fs.features, step, task, stream)
+                    concepts = loss_fn.concepts(settings, fs, step, task, stream)
                 with timer("loss forward"):
                     if name == "cls":
                         term = cls_loss(s_cls, t_cls, concepts, lo.student_temp, lo.teacher_temp)
@@ -124,7 +124,8 @@ def run_steps(cfg, steps: int, device: torch.device) -> tuple[dict[str, float], 
 def selection_only(device: torch.device, size: int = 65536, anchors: int = 8192, judges: int = 9, dim: int = 256,
                    tasks: int = 4, chunk: int = 1024) -> None:
     """Paper-size concept selection: time per step (all tasks) and peak extra memory."""
-    from sove.method import anchor_generator, draw_anchors, select_judges
+    from sove.method import draw_anchors, select_judges
+    from sove.seeding import generator
 
     fs = FeatureSet(size, dim).to(device)
     base = rss_mib()
@@ -134,7 +135,7 @@ def selection_only(device: torch.device, size: int = 65536, anchors: int = 8192,
         base_cuda = torch.cuda.memory_allocated()
     start = time.perf_counter()
     for task in range(tasks):
-        idx = draw_anchors(size, anchors, anchor_generator(0, 0, task), device)
+        idx = draw_anchors(size, anchors, generator(0, "anchors", 0, task, 0), device)
         concepts = select_judges(fs.features, idx, num_judges=judges, chunk_size=chunk,
                                  search_dtype=torch.bfloat16 if device.type == "cuda" else None)
     if device.type == "cuda":

@@ -1,14 +1,26 @@
-"""Shared fixtures: generated image folders and a tiny config (depth 2, width 32, 16 px crops)."""
+"""Shared fixtures: generated image folders and a tiny config (depth 2, width 32, 16 px crops).
+
+Tests take the tiny config through fixtures: ``tiny_cfg(*overrides)`` (a loaded config),
+``tiny_overrides`` (the override list, for CLI argv), ``tiny_labelled_run(root)`` and
+``config_only_run(run, overrides)``; plain helpers are in tests/helpers.py, the float64 reference of
+the objective in tests/reference.py.
+"""
 
 from __future__ import annotations
 
-import importlib.util
+import sys
 from pathlib import Path
+from typing import Callable
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from omegaconf import DictConfig
+
+from helpers import make_image_folder
+
+# The tests of benchmarks/*.py (compare_methods, recipe_trials, profile_objective) import those scripts:
+# the one sys.path edit of the test suite.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 TINY = [
     "data.source=folder", "data.num_channels=3", "data.global_crop_size=16", "data.local_crop_size=8",
@@ -23,19 +35,6 @@ TINY = [
 ]
 
 
-def make_image_folder(root: Path, num_per_class: int = 16, size: int = 20, classes: tuple[str, ...] = ("dark", "light"),
-                      seed: int = 0) -> Path:
-    """Write ``num_per_class`` PNGs per class sub-folder: class c has mean brightness 60 + 120 c (noise added)."""
-    rng = np.random.default_rng(seed)
-    for c, name in enumerate(classes):
-        (root / name).mkdir(parents=True, exist_ok=True)
-        for i in range(num_per_class):
-            base = 60 + 120 * c
-            pixels = np.clip(base + rng.normal(0, 25, (size, size, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(root / name / f"img_{i:03d}.png")
-    return root
-
-
 @pytest.fixture
 def image_folder(tmp_path: Path) -> Path:
     """A labelled folder of 32 generated 20x20 RGB images in two classes."""
@@ -48,36 +47,44 @@ def _few_threads():
     yield
 
 
-def tiny_labelled_run(root: Path) -> Path:
-    """A 1-step run of the TINY config on two brightness classes in ``root`` (the labelled folder
-    doubles as the test split); returns its run directory. Shared by the supervised-protocol tests."""
+@pytest.fixture(scope="session")
+def tiny_overrides() -> list[str]:
+    """The TINY overrides (``key=value`` strings), e.g. for a CLI argv: ``["pretrain", *tiny_overrides, ...]``."""
+    return list(TINY)
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg() -> Callable[..., DictConfig]:
+    """``tiny_cfg(*overrides)``: the validated TINY config with ``overrides`` applied after it."""
     from sove.config import load_config
+
+    return lambda *overrides: load_config(None, TINY + list(overrides))
+
+
+@pytest.fixture(scope="session")
+def tiny_labelled_run(tiny_cfg) -> Callable[[Path], Path]:
+    """``tiny_labelled_run(root)``: a 1-step run of the TINY config on two brightness classes in ``root``
+    (the labelled folder doubles as the test split); returns its run directory. Shared by the
+    supervised-protocol tests."""
     from sove.train.trainer import pretrain
 
-    images = make_image_folder(root / "images")
-    cfg = load_config(None, TINY + [f"data.root={images}", f"data.test_root={images}", f"trainer.out_dir={root}",
-                                    "trainer.name=r", "trainer.max_steps=1"])
-    return pretrain(cfg)
+    def run(root: Path) -> Path:
+        images = make_image_folder(root / "images")
+        return pretrain(tiny_cfg(f"data.root={images}", f"data.test_root={images}", f"trainer.out_dir={root}",
+                                 "trainer.name=r", "trainer.max_steps=1"))
 
-
-
-def config_only_run(run: Path, overrides: list[str]) -> Path:
-    """A run directory holding only the TINY config.yaml (+ overrides): enough for `sove eval knn --pixels`."""
-    from omegaconf import OmegaConf
-
-    from sove.config import load_config
-
-    run.mkdir(parents=True)
-    OmegaConf.save(load_config(None, TINY + overrides), run / "config.yaml", resolve=True)
     return run
 
 
-def with_method_state(state: dict) -> dict:
-    """A checkpoint dict whose ``method`` entry is the method's state dict itself (for key-by-key comparisons)."""
-    return {**state, "method": state["method"]["state"]}
+@pytest.fixture(scope="session")
+def config_only_run(tiny_cfg) -> Callable[[Path, list[str]], Path]:
+    """``config_only_run(run, overrides)``: a run directory holding only the TINY config.yaml (+ overrides):
+    enough for `sove eval knn --pixels`."""
+    from omegaconf import OmegaConf
 
+    def make(run: Path, overrides: list[str]) -> Path:
+        run.mkdir(parents=True)
+        OmegaConf.save(tiny_cfg(*overrides), run / "config.yaml", resolve=True)
+        return run
 
-#: The peer methods as pytest parameters, skipped without the optional lightly (``sove[peers]``).
-PEERS = [pytest.param(m, marks=pytest.mark.skipif(importlib.util.find_spec("lightly") is None,
-                                                  reason="DINO / iBOT need lightly (sove[peers])"))
-         for m in ("dino", "ibot")]
+    return make

@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import PEERS, TINY
+from helpers import PEERS
 from sove.config import load_config
 from sove.train.trainer import Trainer, prepare_run_dir
 
 
-def one_step(tmp_path, image_folder, name, extra):
-    cfg = load_config(None, TINY + [f"data.root={image_folder}", f"trainer.out_dir={tmp_path}", f"trainer.name={name}",
-                                    "model.drop_path_rate=0"] + extra)
+def one_step(tiny_cfg, tmp_path, image_folder, name, extra):
+    cfg = tiny_cfg(*[f"data.root={image_folder}", f"trainer.out_dir={tmp_path}", f"trainer.name={name}",
+                   "model.drop_path_rate=0"] + extra)
     trainer = Trainer(cfg, prepare_run_dir(cfg, overwrite=False))
     trainer.dataset.set_epoch(0)
     batch = next(iter(trainer.loader))
@@ -21,9 +21,9 @@ def one_step(tmp_path, image_folder, name, extra):
     return trainer, terms, grads
 
 
-def test_two_half_batches_equal_one_full_batch(tmp_path, image_folder):
-    full, terms_full, g_full = one_step(tmp_path, image_folder, "full", [])
-    acc, terms_acc, g_acc = one_step(tmp_path, image_folder, "acc", ["optim.accumulate_grad_batches=2"])
+def test_two_half_batches_equal_one_full_batch(tmp_path, image_folder, tiny_cfg):
+    full, terms_full, g_full = one_step(tiny_cfg, tmp_path, image_folder, "full", [])
+    acc, terms_acc, g_acc = one_step(tiny_cfg, tmp_path, image_folder, "acc", ["optim.accumulate_grad_batches=2"])
     assert g_full.keys() == g_acc.keys() and len(g_full) > 10
     for name in g_full:
         torch.testing.assert_close(g_acc[name], g_full[name], atol=1e-5, rtol=0, msg=name)
@@ -36,13 +36,14 @@ def test_two_half_batches_equal_one_full_batch(tmp_path, image_folder):
 
 
 @pytest.mark.parametrize("method", PEERS)
-def test_peers_two_half_batches_equal_one_full_batch_and_center_once(tmp_path, image_folder, method):
+def test_peers_two_half_batches_equal_one_full_batch_and_center_once(tmp_path, image_folder, method, tiny_cfg):
     # lightly updates a center inside each loss forward: held over the micro-batches and updated once
     # after the step from all of them, the second half sees the step's center and the update equals
     # one full batch's (updated per micro-batch, the gradient and the center would differ).
     extra = [f"method={method}", "peers.num_prototypes=32"]
-    full, terms_full, g_full = one_step(tmp_path, image_folder, "full", extra)
-    acc, terms_acc, g_acc = one_step(tmp_path, image_folder, "acc", extra + ["optim.accumulate_grad_batches=2"])
+    full, terms_full, g_full = one_step(tiny_cfg, tmp_path, image_folder, "full", extra)
+    acc, terms_acc, g_acc = one_step(tiny_cfg, tmp_path, image_folder, "acc",
+                                     extra + ["optim.accumulate_grad_batches=2"])
     assert g_full.keys() == g_acc.keys() and len(g_full) > 10
     for name in g_full:
         torch.testing.assert_close(g_acc[name], g_full[name], atol=1e-5, rtol=0, msg=name)
@@ -63,24 +64,25 @@ def test_accumulation_must_divide_the_batch():
         load_config(None, ["optim.batch_size=8", "optim.accumulate_grad_batches=3"])
 
 
-def test_patch_rows_come_from_the_step_teacher(tmp_path, image_folder):
+def test_patch_rows_come_from_the_step_teacher(tmp_path, image_folder, tiny_cfg):
     # E_P rows are the view-2 tokens at the step's positions projected by the teacher head of the
     # step's own forward (head_t(backbone_t(x))), as E_C rows are; not by the head after the EMA.
     # Momentum 0 and a large lr without warm-up make head_t and head_{t+1} clearly different.
     import copy
 
-    from sove.method import anchor_generator
+    from sove.seeding import generator
 
-    cfg = load_config(None, TINY + [f"data.root={image_folder}", f"trainer.out_dir={tmp_path}", "trainer.name=ep",
-                                    "optim.accumulate_grad_batches=2", "optim.warmup_epochs=0",
-                                    "optim.base_lr=0.5", "optim.momentum_teacher=0.0"])
+    cfg = tiny_cfg(f"data.root={image_folder}", f"trainer.out_dir={tmp_path}", "trainer.name=ep",
+                   "optim.accumulate_grad_batches=2", "optim.warmup_epochs=0",
+                   "optim.base_lr=0.5", "optim.momentum_teacher=0.0")
     trainer = Trainer(cfg, prepare_run_dir(cfg, overwrite=False))
     trainer.dataset.set_epoch(0)
     batch = next(iter(trainer.loader))
     before = copy.deepcopy(trainer.teacher)
     trainer.training_step(batch)
     b = batch["index"].shape[0]
-    positions = torch.randint(batch["masks"].shape[-1], (b,), generator=anchor_generator(cfg.trainer.seed, 0, 0, 2))
+    g = generator(cfg.trainer.seed, "patch_positions", 0)
+    positions = torch.randint(batch["masks"].shape[-1], (b,), generator=g)
     with torch.no_grad():
         out = before(torch.cat(batch["crops"][:2]))
         tokens = out["patch_tokens"][b:][torch.arange(b), positions]  # (B, D), the step's teacher

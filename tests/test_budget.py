@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import TINY, with_method_state
+from helpers import with_method_state
 from sove.config import load_config
 from sove.errors import ConfigError
 from sove.train import budget as budget_mod
@@ -34,8 +34,8 @@ def test_an_explicit_epochs_override_wins_over_a_preset_budget_and_an_explicit_b
     assert (both.trainer.time_budget, both.optim.epochs) == ("10min", 30)
 
 
-def test_run_plan_of_a_budgeted_run_defers_the_schedule_checks_to_the_plan(capsys):
-    over = TINY + ["data.root=x", "loss.cls_feature_set_size=1000"]
+def test_run_plan_of_a_budgeted_run_defers_the_schedule_checks_to_the_plan(capsys, tiny_overrides):
+    over = tiny_overrides + ["data.root=x", "loss.cls_feature_set_size=1000"]
     with pytest.raises(ConfigError, match="loss.cls_feature_set_size: 1000 rows are never filled"):
         check_run_plan(load_config(None, over), 32, 1)  # fixed schedule: 8 steps x 8 images
     cfg = load_config(None, over + ["trainer.time_budget=60"])
@@ -53,11 +53,11 @@ def _fake_clock(self) -> float:
     return 2.0 * self.step + max(0, self.step - 5)
 
 
-def test_budgeted_run_plans_resizes_and_resumes_bit_identically(tmp_path, image_folder, monkeypatch):
+def test_budgeted_run_plans_resizes_and_resumes_bit_identically(tmp_path, image_folder, monkeypatch, tiny_overrides):
     # 32 images, batch 8: 4 steps/epoch. Budget 30 s, planned to 0.98 x 30 = 29.4 s. Calibration: steps 2-3.
     monkeypatch.setattr(budget_mod, "CALIBRATION_STEPS", 2)
     monkeypatch.setattr(trainer_mod.Trainer, "clock", _fake_clock)
-    base = TINY + [f"data.root={image_folder}", f"trainer.out_dir={tmp_path}", "trainer.time_budget=30"]
+    base = tiny_overrides + [f"data.root={image_folder}", f"trainer.out_dir={tmp_path}", "trainer.time_budget=30"]
     pretrain(load_config(None, base + ["trainer.name=straight"]))
     a = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")
     # step 3: 6 s used, 2 s/step -> 3 + int(23.4 / 2) = 14; step ceil(0.3 x 14) = 5: 14 kept;
@@ -78,8 +78,8 @@ def test_budgeted_run_plans_resizes_and_resumes_bit_identically(tmp_path, image_
             assert torch.equal(a[part][key], b[part][key]), f"{part}.{key} differs after resume"
 
 
-def test_the_plan_anneals_every_schedule_at_its_new_length():
-    cfg = load_config(None, TINY + ["data.root=x", "trainer.time_budget=60", "optim.min_lr=1e-5"])
+def test_the_plan_anneals_every_schedule_at_its_new_length(tiny_cfg):
+    cfg = tiny_cfg("data.root=x", "trainer.time_budget=60", "optim.min_lr=1e-5")
     plan = budget_mod.TimeBudget(cfg, iters_per_epoch=4, global_batch=8)
     plan.decisions.append({"step": 3, "elapsed_s": 6.0, "s_per_step": 2.0, "total": 20, "kind": "plan"})
     s = plan.schedules()

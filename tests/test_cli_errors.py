@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import TINY
 from sove.cli import main
 
 
@@ -20,32 +19,34 @@ def test_unknown_config_key_names_the_key(capsys):
     assert "num_judgez" in err
 
 
-def test_missing_data_root_names_the_path(tmp_path, capsys):
+def test_missing_data_root_names_the_path(tmp_path, capsys, tiny_overrides):
     missing = tmp_path / "does_not_exist"
-    status, err = run_cli(capsys, ["pretrain", *TINY, f"data.root={missing}", f"trainer.out_dir={tmp_path}"])
+    status, err = run_cli(capsys, ["pretrain", *tiny_overrides, f"data.root={missing}", f"trainer.out_dir={tmp_path}"])
     assert status == 2 and len(err.splitlines()) == 1
     assert str(missing) in err
 
 
-def test_empty_data_root_names_the_path(tmp_path, capsys):
+def test_empty_data_root_names_the_path(tmp_path, capsys, tiny_overrides):
     empty = tmp_path / "empty"
     empty.mkdir()
-    status, err = run_cli(capsys, ["pretrain", *TINY, f"data.root={empty}", f"trainer.out_dir={tmp_path / 'r'}"])
+    status, err = run_cli(capsys, ["pretrain", *tiny_overrides, f"data.root={empty}",
+                                   f"trainer.out_dir={tmp_path / 'r'}"])
     assert status == 2 and len(err.splitlines()) == 1
     assert str(empty) in err and "no images" in err
 
 
-def test_folder_without_images_names_the_path(tmp_path, capsys):
+def test_folder_without_images_names_the_path(tmp_path, capsys, tiny_overrides):
     folder = tmp_path / "docs"
     folder.mkdir()
     (folder / "notes.txt").write_text("not an image")
     (folder / ".DS_Store").write_bytes(b"\0\0")
-    status, err = run_cli(capsys, ["pretrain", *TINY, f"data.root={folder}", f"trainer.out_dir={tmp_path / 'r'}"])
+    status, err = run_cli(capsys, ["pretrain", *tiny_overrides, f"data.root={folder}",
+                                   f"trainer.out_dir={tmp_path / 'r'}"])
     assert status == 2 and str(folder) in err and len(err.splitlines()) == 1
 
 
-def test_fewer_images_than_a_batch(tmp_path, capsys, image_folder):
-    status, err = run_cli(capsys, ["pretrain", *TINY, f"data.root={image_folder}", "optim.batch_size=64",
+def test_fewer_images_than_a_batch(tmp_path, capsys, image_folder, tiny_overrides):
+    status, err = run_cli(capsys, ["pretrain", *tiny_overrides, f"data.root={image_folder}", "optim.batch_size=64",
                                    f"trainer.out_dir={tmp_path / 'r'}"])
     assert status == 2 and "optim.batch_size" in err and "32 images" in err
 
@@ -59,8 +60,8 @@ def test_fewer_images_than_a_batch(tmp_path, capsys, image_folder):
     ("loss.cls.label_mode=hard", "loss.cls.label_mode"),
     ("optim.batch_size=many", "optim.batch_size"),
 ])
-def test_invalid_values_name_the_key_before_any_work(tmp_path, capsys, override, key):
-    status, err = run_cli(capsys, ["pretrain", *TINY, "data.root=/nonexistent", override,
+def test_invalid_values_name_the_key_before_any_work(tmp_path, capsys, override, key, tiny_overrides):
+    status, err = run_cli(capsys, ["pretrain", *tiny_overrides, "data.root=/nonexistent", override,
                                    f"trainer.out_dir={tmp_path}"])
     assert status == 2 and key in err and len(err.splitlines()) == 1
     assert not any(tmp_path.iterdir())  # failed before creating the run directory
@@ -71,11 +72,11 @@ def test_unknown_preset_lists_the_packaged_ones(capsys):
     assert status == 2 and "no_such_preset" in err and "fashion_mnist_tiny" in err
 
 
-def test_bad_data_root_leaves_no_run_directory(tmp_path, capsys):
+def test_bad_data_root_leaves_no_run_directory(tmp_path, capsys, tiny_overrides):
     """Regression: a failed data check used to leave runs/<name>/ behind, and the retry then
     complained that the run directory exists instead of naming the bad path."""
     missing = tmp_path / "typo"
-    args = ["pretrain", *TINY, f"data.root={missing}", f"trainer.out_dir={tmp_path / 'runs'}"]
+    args = ["pretrain", *tiny_overrides, f"data.root={missing}", f"trainer.out_dir={tmp_path / 'runs'}"]
     for _ in range(2):
         status, err = run_cli(capsys, args)
         assert status == 2 and str(missing) in err and "exists" not in err.replace("does not exist", "")

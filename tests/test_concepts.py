@@ -8,55 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sove.method.concepts import (
-    anchor_generator,
-    draw_anchors,
-    nearest_judges,
-    select_judges,
-)
-
-
-def unit(n: int, d: int, seed: int) -> torch.Tensor:
-    """n random unit vectors of dim d, seeded."""
-    return F.normalize(torch.randn(n, d, generator=torch.Generator().manual_seed(seed)), dim=1)
-
-
-def reference_judge_index(features: torch.Tensor, anchor_idx: torch.Tensor, num_judges: int) -> torch.Tensor:
-    """Brute-force float64 k-NN over the feature set minus every anchor, one anchor at a time."""
-    f = features.double()
-    anchors = set(anchor_idx.tolist())
-    pool = [r for r in range(f.shape[0]) if r not in anchors]
-    rows = []
-    for a in anchor_idx.tolist():
-        cos = sorted(((float(f[a] @ f[r]), r) for r in pool), reverse=True)
-        rows.append([a] + [r for _, r in cos[: num_judges - 1]])
-    return torch.tensor(rows, dtype=torch.long)
-
-
-def reference_weights(features: torch.Tensor, judge_index: torch.Tensor, smoothing: float, label_mode: str):
-    """Eq. 2 labels in float64: anchor 1 - eps; neighbour cos(judge, anchor) (soft) or 1 - eps (onehot)."""
-    f = features.double()
-    w = torch.empty(judge_index.shape, dtype=torch.float64)
-    for c in range(judge_index.shape[0]):
-        for j in range(judge_index.shape[1]):
-            if j == 0 or label_mode == "onehot":
-                w[c, j] = 1.0 - smoothing
-            else:
-                w[c, j] = f[judge_index[c, j]] @ f[judge_index[c, 0]]
-    return w
-
-
-def dense_probs(features: torch.Tensor, judge_index: torch.Tensor, weights: torch.Tensor, u: torch.Tensor,
-                temperature: float) -> torch.Tensor:
-    """P = softmax(u D^T / tau) @ Y with the dense (K*J, K) label matrix Y, in float64."""
-    k, j = judge_index.shape
-    d = features.double()[judge_index.reshape(-1)]  # (K*J, dim)
-    w = weights.double().reshape(-1)
-    y = torch.empty(k * j, k, dtype=torch.float64)
-    for r in range(k * j):
-        y[r, :] = (1.0 - w[r]) / (k - 1)
-        y[r, r // j] = w[r]
-    return torch.softmax(u.double() @ d.T / temperature, dim=1) @ y
+from reference import judge_index as reference_judge_index
+from reference import probs as reference_probs
+from reference import unit
+from reference import weights as reference_weights
+from sove.method.concepts import draw_anchors, nearest_judges, select_judges
+from sove.seeding import generator
 
 
 @pytest.mark.parametrize("label_mode", ["soft", "onehot"])
@@ -92,7 +49,7 @@ def test_structured_probs_equal_dense_reference(num_judges, label_mode, keep_fra
     torch.testing.assert_close(concepts.weights.double(), weights, atol=1e-6, rtol=0)
     u = unit(4, 6, seed=11)
     for tau in (0.1, 0.5):
-        expected = dense_probs(features, concepts.judge_index, weights, u, tau)
+        expected = reference_probs(features[concepts.judge_index], weights, u, tau)
         torch.testing.assert_close(concepts.probs(u, tau).double(), expected, atol=1e-6, rtol=0)
 
 
@@ -127,7 +84,7 @@ def test_hand_computed_two_concepts():
 @pytest.mark.parametrize("seed", range(20))
 def test_anchor_never_a_judge_random(seed):
     features = unit(24, 4, seed=seed)
-    anchors = draw_anchors(24, 8, anchor_generator(seed, 0, 0))
+    anchors = draw_anchors(24, 8, generator(seed, "anchors", 0, 0, 0))
     concepts = select_judges(features, anchors, num_judges=5)
     assert concepts.judge_index[:, 0].tolist() == anchors.tolist()
     neighbours = set(concepts.judge_index[:, 1:].reshape(-1).tolist())
@@ -172,7 +129,7 @@ def test_explicit_anchors_repeatable_and_generator_deterministic():
     assert torch.equal(a.judges, b.judges)
 
     def draw(seed, step, task, stream=0):
-        return draw_anchors(1000, 20, anchor_generator(seed, step, task, stream))
+        return draw_anchors(1000, 20, generator(seed, "anchors", step, task, stream))
 
     assert torch.equal(draw(0, 5, 1), draw(0, 5, 1))
     base = draw(0, 5, 1)
@@ -206,7 +163,7 @@ def test_soft_weights_are_fp32_cosines_and_may_be_negative():
     assert concepts.weights[:, 0].tolist() == pytest.approx([0.9, 0.9])
     u = unit(3, 2, seed=1)
     torch.testing.assert_close(concepts.probs(u, 0.5).sum(1), torch.ones(3), atol=1e-6, rtol=0)
-    expected = dense_probs(features, idx, concepts.weights, u, 0.5)
+    expected = reference_probs(features[idx], concepts.weights, u, 0.5)
     torch.testing.assert_close(concepts.probs(u, 0.5).double(), expected, atol=1e-6, rtol=0)
 
 
@@ -217,7 +174,7 @@ def test_shared_neighbour_is_a_judge_of_both_concepts():
     assert concepts.judge_index.tolist() == [[0, 2], [1, 2]]
     # Its own softmax mass appears once per concept: dense reference with the row duplicated.
     u = unit(4, 2, seed=3)
-    expected = dense_probs(features, concepts.judge_index, concepts.weights, u, 0.2)
+    expected = reference_probs(features[concepts.judge_index], concepts.weights, u, 0.2)
     torch.testing.assert_close(concepts.probs(u, 0.2).double(), expected, atol=1e-6, rtol=0)
     # The two concepts give row 2 different weights (its cosine to each anchor).
     c0, c1 = float(features[2] @ features[0]), float(features[2] @ features[1])

@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import TINY
 from sove.cli import main
-from sove.config import load_config
 from sove.errors import ConfigError, DataError
 from sove.train.preflight import check_run_plan
 
-BASE = TINY + ["data.root=unused"]  # 32 images below: batch 8 -> 4 steps/epoch, 2 epochs = 8 steps
+BASE = ["data.root=unused"]  # on TINY; 32 images below: batch 8 -> 4 steps/epoch, 2 epochs = 8 steps
 
 
 @pytest.mark.parametrize("overrides, line", [
@@ -38,16 +36,17 @@ BASE = TINY + ["data.root=unused"]  # 32 images below: batch 8 -> 4 steps/epoch,
     (["eval.knn_k=[]"], "eval.knn_k: needs at least one k and every k must be >= 1, got []"),  # was ValueError
     (["eval.knn_temperature=-1"], "eval.knn_temperature: must be > 0 (votes are exp(sim / T)), got -1.0"),
     (["eval.batch_size=0"], "eval.batch_size: must be >= 1, got 0"),  # was torch's ValueError
+    (["trainer.seed=-1"], "trainer.seed: must be >= 0 (it seeds numpy's SeedSequence), got -1"),  # was numpy's error
     (["eval.knn_train_subset=0"], "eval.knn_train_subset: must be >= 1 (images), got 0"),
 ])
-def test_key_checks_refuse_with_the_exact_line(overrides, line):
+def test_key_checks_refuse_with_the_exact_line(overrides, line, tiny_cfg):
     with pytest.raises(ConfigError) as err:
-        load_config(None, BASE + overrides)
+        tiny_cfg(*BASE, *overrides)
     assert str(err.value) == line
 
 
-def test_patch_loss_off_allows_no_masking():
-    assert load_config(None, BASE + ["mask.ratio=0", "loss.patch_weight=0"]).mask.ratio == 0
+def test_patch_loss_off_allows_no_masking(tiny_cfg):
+    assert tiny_cfg(*BASE, "mask.ratio=0", "loss.patch_weight=0").mask.ratio == 0
 
 
 @pytest.mark.parametrize("overrides, images, world, error", [
@@ -65,15 +64,15 @@ def test_patch_loss_off_allows_no_masking():
                 "batch would be dropped; lower optim.batch_size; settings that fit 12 images on 2 processes: "
                 "optim.batch_size=1 loss.cls_feature_set_size=8 loss.cls.num_anchors=2"),
 ])
-def test_run_plan_refusals(overrides, images, world, error):
+def test_run_plan_refusals(overrides, images, world, error, tiny_cfg):
     with pytest.raises((ConfigError, DataError)) as err:
-        check_run_plan(load_config(None, BASE + overrides), images, world)
+        check_run_plan(tiny_cfg(*BASE, *overrides), images, world)
     assert str(err.value) == error
 
 
-def test_run_plan_warnings(capsys):
-    cfg = load_config(None, BASE + ["optim.batch_size=12", "trainer.max_steps=1", "loss.teacher_temp_final=0.07",
-                                    "optim.base_lr=0", "eval.knn_every_epochs=1"])
+def test_run_plan_warnings(capsys, tiny_cfg):
+    cfg = tiny_cfg(*BASE, "optim.batch_size=12", "trainer.max_steps=1", "loss.teacher_temp_final=0.07",
+                   "optim.base_lr=0", "eval.knn_every_epochs=1")
     # 32 images, global batch 12: 2 steps/epoch, 8 images dropped; schedule 4 steps, lr warm-up 1 step.
     warnings = check_run_plan(cfg, 32, 1)
     assert warnings == [
@@ -96,18 +95,19 @@ def test_run_plan_warnings(capsys):
     assert capsys.readouterr().err.splitlines() == [f"sove: warning: {w}" for w in warnings]
 
 
-def test_max_steps_inside_a_warm_up_is_warned_about():
-    cfg = load_config(None, BASE + ["trainer.max_steps=1", "optim.warmup_epochs=0.1"])
+def test_max_steps_inside_a_warm_up_is_warned_about(tiny_cfg):
+    cfg = tiny_cfg(*BASE, "trainer.max_steps=1", "optim.warmup_epochs=0.1")
     assert "optim.warmup_epochs=0.1 is 0 steps at 4 steps/epoch: no lr warm-up" in check_run_plan(cfg, 32, 1)
-    cfg = load_config(None, BASE + ["trainer.max_steps=1"])  # lr warm-up: 0.5 epochs = 2 steps
+    cfg = tiny_cfg(*BASE, "trainer.max_steps=1")  # lr warm-up: 0.5 epochs = 2 steps
     assert "trainer.max_steps=1 stops the run inside the lr warm-up (2 steps)" in check_run_plan(cfg, 32, 1)
 
 
-def test_global_batch_larger_than_the_data_is_refused_before_launch(tmp_path, image_folder, capsys):
+def test_global_batch_larger_than_the_data_is_refused_before_launch(tmp_path, image_folder, capsys, tiny_overrides):
     """Regression: the check used the per-process batch, so 2 x 24 > 32 images created the run
     directory and launched two processes before failing."""
     out = tmp_path / "runs"
-    status = main(["pretrain", *TINY, f"data.root={image_folder}", "optim.batch_size=24", "trainer.accelerator=cpu",
+    status = main(["pretrain", *tiny_overrides, f"data.root={image_folder}", "optim.batch_size=24",
+                   "trainer.accelerator=cpu",
                    "trainer.devices=2", "trainer.strategy=ddp", f"trainer.out_dir={out}"])
     err = capsys.readouterr().err.strip()
     assert status == 2 and err == (
@@ -132,11 +132,11 @@ def test_global_batch_larger_than_the_data_is_refused_before_launch(tmp_path, im
       "loss.patch.num_anchors=4"]),
     ([], 10000, []),  # TINY on 10,000 images fits as it is
 ])
-def test_small_data_suggestions(overrides, images, expected):
+def test_small_data_suggestions(overrides, images, expected, tiny_cfg):
     from sove.train.small_data import fitting_overrides
 
-    cfg = load_config(None, BASE + overrides)
+    cfg = tiny_cfg(*BASE, *overrides)
     assert fitting_overrides(cfg, images, 1) == expected
     if expected:  # the suggested settings pass the run plan without a small-data warning
-        fixed = load_config(None, BASE + overrides + expected)
+        fixed = tiny_cfg(*BASE, *overrides, *expected)
         assert not [w for w in check_run_plan(fixed, images, 1) if "images" in w or "drops" in w]

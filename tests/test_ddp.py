@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import PEERS, TINY
+from helpers import PEERS
 from sove.config import load_config
 from sove.train.checkpoint import load_checkpoint
 from sove.train.trainer import pretrain
@@ -21,11 +21,11 @@ def losses(run_dir):
 
 
 @pytest.mark.parametrize("method", ["sove", *PEERS])
-def test_two_process_ddp_equals_single_process(tmp_path, image_folder, method):
+def test_two_process_ddp_equals_single_process(tmp_path, image_folder, method, tiny_overrides):
     # Drop path is the only per-process randomness left (augmentation, masks, anchors and the
     # enqueued patch positions are all seeded by sample/step), so switch it off to compare.
     # DINO / iBOT: the centers are updated from the teacher logits of all ranks (sums all-reduced).
-    common = TINY + [f"data.root={image_folder}", f"trainer.out_dir={tmp_path}", "model.drop_path_rate=0",
+    common = tiny_overrides + [f"data.root={image_folder}", f"trainer.out_dir={tmp_path}", "model.drop_path_rate=0",
                      "trainer.max_steps=3", f"method={method}", "peers.num_prototypes=32"]
     single = pretrain(load_config(None, common + ["trainer.name=single", "optim.batch_size=8"]))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -6,9 +6,7 @@ import json
 
 import torch
 
-from conftest import TINY
 from sove.cli import main
-from sove.config import load_config
 from sove.eval.encoder import load_frozen
 from sove.run import teacher_backbone
 from sove.train.trainer import pretrain
@@ -17,9 +15,9 @@ from test_segmentation import make_ade
 from test_video import make_davis
 
 
-def test_cli_on_run_and_exported_backbone(tmp_path, image_folder):
-    cfg = load_config(None, TINY + [f"data.root={image_folder}", f"trainer.out_dir={tmp_path}", "trainer.name=r",
-                                    "trainer.max_steps=2"])
+def test_cli_on_run_and_exported_backbone(tmp_path, image_folder, tiny_cfg):
+    cfg = tiny_cfg(f"data.root={image_folder}", f"trainer.out_dir={tmp_path}", "trainer.name=r",
+                   "trainer.max_steps=2")
     run = pretrain(cfg)
     assert main(["export", str(run)]) == 0
 

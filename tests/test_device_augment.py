@@ -98,7 +98,12 @@ def test_padding_does_not_change_an_images_crops():
         torch.testing.assert_close(b[0], a[0], atol=1e-6, rtol=0)  # edge weights: float rounding only
 
 
+ALPHA = 0.001  # per-test level of the distribution checks below
+
+
 def test_parameter_distributions_match_torchvision_and_the_recipe():
+    # 27 tests on fixed draws: each at level 0.001 (Bonferroni), a family-wise false alarm below 3%.
+    # At 0.01 each, seeds failed by chance (seed 0 of the named streams: 1648 of 2000 jitters, p = 0.007).
     n = 2000
     aug = MultiCropAugmentation(32, 16, 2, num_channels=3)
     dataset = DecodedDataset(_Smooth(1, 3, 40, 50), aug, 4, mask_ratio=0.0)
@@ -111,22 +116,22 @@ def test_parameter_distributions_match_torchvision_and_the_recipe():
         boxes = [ref.make_params(image) for _ in range(n)]
         ref_w, ref_h = (torch.tensor([float(b[k]) for b in boxes]) for k in ("width", "height"))
         w, h = (p["boxes"][:, v, 2] - p["boxes"][:, v, 0]), (p["boxes"][:, v, 3] - p["boxes"][:, v, 1])
-        assert stats.ks_2samp(w * h, ref_w * ref_h).pvalue > 0.01  # crop area
-        assert stats.ks_2samp(torch.log(w / h), torch.log(ref_w / ref_h)).pvalue > 0.01  # aspect ratio
+        assert stats.ks_2samp(w * h, ref_w * ref_h).pvalue > ALPHA  # crop area
+        assert stats.ks_2samp(torch.log(w / h), torch.log(ref_w / ref_h)).pvalue > ALPHA  # aspect ratio
         for key, prob in (("flip", 0.5), ("jitter", 0.8), ("gray", 0.2), ("blur", spec.blur_p),
                           ("solarize", spec.solarize_p)):
             hits = int(p[key][:, v].sum())
-            assert hits == n * prob if prob in (0.0, 1.0) else stats.binomtest(hits, n, prob).pvalue > 0.01, key
+            assert hits == n * prob if prob in (0.0, 1.0) else stats.binomtest(hits, n, prob).pvalue > ALPHA, key
     jitter = v2.ColorJitter(0.4, 0.4, 0.2, 0.1)
     ref = [jitter.make_params(image) for _ in range(n)]
     names = ("brightness_factor", "contrast_factor", "saturation_factor", "hue_factor")
     for op, name in enumerate(names):
-        assert stats.ks_2samp(p["factors"][:, 2, op], [r[name] for r in ref]).pvalue > 0.01, name
+        assert stats.ks_2samp(p["factors"][:, 2, op], [r[name] for r in ref]).pvalue > ALPHA, name
     first = torch.bincount(p["order"][:, 2, 0], minlength=4)  # the first jitter op: uniform
-    assert stats.chisquare(first).pvalue > 0.01
+    assert stats.chisquare(first).pvalue > ALPHA
     blur = v2.GaussianBlur(3, sigma=(0.1, 2.0))
     ref_sigma = [blur.make_params(image)["sigma"][0] for _ in range(n)]
-    assert stats.ks_2samp(p["sigma"][:, 2], ref_sigma).pvalue > 0.01
+    assert stats.ks_2samp(p["sigma"][:, 2], ref_sigma).pvalue > ALPHA
 
 
 def test_bound_size_and_unreadable_images():
@@ -165,15 +170,15 @@ def test_augment_on_config_keys():
     assert load_config(None).data.max_image_side == 512
 
 
-def test_auto_picks_device_on_cuda_or_without_workers(monkeypatch, image_folder):
-    from conftest import TINY
+def test_auto_picks_device_on_cuda_or_without_workers(monkeypatch, image_folder, tiny_cfg):
 
     def path(*overrides):
-        return resolve_augment_on(load_config(None, TINY + [f"data.root={image_folder}", *overrides]))
+        return resolve_augment_on(tiny_cfg(f"data.root={image_folder}", *overrides))
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert path() == "device" and path("data.num_workers=2") == "loader"
-    assert path("data.augment_on=loader") == "loader" and path("data.augment_on=device", "data.num_workers=2") == "device"
-    assert type(build_train_dataset(load_config(None, TINY + [f"data.root={image_folder}"]))) is DecodedDataset
+    assert path("data.augment_on=loader") == "loader" and path("data.augment_on=device",
+                                                               "data.num_workers=2") == "device"
+    assert type(build_train_dataset(tiny_cfg(f"data.root={image_folder}"))) is DecodedDataset
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert path("data.num_workers=2") == "device" and path("data.num_workers=2", "trainer.accelerator=cpu") == "loader"

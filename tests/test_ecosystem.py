@@ -19,9 +19,8 @@ import torch
 from PIL import Image
 from timm.layers import resample_abs_pos_embed
 
-from conftest import TINY, make_image_folder
+from helpers import make_image_folder
 from sove.cli import main
-from sove.config import load_config
 from sove.errors import SoveError
 from sove.eval.features import EvalImages
 from sove.run import teacher_backbone
@@ -42,7 +41,7 @@ LOGGERS = ["wandb", "mlflow"] if _optional("wandb", "mlflow") else []
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, tiny_cfg):
     """A 2-step TINY run (its own mean/std) with every logger whose package is installed; exported."""
     from sove.train.trainer import pretrain
 
@@ -55,9 +54,9 @@ def run(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         for key, value in env.items():
             mp.setenv(key, value)
-        cfg = load_config(None, TINY + [f"data.root={images}", f"trainer.out_dir={tmp}", "trainer.name=eco",
-                                        "trainer.max_steps=2", f"data.mean={MEAN}", f"data.std={STD}",
-                                        f"trainer.loggers=[{loggers}]"])
+        cfg = tiny_cfg(f"data.root={images}", f"trainer.out_dir={tmp}", "trainer.name=eco",
+                       "trainer.max_steps=2", f"data.mean={MEAN}", f"data.std={STD}",
+                       f"trainer.loggers=[{loggers}]")
         path = pretrain(cfg)
     return path, cfg, images, tmp
 
@@ -131,13 +130,13 @@ def test_offline_wandb_and_mlflow_runs_write_their_files(run):
 
 
 # --------------------------------------------------------------------------------------- model.init
-def test_model_init_from_an_export_equals_its_weights_and_resamples_the_grid(run, capsys):
+def test_model_init_from_an_export_equals_its_weights_and_resamples_the_grid(run, capsys, tiny_cfg):
     path, cfg, images, _ = run
     main(["export", str(path)])
     source = teacher_backbone(path, cfg).vit.state_dict()
     for size, grid in ((16, 4), (24, 6)):
-        new = load_config(None, TINY + [f"data.root={images}", f"data.global_crop_size={size}", f"data.mean={MEAN}",
-                                        f"data.std={STD}", f"model.init={path / 'export'}"])
+        new = tiny_cfg(f"data.root={images}", f"data.global_crop_size={size}", f"data.mean={MEAN}",
+                       f"data.std={STD}", f"model.init={path / 'export'}")
         student, teacher = init_backbones(new, new.model.init)
         for net in (student, teacher):
             got = net.backbone.vit.state_dict()
@@ -151,8 +150,8 @@ def test_model_init_from_an_export_equals_its_weights_and_resamples_the_grid(run
     assert "resampled pos_embed from a 4x4 to a 6x6 patch grid" in out.out and "warning" not in out.err
 
 
-def test_model_init_from_a_dino_checkpoint_takes_the_teacher_backbone(tmp_path, capsys):
-    cfg = load_config(None, TINY + ["data.root=unused", f"model.init={tmp_path / 'dino.pth'}"])
+def test_model_init_from_a_dino_checkpoint_takes_the_teacher_backbone(tmp_path, capsys, tiny_cfg):
+    cfg = tiny_cfg("data.root=unused", f"model.init={tmp_path / 'dino.pth'}")
     donor = build_networks(cfg, seed=7)[1]  # another seed: other weights
     teacher = {f"backbone.{k}": v for k, v in donor.backbone.vit.state_dict().items()}
     teacher["head.last_layer.weight"] = torch.zeros(5, 16)
@@ -163,7 +162,7 @@ def test_model_init_from_a_dino_checkpoint_takes_the_teacher_backbone(tmp_path, 
         capsys.readouterr().out
 
 
-def test_model_init_timm_name_from_the_local_cache(tmp_path, monkeypatch, capsys):
+def test_model_init_timm_name_from_the_local_cache(tmp_path, monkeypatch, capsys, tiny_cfg):
     """timm:NAME reads the user's Hugging Face cache (here a locally written one, offline)."""
     from safetensors.torch import save_file
 
@@ -178,9 +177,9 @@ def test_model_init_timm_name_from_the_local_cache(tmp_path, monkeypatch, capsys
     (snapshot.parents[1] / "refs").mkdir()
     (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
     save_file(src.state_dict(), str(snapshot / "model.safetensors"))
-    cfg = load_config(None, TINY + ["data.root=unused", "model.arch=test_vit", "model.patch_size=16", "model.depth=null",
-                                    "model.embed_dim=null", "model.num_heads=null", "data.global_crop_size=32",
-                                    "data.local_crop_size=16", "model.init=timm:test_vit"])
+    cfg = tiny_cfg("data.root=unused", "model.arch=test_vit", "model.patch_size=16", "model.depth=null",
+                   "model.embed_dim=null", "model.num_heads=null", "data.global_crop_size=32",
+                   "data.local_crop_size=16", "model.init=timm:test_vit")
     _, teacher = init_backbones(cfg, cfg.model.init)
     got = teacher.backbone.vit.state_dict()
     assert all(torch.equal(got[k], v) for k, v in src.state_dict().items() if k != "pos_embed")
@@ -194,8 +193,8 @@ def test_model_init_timm_name_from_the_local_cache(tmp_path, monkeypatch, capsys
         backbone_weights("timm:test_vit2")  # not in the cache
 
 
-def test_model_init_errors_stop_before_the_run_directory(tmp_path, image_folder, capsys):
-    args = ["pretrain", *TINY, f"data.root={image_folder}", f"trainer.out_dir={tmp_path / 'runs'}"]
+def test_model_init_errors_stop_before_the_run_directory(tmp_path, image_folder, capsys, tiny_overrides):
+    args = ["pretrain", *tiny_overrides, f"data.root={image_folder}", f"trainer.out_dir={tmp_path / 'runs'}"]
     assert main(args + [f"model.init={tmp_path / 'nope.pth'}"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"sove: error: model.init: '{tmp_path / 'nope.pth'}' not found; give timm:NAME, a sove export (RUN/export or "

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from conftest import make_image_folder, tiny_labelled_run
+from helpers import make_image_folder
 from sove.cli import main
 from sove.config import load_config
 from sove.errors import DataError, SoveError
@@ -31,7 +31,7 @@ def blobs(n_per_class: int = 40, dim: int = 6, classes: int = 3, seed: int = 0) 
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory) -> Path:
+def tiny_run(tmp_path_factory, tiny_labelled_run) -> Path:
     return tiny_labelled_run(tmp_path_factory.mktemp("lin"))
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_image_folder, tiny_labelled_run
+from helpers import make_image_folder
 from sove.cli import main
 from sove.data import ImageFolder
 from sove.errors import DataError, SoveError
@@ -26,7 +26,7 @@ class IndexSource:
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory) -> Path:
+def tiny_run(tmp_path_factory, tiny_labelled_run) -> Path:
     return tiny_labelled_run(tmp_path_factory.mktemp("low"))
 
 

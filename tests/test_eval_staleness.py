@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_image_folder, tiny_labelled_run
+from helpers import make_image_folder
 from sove.cli import main
 from sove.eval import features
 from sove.eval.encoder import load_frozen
@@ -22,7 +22,7 @@ from sove.train.checkpoint import atomic_save, load_checkpoint
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Path:
+def run(tmp_path_factory, tiny_labelled_run) -> Path:
     return tiny_labelled_run(tmp_path_factory.mktemp("stale"))
 
 

@@ -60,11 +60,10 @@ def test_chunking_and_best_k():
     assert c["top1"]["50"] == a["top1"]["200"]
 
 
-def test_all_modes_in_one_pass_equal_separate_evaluations(tmp_path):
+def test_all_modes_in_one_pass_equal_separate_evaluations(tmp_path, tiny_labelled_run):
     """``sove eval knn --all`` reads the images once and gives each mode the result of its own run."""
     import json
 
-    from conftest import tiny_labelled_run
     from sove.eval.knn import evaluate_knn, evaluate_knn_modes
 
     run = tiny_labelled_run(tmp_path)

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import TINY
-from sove.config import load_config
 from sove.errors import ConfigError
 from sove.train import loggers
 
@@ -26,8 +24,8 @@ def test_mlflow_store_is_the_run_directory_unless_a_tracking_uri_is_set(tmp_path
     assert loggers.mlflow_tracking_uri(tmp_path) == "http://tracking.example:5000"
 
 
-def test_default_loggers_are_csv_and_tensorboard(tmp_path):
-    cfg = load_config(None, TINY + ["data.root=unused"])
+def test_default_loggers_are_csv_and_tensorboard(tmp_path, tiny_cfg):
+    cfg = tiny_cfg("data.root=unused")
     built = loggers.build_loggers(cfg, tmp_path)
     assert [type(x).__name__ for x in built] == ["MetricsCSV", "TensorBoardLogger"]
 

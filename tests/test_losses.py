@@ -6,27 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import reference
+from reference import unit
 from sove.method.concepts import draw_anchors, select_judges
 from sove.method.feature_set import FeatureSet
 from sove.method.losses import ConceptSettings, SOVELoss, cls_loss, cross_view_pairs, patch_loss
 
 DIM = 8
-
-
-def unit(*shape: int, seed: int) -> torch.Tensor:
-    return F.normalize(torch.randn(*shape, generator=torch.Generator().manual_seed(seed)), dim=-1)
-
-
-def dense_probs(concepts, u: torch.Tensor, temperature: float) -> torch.Tensor:
-    """softmax(u D^T / tau) @ Y with the dense (K*J, K) label matrix Y, in float64."""
-    k, j, d = concepts.judges.shape
-    judges = concepts.judges.double().reshape(k * j, d)
-    w = concepts.weights.double().reshape(-1)
-    y = torch.empty(k * j, k, dtype=torch.float64)
-    for r in range(k * j):
-        y[r, :] = (1.0 - w[r]) / (k - 1)
-        y[r, r // j] = w[r]
-    return torch.softmax(u.double() @ judges.T / temperature, dim=1) @ y
 
 
 def make_concepts(seed: int = 0, num_judges: int = 3, num_anchors: int = 6):
@@ -35,31 +21,8 @@ def make_concepts(seed: int = 0, num_judges: int = 3, num_anchors: int = 6):
     return select_judges(features, anchors, num_judges=num_judges)
 
 
-def reference_cls_loss(student, teacher, concepts, tau_s, tau_t) -> float:
-    """Slow Eq. 2: loop over pairs i != j; -sum q log p, batch mean, pair mean."""
-    pair_losses = []
-    for i in range(student.shape[0]):
-        for j in range(teacher.shape[0]):
-            if i == j:
-                continue
-            q = dense_probs(concepts, teacher[j], tau_t)
-            p = dense_probs(concepts, student[i], tau_s)
-            pair_losses.append(-(q * p.log()).sum(1).mean())
-    return float(torch.stack(pair_losses).mean())
-
-
-def reference_patch_loss(student, teacher, owner, num_images, concepts, tau_s, tau_t) -> float:
-    """Slow Eq. 4: per image sum of masked-token CE / max(1, count); mean over all images."""
-    per_image = []
-    for img in range(num_images):
-        sel = (owner == img).nonzero()[:, 0]
-        total = 0.0
-        for t in sel.tolist():
-            q = dense_probs(concepts, teacher[t : t + 1], tau_t)
-            p = dense_probs(concepts, student[t : t + 1], tau_s)
-            total += float(-(q * p.log()).sum())
-        per_image.append(total / max(1, len(sel)))
-    return sum(per_image) / num_images
+def patch_reference(student, teacher, owner, num_images, concepts, tau_s, tau_t) -> float:
+    return reference.patch_loss(student, teacher, owner, num_images, concepts.judges, concepts.weights, tau_s, tau_t)
 
 
 def test_cross_view_pairs_two_globals_four_locals():
@@ -80,7 +43,8 @@ def test_cls_loss_matches_slow_reference(student_views):
     teacher = unit(2, 3, DIM, seed=3)
     got = cls_loss(student, teacher, concepts, 0.1, 0.04)
     assert got.dtype == torch.float32 and got.ndim == 0
-    assert got.item() == pytest.approx(reference_cls_loss(student, teacher, concepts, 0.1, 0.04), abs=1e-5)
+    expected = reference.cls_loss(student, teacher, concepts.judges, concepts.weights, 0.1, 0.04)
+    assert got.item() == pytest.approx(expected, abs=1e-5)
 
 
 def test_cls_loss_gradient_only_through_student():
@@ -99,10 +63,10 @@ def test_patch_loss_matches_slow_per_image_loop():
     student = unit(6, DIM, seed=5)
     teacher = unit(6, DIM, seed=6)
     got = patch_loss(student, teacher, owner, 4, concepts, 0.1, 0.04)
-    expected = reference_patch_loss(student, teacher, owner, 4, concepts, 0.1, 0.04)
+    expected = patch_reference(student, teacher, owner, 4, concepts, 0.1, 0.04)
     assert got.item() == pytest.approx(expected, abs=1e-5)
     # Image 1 counts as 0 in the mean: the loss is 3/4 of the mean over the 3 other images.
-    with_tokens = reference_patch_loss(student, teacher, torch.tensor([0, 0, 1, 1, 1, 2]), 3,
+    with_tokens = patch_reference(student, teacher, torch.tensor([0, 0, 1, 1, 1, 2]), 3,
                                        concepts, 0.1, 0.04)
     assert got.item() == pytest.approx(with_tokens * 3 / 4, abs=1e-5)
 
@@ -154,7 +118,8 @@ def test_sove_loss_terms_and_weighting():
     assert out["cls"].item() == pytest.approx(expected_cls.item(), abs=1e-6)
     assert out["patch"].item() == pytest.approx(expected_patch.item(), abs=1e-6)
     assert out["cls"].item() == pytest.approx(
-        reference_cls_loss(inputs["student_cls"], inputs["teacher_cls"], c_cls, 0.1, 0.04), abs=1e-5)
+        reference.cls_loss(inputs["student_cls"], inputs["teacher_cls"], c_cls.judges, c_cls.weights, 0.1, 0.04),
+        abs=1e-5)
 
 
 def test_sove_loss_without_patch_term():
@@ -225,15 +190,25 @@ def test_shared_similarity_path_equals_per_task_judge_products():
         torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)
 
 
-def test_concept_cache_is_keyed_on_the_features_shape_and_settings():
+def test_concept_cache_is_keyed_on_the_feature_set_version_and_settings():
+    """Concepts are cached per feature set and its change counter ``FeatureSet.version`` (regression: the key
+    was torch's private ``tensor._version``); a bare tensor is never cached."""
     loss = make_loss()
-    features = unit(40, 8, seed=3)
-    full = loss.concepts(loss.cls, features, step=5, task=0, stream=0)
-    assert loss.concepts(loss.cls, features, step=5, task=0, stream=0) is full  # micro-batches share one search
-    # a view of the first 10 rows shares the memory and in-place version, not the rows
-    head = loss.concepts(loss.cls, features[:10], step=5, task=0, stream=0)
-    fresh = make_loss().concepts(loss.cls, features[:10].clone(), step=5, task=0, stream=0)
-    assert int(head.judge_index.max()) < 10 and torch.equal(head.judge_index, fresh.judge_index)
+    fs = FeatureSet(40, DIM, seed=3)
+    full = loss.concepts(loss.cls, fs, step=5, task=0, stream=0)
+    assert loss.concepts(loss.cls, fs, step=5, task=0, stream=0) is full  # micro-batches share one search
+    rows = fs.features.clone()
+    bare = loss.concepts(loss.cls, rows, step=5, task=0, stream=0)
+    assert bare is not full and torch.equal(bare.judge_index, full.judge_index)  # same draw, same rows
+    assert loss.concepts(loss.cls, rows, step=5, task=0, stream=0) is not bare
+    fs.enqueue(unit(4, DIM, seed=9))  # rows 0..3 change in place: a new search
+    assert fs.version == 1
+    after = loss.concepts(loss.cls, fs, step=5, task=0, stream=0)
+    fresh = make_loss().concepts(loss.cls, fs.features.clone(), step=5, task=0, stream=0)
+    assert after is not full and torch.equal(after.weights, fresh.weights)
+    fs.load_state_dict(FeatureSet(40, DIM, seed=4).state_dict())  # copied in place, same memory
+    assert fs.version == 2 and loss.concepts(loss.cls, fs, step=5, task=0, stream=0) is not after
     # another setting (e.g. the smoothing of another loss) is another set of concepts
     smooth = ConceptSettings(num_anchors=6, num_judges=3, num_tasks=1, smoothing=0.5)
-    assert not torch.equal(loss.concepts(smooth, features, step=5, task=0, stream=0).weights, full.weights)
+    assert not torch.equal(loss.concepts(smooth, fs, step=5, task=0, stream=0).weights,
+                           loss.concepts(loss.cls, fs, step=5, task=0, stream=0).weights)

@@ -32,13 +32,11 @@ def test_blockwise_count_distribution_at_14x14():
     assert all(int(filled(torch.Generator().manual_seed(s)).sum()) == 59 for s in seeds)
 
 
-def test_fill_remainder_config_reaches_the_dataset(image_folder):
-    from conftest import TINY
-    from sove.config import load_config
+def test_fill_remainder_config_reaches_the_dataset(image_folder, tiny_cfg):
     from sove.train.builders import build_train_dataset
 
     for value in (False, True):
-        cfg = load_config(None, TINY + [f"data.root={image_folder}", f"mask.fill_remainder={value}"])
+        cfg = tiny_cfg(f"data.root={image_folder}", f"mask.fill_remainder={value}")
         assert build_train_dataset(cfg).mask_generator.fill_remainder is value
 
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import PEERS, TINY, with_method_state
+from helpers import PEERS, with_method_state
 from sove.cli import main
 from sove.config import load_config
 from sove.errors import ConfigError, SoveError
@@ -20,9 +20,10 @@ TINY_OUT = 16  # model.head_out_dim of TINY
 
 
 @pytest.mark.parametrize("method", PEERS)
-def test_peer_resumes_exactly_and_is_evaluated_by_sove_eval_knn(tmp_path, image_folder, capsys, method):
+def test_peer_resumes_exactly_and_is_evaluated_by_sove_eval_knn(tmp_path, image_folder, capsys, method, tiny_overrides):
     # 32 images, batch 8: 4 steps per epoch. 6 steps straight == 5 steps, then resumed to 6 (across an epoch).
-    base = TINY + [f"data.root={image_folder}", f"data.test_root={image_folder}", f"trainer.out_dir={tmp_path}",
+    base = tiny_overrides + [f"data.root={image_folder}", f"data.test_root={image_folder}",
+                             f"trainer.out_dir={tmp_path}",
                    f"method={method}", "peers.num_prototypes=32"]
     straight = pretrain(load_config(None, base + ["trainer.name=straight", "trainer.max_steps=6"]))
     pretrain(load_config(None, base + ["trainer.name=resumed", "trainer.max_steps=5"]))
@@ -43,11 +44,11 @@ def test_peer_resumes_exactly_and_is_evaluated_by_sove_eval_knn(tmp_path, image_
     assert 0.0 <= result["best_top1"] <= 100.0 and result["num_test"] == 32
 
 
-def test_without_lightly_a_peer_is_one_error_line(tmp_path, image_folder, monkeypatch, capsys):
+def test_without_lightly_a_peer_is_one_error_line(tmp_path, image_folder, monkeypatch, capsys, tiny_overrides):
     for name in ("lightly", "lightly.loss", "lightly.models", "lightly.models.modules"):
         monkeypatch.setitem(sys.modules, name, None)  # import fails as if not installed
     out = tmp_path / "runs"
-    assert main(["pretrain", *TINY, f"data.root={image_folder}", f"trainer.out_dir={out}", "trainer.name=d",
+    assert main(["pretrain", *tiny_overrides, f"data.root={image_folder}", f"trainer.out_dir={out}", "trainer.name=d",
                  "method=dino"]) == 2
     assert capsys.readouterr().err.splitlines()[-1] == (
         "sove: error: method=dino needs lightly (the DINO / iBOT heads and losses): pip install 'sove[peers]'")
@@ -66,8 +67,8 @@ def test_unknown_method_names_the_key():
         load_config(None, ["method=byol"])
 
 
-def test_checkpoint_before_methods_loads_as_sove_and_another_method_is_refused(tmp_path, image_folder):
-    cfg = load_config(None, TINY + [f"data.root={image_folder}", f"trainer.out_dir={tmp_path}", "trainer.name=o"])
+def test_checkpoint_before_methods_loads_as_sove_and_another_method_is_refused(tmp_path, image_folder, tiny_cfg):
+    cfg = tiny_cfg(f"data.root={image_folder}", f"trainer.out_dir={tmp_path}", "trainer.name=o")
     trainer = Trainer(cfg, prepare_run_dir(cfg, overwrite=False))
     state = trainer.state_dict()
     del state["method"]  # the format before methods: feature sets at the top level
@@ -88,17 +89,17 @@ def test_checkpoint_before_methods_loads_as_sove_and_another_method_is_refused(t
         trainer.load_state_dict(new, "x.pt")
 
 
-def test_resume_with_another_method_is_refused_naming_the_key(tmp_path, image_folder):
-    run = pretrain(load_config(None, TINY + [f"data.root={image_folder}", f"trainer.out_dir={tmp_path}",
-                                             "trainer.name=s", "trainer.max_steps=1"]))
+def test_resume_with_another_method_is_refused_naming_the_key(tmp_path, image_folder, tiny_cfg):
+    run = pretrain(tiny_cfg(f"data.root={image_folder}", f"trainer.out_dir={tmp_path}",
+                            "trainer.name=s", "trainer.max_steps=1"))
     with pytest.raises(ConfigError, match=r"--resume would change training from .*last.pt: method \(sove -> dino\)\."):
         resume(run, ["method=dino"])
 
 
-def test_run_plan_of_a_peer_leaves_out_sove_feature_sets():
+def test_run_plan_of_a_peer_leaves_out_sove_feature_sets(tiny_overrides):
     from sove.train.preflight import check_run_plan
 
-    over = TINY + ["data.root=x", "loss.cls_feature_set_size=1000"]  # E_C: more rows than the run enqueues
+    over = tiny_overrides + ["data.root=x", "loss.cls_feature_set_size=1000"]  # E_C: more rows than the run enqueues
     with pytest.raises(ConfigError, match="loss.cls_feature_set_size: 1000 rows are never filled"):
         check_run_plan(load_config(None, over), 32, 1)
     assert check_run_plan(load_config(None, over + ["method=dino"]), 32, 1) == []  # DINO has no feature sets

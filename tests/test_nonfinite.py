@@ -9,8 +9,6 @@ import math
 import pytest
 import torch
 
-from conftest import TINY
-from sove.config import load_config
 from sove.method import losses
 from sove.method.sove import feature_set_state
 from sove.train.checkpoint import load_checkpoint
@@ -35,12 +33,13 @@ def nan_patch_loss_at_step_3(monkeypatch):
     nan_patch_loss_at(monkeypatch, 3)  # the 4th optimizer step
 
 
-def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, image_folder, nan_patch_loss_at_step_3):
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, image_folder, nan_patch_loss_at_step_3,
+                                                             tiny_cfg):
     """The message gives the patch loss's own temperatures (they used to be the shared config values)."""
     run = tmp_path / "nan"
-    cfg = load_config(None, TINY + [f"data.root={image_folder}", f"trainer.out_dir={tmp_path}", "trainer.name=nan",
-                                    "trainer.checkpoint_every=1", "loss.patch.student_temp=0.2",
-                                    "loss.patch.teacher_temp=0.07"])
+    cfg = tiny_cfg(f"data.root={image_folder}", f"trainer.out_dir={tmp_path}", "trainer.name=nan",
+                   "trainer.checkpoint_every=1", "loss.patch.student_temp=0.2",
+                   "loss.patch.teacher_temp=0.07")
     with pytest.raises(NonFiniteLossError) as err:
         pretrain(cfg)
     debug, last = run / "debug" / "nonfinite_step_0000003.json", run / "checkpoints" / "last.pt"
@@ -57,10 +56,10 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, image_fol
     assert load_checkpoint(last)["step"] == 3  # 3 good steps done
 
 
-def test_nonfinite_before_any_checkpoint_claims_none(tmp_path, image_folder, monkeypatch):
+def test_nonfinite_before_any_checkpoint_claims_none(tmp_path, image_folder, monkeypatch, tiny_cfg):
     """Regression: the message used to call a last.pt that was never written "intact"."""
     nan_patch_loss_at(monkeypatch, 1)
-    cfg = load_config(None, TINY + [f"data.root={image_folder}", f"trainer.out_dir={tmp_path}", "trainer.name=early"])
+    cfg = tiny_cfg(f"data.root={image_folder}", f"trainer.out_dir={tmp_path}", "trainer.name=early")
     with pytest.raises(NonFiniteLossError) as err:
         pretrain(cfg)
     assert str(err.value).endswith("; no checkpoint was saved before it (trainer.checkpoint_every=100): start a new "
@@ -69,9 +68,9 @@ def test_nonfinite_before_any_checkpoint_claims_none(tmp_path, image_folder, mon
     assert not (tmp_path / "early" / "checkpoints" / "last.pt").exists()
 
 
-def test_nonfinite_skip_mode_skips_the_step(tmp_path, image_folder, nan_patch_loss_at_step_3):
-    cfg = load_config(None, TINY + [f"data.root={image_folder}", f"trainer.out_dir={tmp_path}", "trainer.name=skip",
-                                    "trainer.on_nonfinite=skip", "trainer.max_steps=5"])
+def test_nonfinite_skip_mode_skips_the_step(tmp_path, image_folder, nan_patch_loss_at_step_3, tiny_cfg):
+    cfg = tiny_cfg(f"data.root={image_folder}", f"trainer.out_dir={tmp_path}", "trainer.name=skip",
+                   "trainer.on_nonfinite=skip", "trainer.max_steps=5")
     run = pretrain(cfg)
     state = load_checkpoint(run / "checkpoints" / "last.pt")
     assert state["step"] == 5

@@ -218,18 +218,16 @@ def test_on_error_is_validated(folder):
         _ssl(folder, "ignore")
 
 
-def test_pretraining_on_the_odd_folder_skips_and_reports(folder, tmp_path, capsys):
+def test_pretraining_on_the_odd_folder_skips_and_reports(folder, tmp_path, capsys, tiny_cfg):
     """One training epoch over every odd kind: good files train, the 3 bad ones are named."""
-    from conftest import TINY
-    from sove.config import load_config
     from sove.train.trainer import pretrain
 
     # 10 good + 3 bad files, batch 8: one step per epoch over 13 listed files; feature sets the
     # single step fills (8 rows).
-    cfg = load_config(None, TINY + [f"data.root={folder}", f"trainer.out_dir={tmp_path}", "trainer.name=odd",
-                                    "optim.epochs=1", "data.local_crop_size=8", "loss.cls_feature_set_size=8",
-                                    "loss.cls.num_anchors=4", "loss.patch_feature_set_size=8",
-                                    "loss.patch.num_anchors=4"])
+    cfg = tiny_cfg(f"data.root={folder}", f"trainer.out_dir={tmp_path}", "trainer.name=odd",
+                   "optim.epochs=1", "data.local_crop_size=8", "loss.cls_feature_set_size=8",
+                   "loss.cls.num_anchors=4", "loss.patch_feature_set_size=8",
+                   "loss.patch.num_anchors=4")
     run = pretrain(cfg)
     out = capsys.readouterr().out
     report = [line for line in out.splitlines() if "unreadable" in line]
@@ -241,24 +239,22 @@ def test_pretraining_on_the_odd_folder_skips_and_reports(folder, tmp_path, capsy
     assert n >= 1 and all(any(f"'{folder / name}': {BAD[name]}" in m for name in BAD) for m in listed)
 
 
-def test_pretraining_with_on_error_raise_stops_at_a_bad_file(folder, tmp_path):
-    from conftest import TINY
-    from sove.config import load_config
+def test_pretraining_with_on_error_raise_stops_at_a_bad_file(folder, tmp_path, tiny_cfg):
     from sove.errors import DataError
     from sove.train.trainer import pretrain
 
-    cfg = load_config(None, TINY + [f"data.root={folder}", f"trainer.out_dir={tmp_path}", "trainer.name=raise",
-                                    "optim.epochs=2", "data.on_error=raise", "loss.cls_feature_set_size=8",
-                                    "loss.cls.num_anchors=4", "loss.patch_feature_set_size=8",
-                                    "loss.patch.num_anchors=4"])
+    cfg = tiny_cfg(f"data.root={folder}", f"trainer.out_dir={tmp_path}", "trainer.name=raise",
+                   "optim.epochs=2", "data.on_error=raise", "loss.cls_feature_set_size=8",
+                   "loss.cls.num_anchors=4", "loss.patch_feature_set_size=8",
+                   "loss.patch.num_anchors=4")
     with pytest.raises(DataError, match="|".join(BAD)):
         pretrain(cfg)
 
 
-def _bad_file_run(tmp_path: Path) -> Path:
+def _bad_file_run(config_only_run, tmp_path: Path) -> Path:
     """Train a, b, c (4 images each) + a/000_bad.png, sorted first (a label left behind would shift
     every later one); test a, c (3 each) + c/bad.png; a config-only run for `sove eval knn --pixels`."""
-    from conftest import config_only_run, make_image_folder
+    from helpers import make_image_folder
 
     train = make_image_folder(tmp_path / "train", num_per_class=4, size=8, classes=("a", "b", "c"))
     test = make_image_folder(tmp_path / "test", num_per_class=3, size=8, classes=("a", "b", "c"), seed=1)
@@ -268,10 +264,10 @@ def _bad_file_run(tmp_path: Path) -> Path:
     return config_only_run(tmp_path / "run", [f"data.root={train}", f"data.test_root={test}"])
 
 
-def test_eval_skips_unreadable_files_with_their_labels(tmp_path, capsys):
+def test_eval_skips_unreadable_files_with_their_labels(tmp_path, capsys, config_only_run):
     from sove.eval.knn import evaluate_knn
 
-    run = _bad_file_run(tmp_path)
+    run = _bad_file_run(config_only_run, tmp_path)
     result = evaluate_knn(run, "pixels")  # data.on_error=skip (default); before: stopped at 000_bad.png
     assert result["top1"] == {"1": 100.0, "3": 100.0} and (result["num_train"], result["num_test"]) == (12, 6)
     lists = run / "eval" / "unreadable_train.txt", run / "eval" / "unreadable_test.txt"
@@ -283,10 +279,10 @@ def test_eval_skips_unreadable_files_with_their_labels(tmp_path, capsys):
                                     "format Pillow can read\n")
 
 
-def test_eval_with_on_error_raise_stops_naming_the_file(tmp_path):
+def test_eval_with_on_error_raise_stops_naming_the_file(tmp_path, config_only_run):
     from sove.eval.knn import evaluate_knn
 
-    run = _bad_file_run(tmp_path)
+    run = _bad_file_run(config_only_run, tmp_path)
     bad = re.escape(str(tmp_path / "train/a/000_bad.png"))
     with pytest.raises(DataError, match=f"^cannot decode image '{bad}': empty file \\(0 bytes\\); data.on_error=raise "
                                         "stops at the first unreadable image; data.on_error=skip leaves such files out$"):

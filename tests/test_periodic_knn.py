@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from conftest import TINY
-from sove.config import load_config
 from sove.eval.features import extract_features
 from sove.run import teacher_backbone
 from sove.eval.frozen import balanced_subset
@@ -27,10 +25,10 @@ def test_balanced_subset_gives_every_class_an_equal_share():
     assert balanced_subset(y, 100, 3).tolist() == list(range(22))
 
 
-def test_periodic_subsets_of_a_class_sorted_folder_hold_both_classes(tmp_path, image_folder):
+def test_periodic_subsets_of_a_class_sorted_folder_hold_both_classes(tmp_path, image_folder, tiny_cfg):
     # image_folder lists 16 'dark' then 16 'light' images: the first 8 are all 'dark'.
-    cfg = load_config(None, TINY + [f"data.root={image_folder}", f"data.test_root={image_folder}",
-                                    "eval.knn_train_subset=8", "eval.knn_test_subset=6"])
+    cfg = tiny_cfg(f"data.root={image_folder}", f"data.test_root={image_folder}",
+                   "eval.knn_train_subset=8", "eval.knn_test_subset=6")
     train, test, description = periodic_subsets(cfg)
     assert subset_labels(train).bincount().tolist() == [4, 4]
     assert subset_labels(test).bincount().tolist() == [3, 3]
@@ -39,10 +37,10 @@ def test_periodic_subsets_of_a_class_sorted_folder_hold_both_classes(tmp_path, i
     assert (again[0].indices, again[1].indices) == (train.indices, test.indices)
 
 
-def test_periodic_knn_equals_the_offline_protocol_and_leaves_the_rng_alone(tmp_path, image_folder, capsys):
-    cfg = load_config(None, TINY + [f"data.root={image_folder}", f"data.test_root={image_folder}",
-                                    f"trainer.out_dir={tmp_path}", "trainer.name=p", "eval.knn_train_subset=8",
-                                    "eval.knn_test_subset=6", "eval.knn_every_epochs=1"])
+def test_periodic_knn_equals_the_offline_protocol_and_leaves_the_rng_alone(tmp_path, image_folder, capsys, tiny_cfg):
+    cfg = tiny_cfg(f"data.root={image_folder}", f"data.test_root={image_folder}",
+                   f"trainer.out_dir={tmp_path}", "trainer.name=p", "eval.knn_train_subset=8",
+                   "eval.knn_test_subset=6", "eval.knn_every_epochs=1")
     (tmp_path / "p").mkdir()
     trainer = Trainer(cfg, tmp_path / "p")
     logged = {}

@@ -9,7 +9,6 @@ import math
 import pytest
 import torch
 
-from conftest import TINY
 from sove.cli import main
 from sove.config import load_config
 from sove.method.sove import feature_set_state
@@ -19,9 +18,9 @@ from sove.train.trainer import pretrain
 
 
 @pytest.fixture
-def tiny_run(tmp_path, image_folder):
-    cfg = load_config(None, TINY + [f"data.root={image_folder}", f"data.test_root={image_folder}",
-                                    f"trainer.out_dir={tmp_path / 'runs'}", "trainer.name=tiny"])
+def tiny_run(tmp_path, image_folder, tiny_cfg):
+    cfg = tiny_cfg(f"data.root={image_folder}", f"data.test_root={image_folder}",
+                   f"trainer.out_dir={tmp_path / 'runs'}", "trainer.name=tiny")
     return cfg, pretrain(cfg)
 
 

@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
+import recipe_trials  # benchmarks/, on the path from conftest.py
 
-from conftest import TINY, make_image_folder
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import recipe_trials  # noqa: E402
-
-from sove.config import load_config  # noqa: E402
-from sove.errors import SoveError  # noqa: E402
+from helpers import make_image_folder
+from sove.config import load_config
+from sove.errors import SoveError
 
 
 def test_parse_trial_splits_name_and_overrides():
@@ -35,12 +30,12 @@ def test_every_builtin_trial_is_a_valid_config_on_the_demo_preset():
         load_config("fashion_mnist_tiny", overrides)  # raises ConfigError naming the key if not
 
 
-def test_smoke_run_trains_each_trial_one_step_and_tables_them(tmp_path):
+def test_smoke_run_trains_each_trial_one_step_and_tables_them(tmp_path, tiny_overrides):
     images = make_image_folder(tmp_path / "images")
     out = tmp_path / "trials.md"
     rows = recipe_trials.main(["--smoke", "--trials", "base", "--trial", "wide=model.embed_dim=48",
                                "--work-dir", str(tmp_path / "work"), "--out", str(out),
-                               *TINY, f"data.root={images}", f"data.test_root={images}"])
+                               *tiny_overrides, f"data.root={images}", f"data.test_root={images}"])
     assert [r["name"] for r in rows] == ["base", "wide"]
     assert rows[1]["overrides"] == ["model.embed_dim=48"]
     for r in rows:
@@ -54,12 +49,12 @@ def test_smoke_run_trains_each_trial_one_step_and_tables_them(tmp_path):
     assert [t["name"] for t in saved["trials"]] == ["base", "wide"]
 
 
-def test_profile_objective_attributes_the_loss_forward_to_operators(tmp_path):
+def test_profile_objective_attributes_the_loss_forward_to_operators(tmp_path, tiny_overrides):
     import profile_objective
 
     images = make_image_folder(tmp_path / "images")
     result = profile_objective.main(["--warmup", "1", "--steps", "2", "--work-dir", str(tmp_path / "work"),
-                                     *TINY, f"data.root={images}"])
+                                     *tiny_overrides, f"data.root={images}"])
     assert result["calls"] == 2 and result["seconds_per_call"] > 0
     ops = result["ms_per_step"]
     assert "aten::topk" in ops  # judge selection

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import TINY, with_method_state
+from helpers import with_method_state
 from sove.config import load_config
 from sove.train import trainer as trainer_mod
 from sove.train.checkpoint import load_checkpoint
@@ -26,9 +26,9 @@ def record_indices(monkeypatch):
     return seen
 
 
-def test_interrupted_and_resumed_run_equals_straight_run(tmp_path, image_folder, record_indices):
+def test_interrupted_and_resumed_run_equals_straight_run(tmp_path, image_folder, record_indices, tiny_overrides):
     # 32 images, batch 8: 4 steps/epoch, 2 epochs = 8 steps. Interrupt after step 6 (epoch 1, batch 2).
-    base = TINY + [f"data.root={image_folder}", f"trainer.out_dir={tmp_path}"]
+    base = tiny_overrides + [f"data.root={image_folder}", f"trainer.out_dir={tmp_path}"]
     pretrain(load_config(None, base + ["trainer.name=straight"]))
     straight_seen = list(record_indices)
     record_indices.clear()
@@ -60,8 +60,8 @@ def test_interrupted_and_resumed_run_equals_straight_run(tmp_path, image_folder,
     assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
 
 
-def test_resume_keeps_metrics_history(tmp_path, image_folder):
-    base = TINY + [f"data.root={image_folder}", f"trainer.out_dir={tmp_path}", "trainer.name=r"]
+def test_resume_keeps_metrics_history(tmp_path, image_folder, tiny_overrides):
+    base = tiny_overrides + [f"data.root={image_folder}", f"trainer.out_dir={tmp_path}", "trainer.name=r"]
     pretrain(load_config(None, base + ["trainer.max_steps=3"]))
     resume(tmp_path / "r", ["trainer.max_steps=null"])
     lines = (tmp_path / "r" / "metrics.csv").read_text().splitlines()
@@ -76,10 +76,10 @@ def test_resume_of_a_non_run_is_a_clear_error(tmp_path):
         resume(tmp_path)
 
 
-def test_init_from_loads_weights_but_starts_fresh(tmp_path, image_folder, capsys):
+def test_init_from_loads_weights_but_starts_fresh(tmp_path, image_folder, capsys, tiny_overrides):
     from sove import __version__
 
-    base = TINY + [f"data.root={image_folder}", f"trainer.out_dir={tmp_path}"]
+    base = tiny_overrides + [f"data.root={image_folder}", f"trainer.out_dir={tmp_path}"]
     first = pretrain(load_config(None, base + ["trainer.name=a", "trainer.max_steps=2"]))
     src = first / "checkpoints" / "last.pt"
     capsys.readouterr()
@@ -96,13 +96,13 @@ def test_init_from_loads_weights_but_starts_fresh(tmp_path, image_folder, capsys
     assert torch.equal(a["teacher"]["head.mlp.0.weight"], b["teacher"]["head.mlp.0.weight"])
 
 
-def test_fit_with_deadlines_equals_one_straight_fit(tmp_path, image_folder, record_indices):
+def test_fit_with_deadlines_equals_one_straight_fit(tmp_path, image_folder, record_indices, tiny_overrides):
     """``Trainer.fit(deadline)`` stops after the step that passes the deadline; calling it again
     continues exactly (the method-comparison benchmark alternates methods this way)."""
     from sove.train.builders import prepare_run_dir
 
     # The loader path here; the test above runs the default (data.augment_on=auto: device on CPU).
-    base = TINY + [f"data.root={image_folder}", f"trainer.out_dir={tmp_path}", "data.augment_on=loader"]
+    base = tiny_overrides + [f"data.root={image_folder}", f"trainer.out_dir={tmp_path}", "data.augment_on=loader"]
     pretrain(load_config(None, base + ["trainer.name=straight"]))
     straight_seen = list(record_indices)
     record_indices.clear()
@@ -123,7 +123,7 @@ def test_fit_with_deadlines_equals_one_straight_fit(tmp_path, image_folder, reco
             assert torch.equal(a[part][key], b[part][key]), f"{part}.{key} differs with deadlines"
 
 
-def test_metrics_csv_survives_a_kill_and_a_resume_with_fewer_columns(tmp_path, image_folder, monkeypatch):
+def test_metrics_csv_survives_a_kill_and_a_resume_with_fewer_columns(tmp_path, image_folder, monkeypatch, tiny_cfg):
     """Rows are on disk when a run is killed (they used to be buffered until the end), and a resume
     whose steps log fewer columns (no periodic k-NN) keeps every earlier row (it used to raise
     ValueError and leave only the header)."""
@@ -138,14 +138,15 @@ def test_metrics_csv_survives_a_kill_and_a_resume_with_fewer_columns(tmp_path, i
 
     monkeypatch.setattr(trainer_mod.Trainer, "training_step", killed_at_step_6)
     run = tmp_path / "r"
-    cfg = load_config(None, TINY + [f"data.root={image_folder}", f"data.test_root={image_folder}",
-                                    f"trainer.out_dir={tmp_path}", "trainer.name=r", "trainer.checkpoint_every=2",
-                                    "eval.knn_every_epochs=1"])
+    cfg = tiny_cfg(f"data.root={image_folder}", f"data.test_root={image_folder}",
+                   f"trainer.out_dir={tmp_path}", "trainer.name=r", "trainer.checkpoint_every=2",
+                   "eval.knn_every_epochs=1")
     with pytest.raises(KeyboardInterrupt):
         pretrain(cfg)
 
     def rows():
-        return [(int(r["step"]), "knn" if r["knn_top1"] else "train") for r in csv.DictReader(open(run / "metrics.csv"))]
+        return [(int(r["step"]),
+                 "knn" if r["knn_top1"] else "train") for r in csv.DictReader(open(run / "metrics.csv"))]
 
     assert rows() == [(1, "train"), (2, "train"), (3, "train"), (4, "train"), (4, "knn"), (5, "train")]
     assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 4

@@ -14,9 +14,8 @@ import pytest
 import torch
 from timm.layers import resample_abs_pos_embed
 
-from conftest import TINY, make_image_folder, with_method_state
+from helpers import make_image_folder, with_method_state
 from sove.cli import main
-from sove.config import load_config
 from sove.train.checkpoint import atomic_save, load_checkpoint
 from sove.train.init_from import init_networks
 from sove.train.trainer import pretrain
@@ -26,12 +25,12 @@ TAIL = ("A resume may change only trajectory-neutral keys (trainer.max_steps, lo
 
 
 @pytest.fixture(scope="module")
-def run3(tmp_path_factory) -> Path:
+def run3(tmp_path_factory, tiny_cfg) -> Path:
     """A 3-step TINY run (checkpoint at step 3 of an 8-step schedule)."""
     root = tmp_path_factory.mktemp("guard")
     images = make_image_folder(root / "images")
-    cfg = load_config(None, TINY + [f"data.root={images}", f"trainer.out_dir={root}", "trainer.name=r",
-                                    "trainer.max_steps=3"])
+    cfg = tiny_cfg(f"data.root={images}", f"trainer.out_dir={root}", "trainer.name=r",
+                   "trainer.max_steps=3")
     return pretrain(cfg)
 
 
@@ -128,10 +127,10 @@ def test_neutral_overrides_resume_exactly(run3, tmp_path):
 
 
 # ------------------------------------------------------------------------------------- init_from
-def test_init_from_resamples_pos_embed_to_another_grid(run3, capsys):
+def test_init_from_resamples_pos_embed_to_another_grid(run3, capsys, tiny_cfg):
     """16 px crops (4x4 patches) -> 24 px crops (6x6): timm's resampling, [CLS] row kept, rest loaded as is."""
     src = run3 / "checkpoints" / "last.pt"
-    cfg = load_config(None, TINY + ["data.root=unused", "data.global_crop_size=24", f"trainer.init_from={src}"])
+    cfg = tiny_cfg("data.root=unused", "data.global_crop_size=24", f"trainer.init_from={src}")
     student, teacher = init_networks(cfg, src)
     state = load_checkpoint(src)
     old = state["teacher"]["backbone.vit.pos_embed"]
@@ -146,10 +145,10 @@ def test_init_from_resamples_pos_embed_to_another_grid(run3, capsys):
     assert f"trainer.init_from: teacher in {src}: resampled backbone.vit.pos_embed from a 4x4 to a 6x6 patch grid" in out
 
 
-def test_init_from_shape_mismatch_names_file_and_parameter(run3, tmp_path, capsys):
+def test_init_from_shape_mismatch_names_file_and_parameter(run3, tmp_path, capsys, tiny_overrides):
     src = run3 / "checkpoints" / "last.pt"
     out_dir = tmp_path / "runs"
-    status = main(["pretrain", *TINY, f"data.root={run3.parent / 'images'}", f"trainer.out_dir={out_dir}",
+    status = main(["pretrain", *tiny_overrides, f"data.root={run3.parent / 'images'}", f"trainer.out_dir={out_dir}",
                    "model.head_out_dim=8", f"trainer.init_from={src}"])
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after the run plan's warnings
     assert status == 2 and err == (

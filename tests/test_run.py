@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import config_only_run, tiny_labelled_run
 from sove.cli import main
 from sove.config import load_config
 from sove.errors import SoveError
@@ -17,7 +16,7 @@ from sove.run import Run
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Path:
+def run(tmp_path_factory, tiny_labelled_run) -> Path:
     return tiny_labelled_run(tmp_path_factory.mktemp("run"))
 
 
@@ -32,7 +31,7 @@ def test_run_exposes_config_checkpoint_step_metrics_and_backbone(run):
         Run(run / "eval")
 
 
-def test_backbone_loading_ignores_head_keys_of_another_shape(tmp_path):
+def test_backbone_loading_ignores_head_keys_of_another_shape(tmp_path, config_only_run):
     """A method's head (here 7 wide) is never loaded: only the teacher's backbone.* keys, strictly."""
     run = config_only_run(tmp_path / "r", [f"data.root={tmp_path}"])
     cfg = load_config(str(run / "config.yaml"))

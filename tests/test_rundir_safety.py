@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import TINY, make_image_folder
+from helpers import make_image_folder
 from sove.cli import main
 from sove.config import load_config
 from sove.run_lock import LOCK_NAME, OUTPUTS_LOCK_NAME, RunLock
@@ -40,11 +40,12 @@ def listing(folder: Path) -> dict[str, bytes | None]:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, tiny_overrides):
     """The run directory of a 1-step TINY run (`sove pretrain`), shared by the module."""
     root = tmp_path_factory.mktemp("trained")
     images = make_image_folder(root / "images")
-    args = ["pretrain", *TINY, f"data.root={images}", f"data.test_root={images}", f"trainer.out_dir={root / 'runs'}",
+    args = ["pretrain", *tiny_overrides, f"data.root={images}", f"data.test_root={images}",
+            f"trainer.out_dir={root / 'runs'}",
             "trainer.name=run", "trainer.max_steps=1"]
     assert main(args) == 0
     return root / "runs" / "run"
@@ -63,13 +64,13 @@ def fake_run(out_dir: Path, name: str) -> Path:
 
 # ------------------------------------------------------------------ item 6: --overwrite deletes only sove runs
 @pytest.mark.parametrize("content", [{"notes.txt": "mine"}, {"config.yaml": "lr: 1\n", "checkpoints/a.txt": "x"}])
-def test_overwrite_never_deletes_a_folder_that_is_not_a_sove_run(tmp_path, capsys, content):
+def test_overwrite_never_deletes_a_folder_that_is_not_a_sove_run(tmp_path, capsys, content, tiny_overrides):
     folder = tmp_path / "runs" / "mine"
     for name, text in content.items():
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (folder / name).write_text(text)
     before = listing(folder)
-    status, err = cli(capsys, ["pretrain", "--overwrite", *TINY, "data.root=/nonexistent",
+    status, err = cli(capsys, ["pretrain", "--overwrite", *tiny_overrides, "data.root=/nonexistent",
                                f"trainer.out_dir={tmp_path / 'runs'}", "trainer.name=mine"])
     assert status == 2
     assert err == (f"sove: error: '{folder}' exists and is not a sove run directory (no config.yaml and checkpoints/ "
@@ -78,14 +79,15 @@ def test_overwrite_never_deletes_a_folder_that_is_not_a_sove_run(tmp_path, capsy
 
 
 @pytest.mark.parametrize("name", ["''", ".", "..", "a/b", "../x", "a\\b"])
-def test_run_names_that_are_not_one_folder_are_refused(tmp_path, capsys, name):
+def test_run_names_that_are_not_one_folder_are_refused(tmp_path, capsys, name, tiny_overrides):
     """Regression: trainer.name='' made the run directory out_dir itself, and --overwrite deleted it
     with every other run in it."""
     out = tmp_path / "runs"
     other = fake_run(out, "other")
     (other / "checkpoints" / "last.pt").write_bytes(b"work")
     before = listing(tmp_path)
-    status, err = cli(capsys, ["pretrain", "--overwrite", *TINY, "data.root=/nonexistent", f"trainer.out_dir={out}",
+    status, err = cli(capsys, ["pretrain", "--overwrite", *tiny_overrides, "data.root=/nonexistent",
+                               f"trainer.out_dir={out}",
                                f"trainer.name={name}"])
     value = name.strip("'")
     assert status == 2
@@ -166,25 +168,26 @@ def test_a_run_in_use_is_refused_to_every_writer_and_a_dead_writers_lock_and_deb
                           "`Fabric(devices=0)` value is not a valid input using cpu accelerator."),
 ])
 def test_absent_device_fails_before_the_run_directory_exists(tmp_path, capsys, monkeypatch, image_folder,
-                                                            override, line):
+                                                            override, line, tiny_overrides):
     """Regression: trainer.accelerator=gpu without a GPU was a Fabric traceback that left a half-made
     run directory; the retry then said it exists, and the advised --resume failed too."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    args = ["pretrain", *TINY, f"data.root={image_folder}", f"trainer.out_dir={tmp_path / 'runs'}",
+    args = ["pretrain", *tiny_overrides, f"data.root={image_folder}", f"trainer.out_dir={tmp_path / 'runs'}",
             "trainer.accelerator=cpu", override]
     for _ in range(2):
         assert cli(capsys, args) == (2, f"sove: error: {line}")
     assert not (tmp_path / "runs").exists()
 
 
-def test_unwritable_out_dir_fails_before_any_work(tmp_path, capsys, monkeypatch):
+def test_unwritable_out_dir_fails_before_any_work(tmp_path, capsys, monkeypatch, tiny_overrides):
     import sove.preflight as preflight
 
     def read_only(path):
         raise OSError(errno.EROFS, "Read-only file system")
 
     monkeypatch.setattr(preflight, "_probe", read_only)
-    status, err = cli(capsys, ["pretrain", *TINY, "data.root=/nonexistent", f"trainer.out_dir={tmp_path / 'runs'}",
+    status, err = cli(capsys, ["pretrain", *tiny_overrides, "data.root=/nonexistent",
+                               f"trainer.out_dir={tmp_path / 'runs'}",
                                "trainer.name=r"])
     assert (status, err) == (2, f"sove: error: cannot write the run directory to '{tmp_path / 'runs' / 'r'}': "
                                 f"'{tmp_path}' is not writable (Read-only file system); make it writable or "

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY, config_only_run, make_image_folder
+from helpers import make_image_folder
 from sove.cli import main
 from sove.config import load_config
 from sove.data import ImageFolder
@@ -65,9 +65,10 @@ def test_missing_litdata_is_one_error_line_with_the_pip_command(tmp_path, capsys
                                        "not installed; run: pip install 'sove[shards]' (or: pip install litdata)\n")
 
 
-def test_a_folder_that_holds_no_shards_is_one_error_line(tmp_path, capsys):
+def test_a_folder_that_holds_no_shards_is_one_error_line(tmp_path, capsys, tiny_overrides):
     images = make_image_folder(tmp_path / "images", num_per_class=4, size=8)
-    assert main(["pretrain", *TINY, "data.source=shards", f"data.root={images}", f"trainer.out_dir={tmp_path}"]) == 2
+    assert main(["pretrain", *tiny_overrides, "data.source=shards", f"data.root={images}",
+                 f"trainer.out_dir={tmp_path}"]) == 2
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"sove: error: data.root '{images}' holds no shards (no sove_shards.json); make them with `sove shard "
         f"--images '{images}' --out SHARDS`, or read the images with data.source=folder")
@@ -86,7 +87,7 @@ def test_shard_source_returns_the_folder_items(tmp_path, channels):
         assert torch.equal(x, u) and y == v and shards.path(i) == folder.path(i).relative_to(images).as_posix()
 
 
-def test_test_shards_are_labelled_by_the_train_classes(tmp_path):
+def test_test_shards_are_labelled_by_the_train_classes(tmp_path, config_only_run):
     train = make_image_folder(tmp_path / "train", num_per_class=4, size=8, classes=("a", "b", "c"))
     test = make_image_folder(tmp_path / "test", num_per_class=3, size=8, classes=("a", "b", "c"), seed=1)
     shutil.rmtree(test / "b")
@@ -100,7 +101,7 @@ def test_test_shards_are_labelled_by_the_train_classes(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, tiny_overrides):
     """A straight 2-epoch run from the folder and the same run from shards, interrupted after step 3
     (mid-epoch 1) and resumed; the dataset indices of every training batch of each."""
     tmp = tmp_path_factory.mktemp("runs")
@@ -110,7 +111,7 @@ def runs(tmp_path_factory):
         write_shards(folder, tmp / out, progress=False)
     seen: dict[str, list] = {"folder": [], "shards": []}
     original = trainer_mod.Trainer.training_step
-    base = TINY + [f"trainer.out_dir={tmp}", "loss.cls_feature_set_size=24"]
+    base = tiny_overrides + [f"trainer.out_dir={tmp}", "loss.cls_feature_set_size=24"]
 
     def step(self, batch):
         seen[self.cfg.data.source].append(batch["index"].tolist())
@@ -166,11 +167,11 @@ sys.exit(main(sys.argv[2:]))
 """
 
 
-def test_two_processes_read_disjoint_halves_of_every_epoch(runs, tmp_path):
+def test_two_processes_read_disjoint_halves_of_every_epoch(runs, tmp_path, tiny_overrides):
     shards, _, _ = runs
     (tmp_path / "record.py").write_text(RECORDER)
     cmd = [sys.executable, str(tmp_path / "record.py"), str(tmp_path), "pretrain", "trainer.name=ddp",
-           *TINY, "loss.cls_feature_set_size=24", "data.source=shards", f"data.root={shards / 'shards'}",
+           *tiny_overrides, "loss.cls_feature_set_size=24", "data.source=shards", f"data.root={shards / 'shards'}",
            f"trainer.out_dir={tmp_path}",
            "optim.batch_size=4", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp",
            "trainer.num_threads=1"]

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY
 from sove.cli import main
 from sove.config import load_config, token_stride
 from sove.errors import ConfigError
@@ -32,13 +31,13 @@ def swin():
     return create_swin("swin_tiny", 32, 4, 3, embed_dim=24, depths=[2, 2], num_heads=2, window_size=4).eval()
 
 
-def test_strides_grids_and_widths(swin):
+def test_strides_grids_and_widths(swin, tiny_cfg):
     model = MaskedSwin(swin)
     assert (model.patch_size, model.upsample, model.token_stride) == (4, 2, 8)
     assert model.grid(32) == (4, 4) and model.grid(16) == (2, 2)
     assert model.embed_dim == 48 and model.mask_token.shape == (24,)  # output width, stage-1 width
     assert [s.blocks[0].attn.num_heads for s in swin.layers] == [2, 4]  # num_heads doubles per stage
-    cfg = load_config(None, TINY + SWIN)
+    cfg = tiny_cfg(*SWIN)
     assert token_stride(cfg.model) == 8 and token_stride(load_config("imagenet_swin_tiny").model) == 32
     assert token_stride(load_config().model) == 16  # ViT: the patch size
 
@@ -106,8 +105,8 @@ def test_mask_shape_and_teacher_errors(swin):
         MaskedSwin(swin, global_pool="cls")
 
 
-def test_student_and_teacher_networks(image_folder):
-    cfg = load_config(None, TINY + SWIN + [f"data.root={image_folder}"])
+def test_student_and_teacher_networks(image_folder, tiny_cfg):
+    cfg = tiny_cfg(*SWIN, f"data.root={image_folder}")
     student, teacher = build_networks(cfg, seed=0)
     assert isinstance(student.backbone, MaskedSwin) and student.backbone.mask_token is not None
     assert teacher.backbone.mask_token is None
@@ -145,9 +144,9 @@ def test_swin_preset_builds_and_steps_at_reduced_size(tmp_path, image_folder):
     assert torch.count_nonzero(trainer.student_module.backbone.mask_token.grad) > 0  # the patch loss reaches it
 
 
-def test_export_and_features_of_a_swin_run(tmp_path, image_folder):
-    cfg = load_config(None, TINY + SWIN + [f"data.root={image_folder}", f"trainer.out_dir={tmp_path}",
-                                           "trainer.name=s", "trainer.max_steps=1"])
+def test_export_and_features_of_a_swin_run(tmp_path, image_folder, tiny_cfg):
+    cfg = tiny_cfg(*SWIN, f"data.root={image_folder}", f"trainer.out_dir={tmp_path}",
+                                           "trainer.name=s", "trainer.max_steps=1")
     run = pretrain(cfg)
     assert main(["export", str(run)]) == 0
     meta_path = run / "backbone.json"
@@ -199,21 +198,21 @@ def test_vit_mean_patch_export_features():
     (["model.depths=[2,0]"], "model.depths"),
     (["model.window_size=0"], "model.window_size"),
 ])
-def test_invalid_swin_configs_name_the_key(override, key):
+def test_invalid_swin_configs_name_the_key(override, key, tiny_cfg):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        load_config(None, TINY + SWIN + override)
+        tiny_cfg(*SWIN + override)
 
 
-def test_swin_only_keys_rejected_for_a_vit_and_stride_named():
+def test_swin_only_keys_rejected_for_a_vit_and_stride_named(tiny_cfg):
     with pytest.raises(ConfigError, match=r"model\.depths"):
-        load_config(None, TINY + ["data.root=unused", "model.depths=[2,2]"])
+        tiny_cfg("data.root=unused", "model.depths=[2,2]")
     with pytest.raises(ConfigError, match=r"model\.window_size"):
-        load_config(None, TINY + ["data.root=unused", "model.window_size=7"])
+        tiny_cfg("data.root=unused", "model.window_size=7")
     with pytest.raises(ConfigError, match="token stride 8 px"):
-        load_config(None, TINY + SWIN + ["data.local_crop_size=12"])
+        tiny_cfg(*SWIN, "data.local_crop_size=12")
 
 
-def test_non_swin_v1_arch_is_a_config_error(image_folder):
-    cfg = load_config(None, TINY + SWIN + ["model.arch=swinv2_cr_tiny_224", f"data.root={image_folder}"])
+def test_non_swin_v1_arch_is_a_config_error(image_folder, tiny_cfg):
+    cfg = tiny_cfg(*SWIN, "model.arch=swinv2_cr_tiny_224", f"data.root={image_folder}")
     with pytest.raises(ConfigError, match=r"model\.arch: 'swinv2_cr_tiny_224' is a SwinTransformerV2Cr"):
         build_networks(cfg)

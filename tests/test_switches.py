@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import TINY
 from sove.config import load_config
 from sove.models import MaskedViT, create_vit
 from sove.train.trainer import Trainer, prepare_run_dir
@@ -22,9 +21,9 @@ def test_global_pool_cls_vs_mean_patch():
     assert not torch.allclose(cls_out["global"], mean_out["global"])
 
 
-def make_trainer(tmp_path, image_folder, name, extra):
-    cfg = load_config(None, TINY + [f"data.root={image_folder}", f"trainer.out_dir={tmp_path}", f"trainer.name={name}"]
-                      + extra)
+def make_trainer(tiny_cfg, tmp_path, image_folder, name, extra):
+    cfg = tiny_cfg(*[f"data.root={image_folder}", f"trainer.out_dir={tmp_path}", f"trainer.name={name}"]
+     + extra)
     return Trainer(cfg, prepare_run_dir(cfg, overwrite=False))
 
 
@@ -48,31 +47,31 @@ def step_once(trainer):
     return trainer.training_step(next(iter(trainer.loader)))
 
 
-def test_mask_views_only_first_global_view(tmp_path, image_folder, captured):
-    step_once(make_trainer(tmp_path, image_folder, "both", []))
+def test_mask_views_only_first_global_view(tmp_path, image_folder, captured, tiny_cfg):
+    step_once(make_trainer(tiny_cfg, tmp_path, image_folder, "both", []))
     both = captured["patch_owner"].clone()
-    step_once(make_trainer(tmp_path, image_folder, "first", ["mask.views=[0]"]))
+    step_once(make_trainer(tiny_cfg, tmp_path, image_folder, "first", ["mask.views=[0]"]))
     first = captured["patch_owner"]
     b = 8  # images 0..7 are global view 1, 8..15 global view 2
     assert (both >= b).any() and (first < b).all() and first.numel() > 0
 
 
-def test_patch_weight_zero_leaves_e_p_unallocated_and_computes_no_patches(tmp_path, image_folder, captured):
-    trainer = make_trainer(tmp_path, image_folder, "nopatch", ["loss.patch_weight=0"])
+def test_patch_weight_zero_leaves_e_p_unallocated_and_computes_no_patches(tmp_path, image_folder, captured, tiny_cfg):
+    trainer = make_trainer(tiny_cfg, tmp_path, image_folder, "nopatch", ["loss.patch_weight=0"])
     terms = step_once(trainer)
     assert trainer.method.patch_fs is None and "patch" not in terms
     assert captured["student_patches"].shape[0] == 0  # no patch projections computed
 
 
-def test_cls_weight_zero_leaves_e_c_unallocated(tmp_path, image_folder):
-    trainer = make_trainer(tmp_path, image_folder, "nocls", ["loss.cls_weight=0"])
+def test_cls_weight_zero_leaves_e_c_unallocated(tmp_path, image_folder, tiny_cfg):
+    trainer = make_trainer(tiny_cfg, tmp_path, image_folder, "nocls", ["loss.cls_weight=0"])
     terms = step_once(trainer)
     assert trainer.method.cls_fs is None and "cls" not in terms and torch.isfinite(terms["patch"])
 
 
-def test_label_mode_onehot_gives_equal_weights(tmp_path, image_folder):
-    soft = make_trainer(tmp_path, image_folder, "soft", [])
-    onehot = make_trainer(tmp_path, image_folder, "onehot", ["loss.cls.label_mode=onehot"])
+def test_label_mode_onehot_gives_equal_weights(tmp_path, image_folder, tiny_cfg):
+    soft = make_trainer(tiny_cfg, tmp_path, image_folder, "soft", [])
+    onehot = make_trainer(tiny_cfg, tmp_path, image_folder, "onehot", ["loss.cls.label_mode=onehot"])
     w_soft = soft.method.loss_fn.concepts(soft.method.loss_fn.cls, soft.method.cls_fs.features, 0, 0, 0).weights
     w_one = onehot.method.loss_fn.concepts(onehot.method.loss_fn.cls, onehot.method.cls_fs.features, 0, 0, 0).weights
     assert torch.all(w_one == 0.9) and not torch.all(w_soft == 0.9)
@@ -99,8 +98,8 @@ def test_paper_presets_build_and_step_at_reduced_size(tmp_path, image_folder, pr
     ("loss.cls.student_temp=0", "loss.cls.student_temp"),
     ("loss.patch.teacher_temp=-0.1", "loss.patch.teacher_temp"),
 ])
-def test_invalid_temperatures_name_the_key(override, key):
+def test_invalid_temperatures_name_the_key(override, key, tiny_cfg):
     from sove.errors import ConfigError
 
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        load_config(None, TINY + ["data.root=unused", override])
+        tiny_cfg("data.root=unused", override)

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY
 from sove.cli import main
 from sove.config import load_config
 from sove.eval.knn import knn_classify
@@ -21,9 +20,9 @@ from sove.viz.concepts import concept_purity
 
 
 @pytest.fixture
-def run(tmp_path, image_folder):
-    cfg = load_config(None, TINY + [f"data.root={image_folder}", f"data.test_root={image_folder}",
-                                    f"trainer.out_dir={tmp_path}", "trainer.name=v"])
+def run(tmp_path, image_folder, tiny_cfg):
+    cfg = tiny_cfg(f"data.root={image_folder}", f"data.test_root={image_folder}",
+                   f"trainer.out_dir={tmp_path}", "trainer.name=v")
     return pretrain(cfg)
 
 
@@ -49,9 +48,10 @@ def test_concepts_json_equals_the_loss_concepts(run, capsys):
     fs = feature_set_state(state, "cls")
     cfg = load_config(str(run / "config.yaml"))
     # The same anchors as the loss at that step (explicit generator), then select_judges directly.
-    from sove.method import anchor_generator, draw_anchors
+    from sove.method import draw_anchors
+    from sove.seeding import generator
 
-    g = anchor_generator(cfg.trainer.seed, state["step"], 0, 0)
+    g = generator(cfg.trainer.seed, "anchors", state["step"], 0, 0)
     anchors = draw_anchors(fs["features"].shape[0], cfg.loss.cls.num_anchors, g)
     ref = select_judges(fs["features"], anchors, num_judges=cfg.loss.cls.num_judges,
                         smoothing=cfg.loss.cls.smoothing, label_mode=cfg.loss.cls.label_mode)
@@ -111,24 +111,24 @@ def test_embed_folder_with_an_unreadable_file(run, tmp_path, image_folder, capsy
     assert not (tmp_path / "r.npy").exists()
 
 
-def test_periodic_knn_is_logged_each_epoch(tmp_path, image_folder):
-    cfg = load_config(None, TINY + [f"data.root={image_folder}", f"data.test_root={image_folder}",
-                                    f"trainer.out_dir={tmp_path}", "trainer.name=p", "eval.knn_every_epochs=1"])
+def test_periodic_knn_is_logged_each_epoch(tmp_path, image_folder, tiny_cfg):
+    cfg = tiny_cfg(f"data.root={image_folder}", f"data.test_root={image_folder}",
+                   f"trainer.out_dir={tmp_path}", "trainer.name=p", "eval.knn_every_epochs=1")
     run = pretrain(cfg)
     rows = [r for r in csv.DictReader(open(run / "metrics.csv")) if r.get("knn_top1")]
     assert [int(r["step"]) for r in rows] == [4, 8]  # after each of the 2 epochs
     assert all(0.0 <= float(r["knn_top1"]) <= 100.0 for r in rows)
 
 
-def test_periodic_knn_without_labels_warns(tmp_path, capsys):
-    from conftest import make_image_folder
+def test_periodic_knn_without_labels_warns(tmp_path, capsys, tiny_cfg):
+    from helpers import make_image_folder
 
     flat = tmp_path / "flat"
     make_image_folder(tmp_path / "nested")
     flat.mkdir()
     for i, p in enumerate(sorted((tmp_path / "nested").rglob("*.png"))):
         p.rename(flat / f"{i}.png")
-    cfg = load_config(None, TINY + [f"data.root={flat}", f"trainer.out_dir={tmp_path}", "trainer.name=w",
-                                    "eval.knn_every_epochs=1", "trainer.max_steps=4"])
+    cfg = tiny_cfg(f"data.root={flat}", f"trainer.out_dir={tmp_path}", "trainer.name=w",
+                   "eval.knn_every_epochs=1", "trainer.max_steps=4")
     pretrain(cfg)
     assert "periodic k-NN skipped" in capsys.readouterr().out

@@ -56,6 +56,7 @@ def validate(cfg: DictConfig) -> None:
         _check(t[key] >= 1, f"trainer.{key}", f"must be >= 1 (steps), got {t[key]}")
     _check(t.keep_checkpoints >= 0, "trainer.keep_checkpoints", f"must be >= 0, got {t.keep_checkpoints}")
     _check(t.max_steps is None or t.max_steps >= 1, "trainer.max_steps", f"must be >= 1 or null, got {t.max_steps}")
+    _check(t.seed >= 0, "trainer.seed", f"must be >= 0 (it seeds numpy's SeedSequence), got {t.seed}")
     if t.time_budget is not None:
         from sove.train.budget import parse_duration
 

@@ -6,8 +6,8 @@ pads a batch into one canvas and turns the draws into per-view parameters
 (:func:`view_params`); :meth:`DecodedDataset.augment_batch` moves the batch to the training
 device and makes the views there (:class:`sove.data.device_augment.DeviceMultiCrop`).
 
-Same randomness as the loader path: a sample's draws come from the generator seeded by
-``sample_seed(seed, epoch, index)``, consumed in the same order (the view draws, then the two
+Same randomness as the loader path: a sample's draws come from the ``augmentation`` stream
+(:mod:`sove.seeding`) at keys (epoch, index), consumed in the same order (the view draws, then the two
 masks), so both paths give every sample the same crop boxes, flips, colour factors and masks;
 only the resampling kernel differs (see :mod:`sove.data.device_augment`). The parameters are
 computed on the CPU in float64, so they do not depend on the device either.
@@ -23,8 +23,9 @@ import torchvision.transforms.v2.functional as F
 from sove.data.device_augment import DeviceMultiCrop
 from sove.data.multicrop import (
     _CROP_DRAWS, _DRAWS, BLUR_SIGMA, CROP_ATTEMPTS, CROP_LOG_RATIO, NUM_GLOBAL_CROPS, JITTER_STRENGTH,
-    MultiCropAugmentation, SSLDataset, sample_seed,
+    MultiCropAugmentation, SSLDataset,
 )
+from sove.seeding import generator as seeded_generator
 
 
 def bound_size(image: torch.Tensor, max_side: int) -> torch.Tensor:
@@ -171,7 +172,7 @@ class DecodedDataset(SSLDataset):
         if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != aug.num_channels:
             raise ValueError(f"expected a uint8 image of shape ({aug.num_channels}, height, width), got "
                              f"{image.dtype} {tuple(image.shape)}")
-        generator = torch.Generator().manual_seed(sample_seed(self.seed, epoch, used))
+        generator = seeded_generator(self.seed, "augmentation", epoch, used)
         draws = torch.rand(len(aug.views), _DRAWS, generator=generator)  # as MultiCropAugmentation
         masks = torch.stack([self.mask_generator(generator) for _ in range(NUM_GLOBAL_CROPS)])
         return {"image": bound_size(image, self.max_image_side), "draws": draws, "masks": masks,

@@ -19,7 +19,6 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-import numpy as np
 import torch
 import torchvision.transforms.v2.functional as F
 from torch.utils.data import Dataset
@@ -29,6 +28,7 @@ from sove.choices import ON_ERROR
 from sove.data.decode import RAISE_HINT
 from sove.data.masking import build_mask_generator
 from sove.errors import DataError
+from sove.seeding import generator as seeded_generator
 
 NUM_GLOBAL_CROPS = 2
 CROP_ATTEMPTS = 10
@@ -246,7 +246,7 @@ class SSLDataset(Dataset):
 
     Each item holds the crops of :class:`MultiCropAugmentation` and one patch mask per
     global view (docs/method.md, "Masking": both student global views are masked, locals never). Crops
-    and masks draw from a generator seeded by :func:`sample_seed` (seed, epoch, index): a
+    and masks draw from the ``augmentation`` stream of the seed at keys (epoch, index) (:mod:`sove.seeding`): a
     sample's views depend neither on the global RNG, the number of DataLoader workers, the
     number of ranks, nor on where a resumed run restarted. Call :meth:`set_epoch` each epoch.
 
@@ -358,17 +358,11 @@ class SSLDataset(Dataset):
         """
         epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
         image, label, used, skipped = self._read(index)
-        generator = torch.Generator().manual_seed(sample_seed(self.seed, epoch, used))
+        generator = seeded_generator(self.seed, "augmentation", epoch, used)
         crops = self.augmentation(image, generator)
         masks = torch.stack([self.mask_generator(generator) for _ in range(NUM_GLOBAL_CROPS)])
         return {"crops": crops, "masks": masks, "index": used, "label": int(label),
                 "skipped": skipped}
-
-
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """64-bit seed of one sample's augmentation and masks, a pure function of (seed, epoch, index)."""
-    state = np.random.SeedSequence([seed, epoch, index]).generate_state(2, dtype=np.uint32)
-    return int(state[0]) << 32 | int(state[1])
 
 
 def collate_views(samples: Sequence[dict]) -> dict:

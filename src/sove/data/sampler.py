@@ -7,13 +7,15 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import Sampler
 
+from sove.seeding import generator
+
 
 class ResumableSampler(Sampler[int]):
     """Shuffled indices of one epoch, sharded over ranks, able to start mid-epoch.
 
-    The permutation of epoch ``e`` is ``randperm(n)`` from a generator seeded with ``seed + e``
-    (no global RNG is consumed), so a resumed run sees exactly the indices the uninterrupted run
-    would have seen. The permutation is truncated to a
+    The permutation of epoch ``e`` is ``randperm(n)`` from the ``data_order`` stream of the seed at
+    key ``e`` (:mod:`sove.seeding`; no global RNG is consumed), so a resumed run sees exactly the
+    indices the uninterrupted run would have seen. The permutation is truncated to a
     multiple of ``R * batch_size`` (the last, incomplete global batch is dropped, as with
     ``drop_last=True``). Global batch ``k`` is ``perm[k*R*B : (k+1)*R*B]`` and rank ``r`` takes its
     ``r``-th contiguous block of ``B``, so gathering the ranks' batches in rank order gives exactly
@@ -59,7 +61,7 @@ class ResumableSampler(Sampler[int]):
     def epoch_indices(self, epoch: int) -> torch.Tensor:
         """All indices this rank sees in ``epoch``, in order (int64, shape (batches_per_epoch * batch_size,))."""
         if self.shuffle:
-            order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed + epoch))
+            order = torch.randperm(self.num_samples, generator=generator(self.seed, "data_order", epoch))
         else:
             order = torch.arange(self.num_samples)
         b, world = self.batch_size, self.num_replicas

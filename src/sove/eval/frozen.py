@@ -58,7 +58,7 @@ def stratified_subset(labels: torch.Tensor, fraction: float, seed: int, leave_on
     Args:
         labels: int64 tensor (N,).
         fraction: in (0, 1].
-        seed: numpy seed; the same seed gives the same subset.
+        seed: numpy seed (the protocols pass a :func:`sove.seeding.stream_seed`); same seed, same subset.
         leave_one: cap each class at ``count - 1`` (so the complement still holds every class with
             at least 2 items); used for the held-out validation part of the linear probe.
 
@@ -86,7 +86,8 @@ def balanced_subset(labels: torch.Tensor, num: int, seed: int | list[int]) -> to
     Args:
         labels: int64 tensor (N,).
         num: subset size.
-        seed: numpy seed (an int or a list of ints, e.g. ``[run seed, stream]``); same seed, same subset.
+        seed: numpy seed, an int or a list of ints (the periodic k-NN passes a
+            :func:`sove.seeding.stream_seed`); same seed, same subset.
 
     Returns:
         int64 tensor of sorted indices into ``labels``.

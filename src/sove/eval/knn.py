@@ -11,6 +11,7 @@ from torch.utils.data import Subset
 
 from sove.errors import SoveError
 from sove.preflight import check_writable
+from sove.seeding import stream_seed
 
 
 @torch.no_grad()
@@ -247,16 +248,12 @@ def estimate_knn_seconds(cfg: DictConfig, sample: int = 2048, device: str = "cpu
     return (read + 2 * forward) * n_all / len(idx) + knn
 
 
-#: Stream of the run seed that draws the periodic k-NN subsets (independent of every training draw).
-PERIODIC_KNN_STREAM = 0x6B6E6E
-
-
 def periodic_subsets(cfg: DictConfig) -> tuple[Subset, Subset, str]:
     """The labelled train and test subsets of the periodic k-NN during pretraining.
 
     ``eval.knn_train_subset`` train and ``eval.knn_test_subset`` test images, each a seeded
-    class-balanced draw (:func:`sove.eval.frozen.balanced_subset`) seeded by (``trainer.seed``,
-    :data:`PERIODIC_KNN_STREAM`, split index): the same images at every evaluation of the run (and
+    class-balanced draw (:func:`sove.eval.frozen.balanced_subset`) from the ``periodic_knn`` stream of
+    ``trainer.seed`` at the split index (:mod:`sove.seeding`): the same images at every evaluation of the run (and
     after a resume), and no draw from the training RNGs. Images are preprocessed as by ``sove eval knn``.
 
     Returns:
@@ -273,7 +270,7 @@ def periodic_subsets(cfg: DictConfig) -> tuple[Subset, Subset, str]:
     subsets = []
     splits = eval_splits(cfg)  # test labels numbered by the train split's class names
     for code, (dataset, num) in enumerate(zip(splits, (e.knn_train_subset, e.knn_test_subset))):
-        idx = balanced_subset(labels_of(dataset), num, [seed % 2**32, PERIODIC_KNN_STREAM, code])
+        idx = balanced_subset(labels_of(dataset), num, stream_seed(seed, "periodic_knn", code))
         subsets.append(Subset(dataset, idx.tolist()))
     train, test = subsets
     classes = len(torch.unique(subset_labels(train)))

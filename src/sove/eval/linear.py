@@ -23,6 +23,7 @@ from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
 
 from sove.errors import SoveError
+from sove.seeding import generator, stream_seed
 
 #: Base learning rates (per 256 samples; scaled by batch_size / 256).
 DEFAULT_LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
@@ -91,7 +92,7 @@ def train_linear_heads(
     get = features if callable(features) else (lambda epoch: features)
     n = labels.shape[0]
     dim = get(0).shape[1]
-    g = torch.Generator().manual_seed(seed)
+    g = generator(seed, "linear_probe")
     init = torch.randn(num_classes, dim, generator=g) * 0.01
     heads = nn.ModuleList(nn.Linear(dim, num_classes) for _ in lrs)
     with torch.no_grad():
@@ -170,8 +171,9 @@ def _standardizer(x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
 class _AugmentedFeatures:
     """epoch -> standardised features (N_fit, F) of freshly augmented training images (``--augment``).
 
-    Epoch ``e`` is drawn with torch seed ``seed * 100003 + e``; the standardisation (``scale``) comes
-    from epoch 0, which is extracted on construction.
+    Epoch ``e`` is drawn with torch's global CPU RNG seeded from the ``linear_augmentation`` stream at
+    key ``e`` (:mod:`sove.seeding`; torchvision's transforms draw from it), forked so the caller's RNG is
+    left as it was; the standardisation (``scale``) comes from epoch 0, which is extracted on construction.
     """
 
     def __init__(self, encoder: Any, train: Any, fit_idx: torch.Tensor, mode: str, standardize: bool,
@@ -188,9 +190,10 @@ class _AugmentedFeatures:
         from sove.eval.features import extract_features
 
         if epoch != self.epoch:
-            torch.manual_seed(self.seed * 100003 + epoch)
-            x = extract_features(self.encoder.module, self.images, self.encoder.cfg.eval.batch_size, self.device,
-                                 f"augmented train features (epoch {epoch})", mode=self.mode)
+            with torch.random.fork_rng(devices=[]):
+                torch.default_generator.manual_seed(stream_seed(self.seed, "linear_augmentation", epoch))
+                x = extract_features(self.encoder.module, self.images, self.encoder.cfg.eval.batch_size,
+                                     self.device, f"augmented train features (epoch {epoch})", mode=self.mode)
             self.epoch, self.x = epoch, self.scale(x)
         return self.x
 
@@ -258,7 +261,7 @@ def evaluate_linear(
     keep_test = readable_rows(test_f, test, "test", encoder.out_dir)
     train_f, y_train = train_f[keep_train], labels_of(train)[keep_train]
     test_f, y_test = test_f[keep_test], labels_of(test)[keep_test]
-    val_idx = stratified_subset(y_train, val_fraction, seed, leave_one=True)
+    val_idx = stratified_subset(y_train, val_fraction, stream_seed(seed, "validation_split"), leave_one=True)
     fit_mask = torch.ones(len(y_train), dtype=torch.bool)
     fit_mask[val_idx] = False
     fit_idx = fit_mask.nonzero().squeeze(1)

@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from sove.errors import SoveError
+from sove.seeding import stream_seed
 
 #: Inverse regularisation strengths tried for the logistic regression.
 LOGREG_CS = (0.1, 1.0, 10.0, 100.0, 1000.0)
@@ -109,7 +110,7 @@ def logistic_regression(train_features: torch.Tensor, train_labels: torch.Tensor
             warnings.simplefilter("ignore", ConvergenceWarning)
             return LogisticRegression(C=c, max_iter=1000, random_state=seed).fit(x[rows], y[rows])
 
-    val = stratified_subset(train_labels, 0.2, seed, leave_one=True).numpy()
+    val = stratified_subset(train_labels, 0.2, stream_seed(seed, "validation_split"), leave_one=True).numpy()
     fit_rows = np.setdiff1d(np.arange(len(y)), val)
     scores: dict[str, float] = {}
     best_c = LOGREG_FALLBACK_C
@@ -205,7 +206,8 @@ def evaluate_lowshot(
         if empty:
             raise SoveError(f"every image listed in subset file '{empty[0]}' is unreadable")
     else:
-        subsets = {f"{p:g}": (stratified_subset(y_train, p / 100.0, seed), None) for p in percents}
+        subsets = {f"{p:g}": (stratified_subset(y_train, p / 100.0, stream_seed(seed, "lowshot_subsets")), None)
+                   for p in percents}
     e = encoder.cfg.eval
     results = {}
     for name, (idx, path) in tqdm(subsets.items(), desc="low-shot", unit="subset", leave=False):

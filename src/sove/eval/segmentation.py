@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from sove.errors import DataError
 from sove.eval.encoder import FrozenBackbone, load_frozen, result_path
 from sove.eval.provenance import write_result
+from sove.seeding import generator
 
 IGNORE = 255
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -186,7 +187,7 @@ def train_linear_head(features: torch.Tensor, labels: torch.Tensor, num_classes:
     Returns:
         ``nn.Conv2d(dim, C, 1)`` on the CPU, eval mode.
     """
-    g = torch.Generator().manual_seed(seed)
+    g = generator(seed, "segmentation_probe")
     head = nn.Conv2d(features.shape[-1], num_classes, 1)
     with torch.no_grad():
         head.weight.normal_(0, 0.01, generator=g)

@@ -9,7 +9,7 @@ the names below are imported on first use, so ``from sove.method.settings import
 from importlib import import_module
 
 _HOMES = {
-    "Concepts": "concepts", "anchor_generator": "concepts", "draw_anchors": "concepts",
+    "Concepts": "concepts", "draw_anchors": "concepts",
     "nearest_judges": "concepts", "select_judges": "concepts", "FeatureSet": "feature_set",
     "SOVELoss": "losses", "cls_loss": "losses", "cross_view_pairs": "losses", "patch_loss": "losses",
     "ConceptSettings": "settings", "Method": "base", "StepContext": "base", "micro_views": "base",

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from sove.method.settings import ConceptSettings, concept_problem
@@ -25,23 +24,6 @@ from sove.method.settings import ConceptSettings, concept_problem
 #: Probabilities are clamped to this value before the logarithm (only reached when soft
 #: weights are negative, i.e. a judge is anti-aligned with its anchor).
 MIN_PROB = 1e-12
-
-
-def anchor_generator(seed: int, step: int, task: int, stream: int = 0) -> torch.Generator:
-    """A CPU generator seeded from (seed, step, task, stream), identical on every rank.
-
-    Used for anchor draws and the anchor keep-fraction so all ranks select the same concepts
-    without a broadcast and without consuming the implicit global RNG (docs/method.md, "Concepts: anchors and judges").
-
-    Args:
-        seed: the run's seed (``trainer.seed``).
-        step: the optimizer step (iteration) index, >= 0.
-        task: the task index within the step, >= 0.
-        stream: 0 for CLS concepts, 1 for patch concepts, 2 for the E_P patch positions
-            (independent streams).
-    """
-    state = np.random.SeedSequence([seed, step, task, stream]).generate_state(2, dtype=np.uint32)
-    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
 def draw_anchors(
@@ -52,7 +34,7 @@ def draw_anchors(
     Args:
         num_rows: feature-set size N.
         num_anchors: number of anchors K, 2 <= K <= N.
-        generator: explicit CPU generator (see :func:`anchor_generator`).
+        generator: explicit CPU generator (the ``anchors`` stream of :mod:`sove.seeding`).
         device: device of the returned indices.
 
     Returns:

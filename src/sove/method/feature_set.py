@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from sove.distributed import all_gather_cat
+from sove.seeding import generator
 
 
 class FeatureSet(nn.Module):
@@ -21,6 +22,9 @@ class FeatureSet(nn.Module):
         ptr: int64 scalar tensor, the next row to write.
         indices: int64 tensor of shape (size,), the dataset index each row came from
             (-1 for the random initial rows or when the caller gives none).
+        version: int, the change counter: +1 at every :meth:`enqueue` and every ``load_state_dict``
+            (a per-process count, not saved; :meth:`sove.method.losses.SOVELoss.concepts` keys its
+            cache on it).
 
     Example:
         >>> fs = FeatureSet(size=8, dim=4, seed=0)
@@ -33,13 +37,14 @@ class FeatureSet(nn.Module):
     ptr: torch.Tensor
     indices: torch.Tensor
 
-    def __init__(self, size: int, dim: int, seed: int = 0) -> None:
+    def __init__(self, size: int, dim: int, seed: int = 0, key: int = 0) -> None:
         """Create a feature set filled with seeded random unit vectors (identical on all ranks).
 
         Args:
             size: number of rows N (E_C: 65536, E_P: 8192 at ImageNet scale).
             dim: embedding dimension d (the projection head's output size).
-            seed: seed of the random initial rows.
+            seed: the run's seed; the rows come from its ``feature_set_init`` stream (:mod:`sove.seeding`).
+            key: which set, the stream's key (SOVE: 0 for E_C, 1 for E_P).
 
         Raises:
             ValueError: if ``size`` or ``dim`` is not positive.
@@ -47,11 +52,12 @@ class FeatureSet(nn.Module):
         super().__init__()
         if size < 1 or dim < 1:
             raise ValueError(f"feature set size ({size}) and dim ({dim}) must be positive")
-        g = torch.Generator().manual_seed(seed)
+        g = generator(seed, "feature_set_init", key)
         init = nn.functional.normalize(torch.randn(size, dim, generator=g), dim=1)
         self.register_buffer("features", init)
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
         self.register_buffer("indices", torch.full((size,), -1, dtype=torch.long))
+        self.version = 0
 
     @property
     def size(self) -> int:
@@ -95,6 +101,12 @@ class FeatureSet(nn.Module):
         self.features[rows] = emb.to(self.features.device)
         self.indices[rows] = idx.to(self.indices.device)
         self.ptr.fill_((int(self.ptr) + n) % self.size)
+        self.version += 1
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        """``nn.Module`` hook of ``load_state_dict``: rows are copied in place, so count a change."""
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.version += 1
 
     def extra_repr(self) -> str:
         return f"size={self.size}, dim={self.dim}"

@@ -12,9 +12,10 @@ from dataclasses import astuple
 import torch
 from torch import nn
 
-from sove.method.concepts import Concepts, anchor_generator, draw_anchors, select_judges
+from sove.method.concepts import Concepts, draw_anchors, select_judges
 from sove.method.feature_set import FeatureSet
 from sove.method.settings import ConceptSettings
+from sove.seeding import generator
 
 
 def cross_view_pairs(num_student_views: int, num_teacher_views: int) -> list[tuple[int, int]]:
@@ -108,8 +109,8 @@ def patch_loss(
 class SOVELoss(nn.Module):
     """SOVE objective L = lambda1 L_CLS (Eq. 2) + lambda2 L_patch (Eq. 4), averaged over tasks.
 
-    For each task a fresh set of anchors is drawn from an explicit generator seeded by
-    (seed, step, task), so every rank picks the same concepts. Returns named terms so the
+    For each task a fresh set of anchors is drawn from the ``anchors`` stream of the seed at keys
+    (step, task, loss) (:mod:`sove.seeding`), so every rank picks the same concepts. Returns named terms so the
     trainer can log them and name the culprit of a non-finite loss.
 
     Example:
@@ -134,21 +135,26 @@ class SOVELoss(nn.Module):
         """Anchor indices drawn at the last step, all tasks concatenated (int64, for diagnostics)."""
         return torch.cat([self._anchors[k] for k in sorted(self._anchors)]) if self._anchors else torch.zeros(0)
 
-    def concepts(self, settings: ConceptSettings, features: torch.Tensor, step: int, task: int,
+    def concepts(self, settings: ConceptSettings, features: FeatureSet | torch.Tensor, step: int, task: int,
                  stream: int) -> Concepts:
         """The concepts of one task at one step (deterministic in seed, step, task, stream).
 
-        Cached while the feature set is unchanged (same memory, shape, strides and in-place version;
-        every concept setting), so the micro-batches of gradient accumulation share one judge search
-        per task. The cache holds the tensor, so its memory cannot be reused by another one while cached.
+        ``features`` is a :class:`FeatureSet` (its ``features`` rows, cached by its change counter
+        ``version``) or a bare (N, d) tensor (never cached); ``stream`` is 0 for the CLS loss, 1 for
+        the patch loss (the last key of the ``anchors`` stream). Cached while the feature set is
+        unchanged (same ``version``, same rows' memory, shape and strides; every concept setting), so
+        the micro-batches of gradient accumulation share one judge search per task. The cache holds
+        the tensor, so its memory cannot be reused by another one while cached.
         """
+        version = features.version if isinstance(features, FeatureSet) else None
+        features = features.features if isinstance(features, FeatureSet) else features
         key = (step, task, stream, astuple(settings), features.data_ptr(), tuple(features.shape), features.stride(),
-               features.device, features._version)
-        if key in self._cache:
+               features.device, version)
+        if version is not None and key in self._cache:
             return self._cache[key][1]
         if any(k[0] != step for k in self._cache):
             self._cache.clear()
-        g = anchor_generator(self.seed, step, task, stream)
+        g = generator(self.seed, "anchors", step, task, stream)
         anchors = draw_anchors(features.shape[0], settings.num_anchors, g, features.device)
         self._anchors[(stream, task)] = anchors
         concepts = select_judges(
@@ -156,7 +162,8 @@ class SOVELoss(nn.Module):
             label_mode=settings.label_mode, keep_fraction=settings.anchor_keep_fraction,
             generator=g, chunk_size=self.chunk_size, search_dtype=self.search_dtype,
         )
-        self._cache[key] = (features, concepts)
+        if version is not None:
+            self._cache[key] = (features, concepts)
         return concepts
 
     def temperatures(self, name: str, teacher_temp: float) -> tuple[float, float]:
@@ -218,7 +225,7 @@ class SOVELoss(nn.Module):
             sims = self.similarities(settings, fs.features, student, teacher)
             terms = []
             for task in range(settings.num_tasks):
-                concepts = self.concepts(settings, fs.features, step, task, stream)
+                concepts = self.concepts(settings, fs, step, task, stream)
                 if name == "cls":
                     terms.append(cls_loss(student_cls, teacher_cls, concepts, tau_s, tau_t, *sims))
                 else:

@@ -17,10 +17,11 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from sove.method.base import Method, StepContext, micro_views
-from sove.method.concepts import anchor_generator, concept_purity, judge_weight_stats
+from sove.method.concepts import concept_purity, judge_weight_stats
 from sove.method.feature_set import FeatureSet
 from sove.method.losses import SOVELoss
 from sove.models.head import ProjectionHead
+from sove.seeding import generator
 
 
 def resolve_search_dtype(cfg: DictConfig) -> torch.dtype:
@@ -57,8 +58,9 @@ class SOVE(Method):
 
     Submodules: ``cls_fs`` / ``patch_fs`` (:class:`FeatureSet`, None when that loss weight is 0)
     and ``loss_fn`` (:class:`SOVELoss`). After each optimizer step E_C receives the teacher's
-    view-2 [CLS] embeddings and E_P one view-2 patch embedding per image (position drawn from a
-    (seed, step) generator for the whole global batch), both from the step's own teacher forward.
+    view-2 [CLS] embeddings and E_P one view-2 patch embedding per image (position drawn from the
+    ``patch_positions`` stream (:mod:`sove.seeding`) for the whole global batch), both from the
+    step's own teacher forward.
     """
 
     name = "sove"
@@ -66,8 +68,8 @@ class SOVE(Method):
     def __init__(self, cfg: DictConfig) -> None:
         super().__init__(cfg)
         lo, dim, seed = cfg.loss, cfg.model.head_out_dim, cfg.trainer.seed
-        self.cls_fs = FeatureSet(lo.cls_feature_set_size, dim, seed=seed) if lo.cls_weight > 0 else None
-        self.patch_fs = FeatureSet(lo.patch_feature_set_size, dim, seed=seed + 1) if lo.patch_weight > 0 else None
+        self.cls_fs = FeatureSet(lo.cls_feature_set_size, dim, seed, key=0) if lo.cls_weight > 0 else None
+        self.patch_fs = FeatureSet(lo.patch_feature_set_size, dim, seed, key=1) if lo.patch_weight > 0 else None
         self.loss_fn = build_sove_loss(cfg)
         self.step = 0
         self.positions: torch.Tensor | None = None
@@ -80,10 +82,10 @@ class SOVE(Method):
         return ProjectionHead(embed_dim, m.head_hidden_dim, m.head_out_dim)
 
     def begin_step(self, ctx: StepContext, batch: dict[str, Any]) -> None:
-        """E_P positions: one view-2 patch per image, drawn for the whole global batch from a (seed, step)
-        generator and sliced for this rank (= a single process's choice)."""
+        """E_P positions: one view-2 patch per image, drawn for the whole global batch from the
+        ``patch_positions`` stream at key ``step`` and sliced for this rank (= a single process's choice)."""
         b, num_patches = batch["index"].shape[0], batch["masks"].shape[-1]
-        g = anchor_generator(self.cfg.trainer.seed, ctx.step, 0, stream=2)  # stream 2: E_P positions
+        g = generator(self.cfg.trainer.seed, "patch_positions", ctx.step)
         drawn = torch.randint(num_patches, (ctx.world_size * b,), generator=g)
         self.positions = drawn[ctx.rank * b:(ctx.rank + 1) * b]
         self.step, self.pending, self.stats = ctx.step, ([], []), {}
@@ -164,7 +166,7 @@ class SOVE(Method):
         The concepts are cached by the loss, so the next step reuses them: no extra search."""
         if labels is None or self.cls_fs is None or self.cfg.loss.cls.num_judges < 2:
             return {}
-        concepts = self.loss_fn.concepts(self.loss_fn.cls, self.cls_fs.features, step, 0, stream=0)
+        concepts = self.loss_fn.concepts(self.loss_fn.cls, self.cls_fs, step, 0, stream=0)
         out = {f"judge_weight/{k}": v for k, v in judge_weight_stats(concepts.weights[:, 1:]).items()}
         if self.cfg.loss.cls.label_mode == "onehot":
             cos = (concepts.judges[:, 1:] * concepts.judges[:, :1]).sum(-1)

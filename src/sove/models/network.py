@@ -11,6 +11,7 @@ from sove.config import is_swin
 from sove.models.backbone import MaskedViT, create_vit
 from sove.models.head import ProjectionHead
 from sove.models.swin import MaskedSwin, create_swin
+from sove.seeding import stream_seed
 
 Backbone = MaskedViT | MaskedSwin
 
@@ -89,7 +90,10 @@ def build_networks(cfg, seed: int | None = None,
 
     Args:
         cfg: the full config (``sove.config.SOVEConfig``).
-        seed: if given, ``torch.manual_seed(seed)`` before initialisation (reproducible weights).
+        seed: if given, the weights come from the ``network_init`` stream of this seed
+            (:mod:`sove.seeding`): timm initialises from torch's global CPU RNG, so it is forked,
+            seeded from the stream, and restored afterwards (the caller's global RNG is left as
+            it was). None: initialised from the global RNG as it stands.
         head: ``head(embed_dim)`` -> projection head (the method's ``make_head``); default
             :class:`ProjectionHead` of ``model.head_hidden_dim`` / ``head_out_dim``.
 
@@ -97,7 +101,9 @@ def build_networks(cfg, seed: int | None = None,
         (student, teacher).
     """
     if seed is not None:
-        torch.manual_seed(seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(stream_seed(seed, "network_init"))
+            return build_networks(cfg, None, head)
     m = cfg.model
     if head is None:
         def head(embed_dim: int) -> nn.Module:

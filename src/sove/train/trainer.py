@@ -37,6 +37,7 @@ from sove.models import build_networks
 from sove.train import checkpoint as ckpt
 from sove.preflight import check_trainer_device
 from sove.run_lock import rank_zero_lock
+from sove.seeding import generator, stream_seed
 from sove.train.budget import TimeBudget
 from sove.train.builders import (build_train_dataset, loader_options, preflight, prepare_run_dir, resolve_precision,
                                  resume_checkpoint)
@@ -84,7 +85,8 @@ class Trainer(Diagnostics):
         self.fabric.launch()
         if self.fabric.is_global_zero:
             start_loggers(loggers, cfg)
-        self.fabric.seed_everything(t.seed, verbose=False)
+        # torch / numpy / random global RNGs (drop path, device augmentation) from the ``global`` stream
+        self.fabric.seed_everything(stream_seed(t.seed, "global", bits=32), verbose=False)
         self.dataset = dataset if dataset is not None else build_train_dataset(cfg)
         b, world = cfg.optim.batch_size, self.fabric.world_size
         if len(self.dataset) < b * world:
@@ -95,7 +97,7 @@ class Trainer(Diagnostics):
         on_device = isinstance(self.dataset, DecodedDataset)  # data.augment_on=device
         loader = DataLoader(self.dataset, batch_size=b, sampler=EpochKeys(self.sampler), drop_last=True,
                             collate_fn=self.dataset.collate if on_device else collate_views,
-                            generator=torch.Generator().manual_seed(t.seed), **loader_options(cfg, self.fabric.device))
+                            generator=generator(t.seed, "loader"), **loader_options(cfg, self.fabric.device))
         self.loader = self.fabric.setup_dataloaders(loader, use_distributed_sampler=False, move_to_device=not on_device)
         if on_device:  # the workers decoded; the views are made on the training device
             self.loader = DeviceViews(self.loader, self.dataset, self.fabric.device)
