@@ -52,12 +52,12 @@ def tiny_labelled_run(root: Path) -> Path:
     """A 1-step run of the TINY config on two brightness classes in ``root`` (the labelled folder
     doubles as the test split); returns its run directory. Shared by the supervised-protocol tests."""
     from sove.config import load_config
-    from sove.train.trainer import pretrain
+    from sove.api import pretrain
 
     images = make_image_folder(root / "images")
     cfg = load_config(None, TINY + [f"data.root={images}", f"data.test_root={images}", f"trainer.out_dir={root}",
                                     "trainer.name=r", "trainer.max_steps=1"])
-    return pretrain(cfg)
+    return pretrain(cfg).path
 
 
 

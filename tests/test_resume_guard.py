@@ -19,7 +19,7 @@ from sove.cli import main
 from sove.config import load_config
 from sove.train.checkpoint import atomic_save, load_checkpoint
 from sove.train.init_from import init_networks
-from sove.train.trainer import pretrain
+from sove.api import pretrain
 
 TAIL = ("A resume may change only trajectory-neutral keys (trainer.max_steps, logging, checkpoint cadence, threads, "
         "eval.*; see docs/cli.md); for other settings start a new run (trainer.init_from={ck} keeps the weights)")
@@ -32,7 +32,7 @@ def run3(tmp_path_factory) -> Path:
     images = make_image_folder(root / "images")
     cfg = load_config(None, TINY + [f"data.root={images}", f"trainer.out_dir={root}", "trainer.name=r",
                                     "trainer.max_steps=3"])
-    return pretrain(cfg)
+    return pretrain(cfg).path
 
 
 @pytest.fixture
