@@ -127,20 +127,21 @@ class Noise(torch.utils.data.Dataset):
 
 @pytest.fixture(scope="module")
 def python_runs(tmp_path_factory):
-    """A straight 2-epoch run (8 steps, dict config) and the same run (DictConfig) stopped at step 6 mid-epoch
-    and resumed with dataset=."""
+    """A straight run of 4 steps (dict config) and the same run (DictConfig) stopped at step 3, mid-epoch, and
+    resumed with dataset= to step 4."""
     tmp = tmp_path_factory.mktemp("api")
     dotlist = TINY + ["data.root=unused", f"trainer.out_dir={tmp}"]
-    sove.pretrain(OmegaConf.to_container(OmegaConf.from_dotlist(dotlist)), Noise(), trainer={"name": "straight"})
-    sove.pretrain(load_config(None, dotlist), dataset=Noise(), trainer={"name": "resumed", "max_steps": 6})
-    assert sove.Run(tmp / "resumed").step == 6
-    run = sove.resume(tmp / "resumed", dataset=Noise(), trainer={"max_steps": None})
+    config = OmegaConf.to_container(OmegaConf.from_dotlist(dotlist))
+    sove.pretrain(config, Noise(), trainer={"name": "straight", "max_steps": 4})
+    sove.pretrain(load_config(None, dotlist), dataset=Noise(), trainer={"name": "resumed", "max_steps": 3})
+    assert sove.Run(tmp / "resumed").step == 3
+    run = sove.resume(tmp / "resumed", dataset=Noise(), trainer={"max_steps": 4})
     return tmp, run
 
 
 def test_resume_with_the_dataset_equals_the_straight_run(python_runs):
     tmp, run = python_runs
-    assert run.path == tmp / "resumed" and run.step == 8
+    assert run.path == tmp / "resumed" and run.step == 4
     a = with_method_state(load_checkpoint(tmp / "straight" / "checkpoints" / "last.pt"))
     b = with_method_state(load_checkpoint(run.checkpoint))
     for part in ("student", "teacher", "method"):
@@ -164,7 +165,7 @@ def test_a_python_dataset_run_is_refused_where_sove_cannot_read_it(python_runs, 
     with pytest.raises(SoveError, match=re.escape("sove.resume(dataset=...): got python:Noise (30 items), the run "
                                                   "was trained on python:Noise (32 items); pass the same dataset")):
         sove.resume(run, dataset=Noise(30), trainer={"max_steps": 9})
-    assert run.step == 8  # nothing was touched
+    assert run.step == 4  # nothing was touched
 
 
 def test_sove_exports_the_api_lazily():
