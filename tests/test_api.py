@@ -44,7 +44,7 @@ def test_the_documented_example_runs(tmp_path, monkeypatch, capsys):
     run = sove.Run(tmp_path / "runs" / "blobs")
     assert [row["step"] for row in run.metrics()] == [2.0, 4.0]
     assert "concept_purity" in run.metrics()[-1]  # the labels reached the diagnostic
-    assert out[-1].startswith(f"Run('{Path('runs') / 'blobs'}') (8, 32) ")
+    assert out[-1].startswith(f"Run('{Path('runs') / 'blobs'}') (8, 128) ")
     assert (run.config.data.source, run.config.data.root) == ("python", "python:Blobs (32 items)")
 
 
