@@ -148,6 +148,8 @@ def test_resume_with_the_dataset_equals_the_straight_run(python_runs):
         assert a[part].keys() == b[part].keys()
         for key in a[part]:
             assert torch.equal(a[part][key], b[part][key]), f"{part}.{key} differs after resume"
+    exported = sove.load_backbone(run.export())  # the timm model of the Run's teacher
+    assert torch.equal(exported.pos_embed, run.backbone().vit.pos_embed)
 
 
 def test_a_python_dataset_run_is_refused_where_sove_cannot_read_it(python_runs, capsys):
