@@ -26,7 +26,7 @@ from typing import Any
 from sove.config import load_config
 from sove.eval.knn import evaluate_knn
 from sove.train.builders import build_train_dataset
-from sove.train.trainer import pretrain
+from sove.api import pretrain
 
 DEFAULT = "CLS + MIM, k = 9, soft"
 SETTINGS: dict[str, list[str]] = {  # name -> overrides (relative to the config)
@@ -56,7 +56,7 @@ def train_and_evaluate(args: argparse.Namespace, name: str, overrides: list[str]
     frac = base.optim.warmup_epochs / base.optim.epochs
     cfg = load_config(args.config, common + [f"optim.epochs={epochs}", f"optim.warmup_epochs={frac * epochs}"])
     start = time.perf_counter()
-    run_dir = pretrain(cfg, overwrite=True)
+    run_dir = pretrain(cfg, overwrite=True).path
     minutes = (time.perf_counter() - start) / 60
     knn = evaluate_knn(run_dir, "trained")
     print(f"[ablation] {name}: k-NN top-1 {knn['best_top1']:.2f} (k={knn['best_k']}), {minutes:.1f} min", flush=True)

@@ -66,12 +66,12 @@ def tiny_labelled_run(tiny_cfg) -> Callable[[Path], Path]:
     """``tiny_labelled_run(root)``: a 1-step run of the TINY config on two brightness classes in ``root``
     (the labelled folder doubles as the test split); returns its run directory. Shared by the
     supervised-protocol tests."""
-    from sove.train.trainer import pretrain
+    from sove.api import pretrain
 
     def run(root: Path) -> Path:
         images = make_image_folder(root / "images")
         return pretrain(tiny_cfg(f"data.root={images}", f"data.test_root={images}", f"trainer.out_dir={root}",
-                                 "trainer.name=r", "trainer.max_steps=1"))
+                                 "trainer.name=r", "trainer.max_steps=1")).path
 
     return run
 

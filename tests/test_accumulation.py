@@ -7,7 +7,8 @@ import torch
 
 from helpers import PEERS
 from sove.config import load_config
-from sove.train.trainer import Trainer, prepare_run_dir
+from sove.run import prepare_run_dir
+from sove.train.trainer import Trainer
 
 
 def one_step(tiny_cfg, tmp_path, image_folder, name, extra):

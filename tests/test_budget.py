@@ -12,7 +12,7 @@ from sove.train import budget as budget_mod
 from sove.train import trainer as trainer_mod
 from sove.train.checkpoint import load_checkpoint
 from sove.train.preflight import check_budget_plan, check_run_plan
-from sove.train.trainer import pretrain, resume
+from sove.api import pretrain, resume
 
 
 def test_parse_duration_units_and_error_line():
@@ -68,8 +68,8 @@ def test_budgeted_run_plans_resizes_and_resumes_bit_identically(tmp_path, image_
 
     pretrain(load_config(None, base + ["trainer.name=resumed", "trainer.max_steps=6"]))
     with pytest.raises(ConfigError, match=r"trainer.time_budget \(30 -> 40\)"):
-        resume(tmp_path / "resumed", ["trainer.max_steps=null", "trainer.time_budget=40"])
-    resume(tmp_path / "resumed", ["trainer.max_steps=null"])
+        resume(tmp_path / "resumed", trainer={"max_steps": None, "time_budget": "40"})
+    resume(tmp_path / "resumed", trainer={"max_steps": None})
     b = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")
     assert b["step"] == 11 and b["time_budget"] == a["time_budget"]
     a, b = with_method_state(a), with_method_state(b)

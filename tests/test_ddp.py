@@ -13,7 +13,7 @@ import torch
 from helpers import PEERS
 from sove.config import load_config
 from sove.train.checkpoint import load_checkpoint
-from sove.train.trainer import pretrain
+from sove.api import pretrain
 
 
 def losses(run_dir):
@@ -27,7 +27,7 @@ def test_two_process_ddp_equals_single_process(tmp_path, image_folder, method, t
     # DINO / iBOT: the centers are updated from the teacher logits of all ranks (sums all-reduced).
     common = tiny_overrides + [f"data.root={image_folder}", f"trainer.out_dir={tmp_path}", "model.drop_path_rate=0",
                      "trainer.max_steps=3", f"method={method}", "peers.num_prototypes=32"]
-    single = pretrain(load_config(None, common + ["trainer.name=single", "optim.batch_size=8"]))
+    single = pretrain(load_config(None, common + ["trainer.name=single", "optim.batch_size=8"])).path
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "sove", "pretrain", "--config", str(single / "config.yaml"),
            "trainer.name=ddp", "optim.batch_size=4",

@@ -9,7 +9,7 @@ import torch
 from sove.cli import main
 from sove.eval.encoder import load_frozen
 from sove.run import teacher_backbone
-from sove.train.trainer import pretrain
+from sove.api import pretrain
 from test_retrieval import make_dataset
 from test_segmentation import make_ade
 from test_video import make_davis
@@ -18,7 +18,7 @@ from test_video import make_davis
 def test_cli_on_run_and_exported_backbone(tmp_path, image_folder, tiny_cfg):
     cfg = tiny_cfg(f"data.root={image_folder}", f"trainer.out_dir={tmp_path}", "trainer.name=r",
                    "trainer.max_steps=2")
-    run = pretrain(cfg)
+    run = pretrain(cfg).path
     assert main(["export", str(run)]) == 0
 
     # Both sources give the teacher's tokens: global = [CLS], patches on the (rows, cols) grid.

@@ -43,7 +43,7 @@ LOGGERS = ["wandb", "mlflow"] if _optional("wandb", "mlflow") else []
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, tiny_cfg):
     """A 2-step TINY run (its own mean/std) with every logger whose package is installed; exported."""
-    from sove.train.trainer import pretrain
+    from sove.api import pretrain
 
     tmp = tmp_path_factory.mktemp("eco")
     images = make_image_folder(tmp / "images")
@@ -57,7 +57,7 @@ def run(tmp_path_factory, tiny_cfg):
         cfg = tiny_cfg(f"data.root={images}", f"trainer.out_dir={tmp}", "trainer.name=eco",
                        "trainer.max_steps=2", f"data.mean={MEAN}", f"data.std={STD}",
                        f"trainer.loggers=[{loggers}]")
-        path = pretrain(cfg)
+        path = pretrain(cfg).path
     return path, cfg, images, tmp
 
 

@@ -14,7 +14,9 @@ from sove.cli import main
 from sove.config import load_config
 from sove.errors import ConfigError, SoveError
 from sove.train.checkpoint import load_checkpoint
-from sove.train.trainer import Trainer, prepare_run_dir, pretrain, resume
+from sove.api import pretrain, resume
+from sove.run import prepare_run_dir
+from sove.train.trainer import Trainer
 
 TINY_OUT = 16  # model.head_out_dim of TINY
 
@@ -25,9 +27,9 @@ def test_peer_resumes_exactly_and_is_evaluated_by_sove_eval_knn(tmp_path, image_
     base = tiny_overrides + [f"data.root={image_folder}", f"data.test_root={image_folder}",
                              f"trainer.out_dir={tmp_path}",
                    f"method={method}", "peers.num_prototypes=32"]
-    straight = pretrain(load_config(None, base + ["trainer.name=straight", "trainer.max_steps=6"]))
+    straight = pretrain(load_config(None, base + ["trainer.name=straight", "trainer.max_steps=6"])).path
     pretrain(load_config(None, base + ["trainer.name=resumed", "trainer.max_steps=5"]))
-    resume(tmp_path / "resumed", ["trainer.max_steps=6"])
+    resume(tmp_path / "resumed", trainer={"max_steps": 6})
     a = with_method_state(load_checkpoint(straight / "checkpoints" / "last.pt"))
     b = with_method_state(load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt"))
     assert a["step"] == b["step"] == 6
@@ -93,7 +95,7 @@ def test_resume_with_another_method_is_refused_naming_the_key(tmp_path, image_fo
     run = pretrain(tiny_cfg(f"data.root={image_folder}", f"trainer.out_dir={tmp_path}",
                             "trainer.name=s", "trainer.max_steps=1"))
     with pytest.raises(ConfigError, match=r"--resume would change training from .*last.pt: method \(sove -> dino\)\."):
-        resume(run, ["method=dino"])
+        resume(run, method="dino")
 
 
 def test_run_plan_of_a_peer_leaves_out_sove_feature_sets(tiny_overrides):

@@ -12,7 +12,8 @@ import torch
 from sove.method import losses
 from sove.method.sove import feature_set_state
 from sove.train.checkpoint import load_checkpoint
-from sove.train.trainer import NonFiniteLossError, pretrain
+from sove.api import pretrain
+from sove.train.trainer import NonFiniteLossError
 
 
 def nan_patch_loss_at(monkeypatch, step: int) -> None:
@@ -71,7 +72,7 @@ def test_nonfinite_before_any_checkpoint_claims_none(tmp_path, image_folder, mon
 def test_nonfinite_skip_mode_skips_the_step(tmp_path, image_folder, nan_patch_loss_at_step_3, tiny_cfg):
     cfg = tiny_cfg(f"data.root={image_folder}", f"trainer.out_dir={tmp_path}", "trainer.name=skip",
                    "trainer.on_nonfinite=skip", "trainer.max_steps=5")
-    run = pretrain(cfg)
+    run = pretrain(cfg).path
     state = load_checkpoint(run / "checkpoints" / "last.pt")
     assert state["step"] == 5
     assert all(torch.isfinite(v).all() for v in state["student"].values())

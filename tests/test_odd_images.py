@@ -220,7 +220,7 @@ def test_on_error_is_validated(folder):
 
 def test_pretraining_on_the_odd_folder_skips_and_reports(folder, tmp_path, capsys, tiny_cfg):
     """One training epoch over every odd kind: good files train, the 3 bad ones are named."""
-    from sove.train.trainer import pretrain
+    from sove.api import pretrain
 
     # 10 good + 3 bad files, batch 8: one step per epoch over 13 listed files; feature sets the
     # single step fills (8 rows).
@@ -228,7 +228,7 @@ def test_pretraining_on_the_odd_folder_skips_and_reports(folder, tmp_path, capsy
                    "optim.epochs=1", "data.local_crop_size=8", "loss.cls_feature_set_size=8",
                    "loss.cls.num_anchors=4", "loss.patch_feature_set_size=8",
                    "loss.patch.num_anchors=4")
-    run = pretrain(cfg)
+    run = pretrain(cfg).path
     out = capsys.readouterr().out
     report = [line for line in out.splitlines() if "unreadable" in line]
     # The shuffled first batch of 8 holds some of the bad files; each one it met is listed once.
@@ -241,7 +241,7 @@ def test_pretraining_on_the_odd_folder_skips_and_reports(folder, tmp_path, capsy
 
 def test_pretraining_with_on_error_raise_stops_at_a_bad_file(folder, tmp_path, tiny_cfg):
     from sove.errors import DataError
-    from sove.train.trainer import pretrain
+    from sove.api import pretrain
 
     cfg = tiny_cfg(f"data.root={folder}", f"trainer.out_dir={tmp_path}", "trainer.name=raise",
                    "optim.epochs=2", "data.on_error=raise", "loss.cls_feature_set_size=8",

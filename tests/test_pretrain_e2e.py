@@ -14,14 +14,14 @@ from sove.config import load_config
 from sove.method.sove import feature_set_state
 from sove.models import build_networks
 from sove.train.checkpoint import load_checkpoint, load_state_strict
-from sove.train.trainer import pretrain
+from sove.api import pretrain
 
 
 @pytest.fixture
 def tiny_run(tmp_path, image_folder, tiny_cfg):
     cfg = tiny_cfg(f"data.root={image_folder}", f"data.test_root={image_folder}",
                    f"trainer.out_dir={tmp_path / 'runs'}", "trainer.name=tiny")
-    return cfg, pretrain(cfg)
+    return cfg, pretrain(cfg).path
 
 
 def test_tiny_pretrain_writes_a_run_that_reloads(tiny_run):

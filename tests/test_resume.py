@@ -38,7 +38,7 @@ def test_interrupted_and_resumed_run_equals_straight_run(tmp_path, image_folder,
     mid = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")
     assert (mid["step"], mid["epoch"], mid["batch_in_epoch"]) == (6, 1, 2)
     record_indices.clear()
-    resume(tmp_path / "resumed", ["trainer.max_steps=null"])
+    resume(tmp_path / "resumed", trainer={"max_steps": None})
     part2 = list(record_indices)
 
     assert len(straight_seen) == 8 and part1 + part2 == straight_seen  # same sample order
@@ -63,7 +63,7 @@ def test_interrupted_and_resumed_run_equals_straight_run(tmp_path, image_folder,
 def test_resume_keeps_metrics_history(tmp_path, image_folder, tiny_overrides):
     base = tiny_overrides + [f"data.root={image_folder}", f"trainer.out_dir={tmp_path}", "trainer.name=r"]
     pretrain(load_config(None, base + ["trainer.max_steps=3"]))
-    resume(tmp_path / "r", ["trainer.max_steps=null"])
+    resume(tmp_path / "r", trainer={"max_steps": None})
     lines = (tmp_path / "r" / "metrics.csv").read_text().splitlines()
     steps = [int(line.split(",")[lines[0].split(",").index("step")]) for line in lines[1:]]
     assert steps == list(range(1, 9))
@@ -80,11 +80,11 @@ def test_init_from_loads_weights_but_starts_fresh(tmp_path, image_folder, capsys
     from sove import __version__
 
     base = tiny_overrides + [f"data.root={image_folder}", f"trainer.out_dir={tmp_path}"]
-    first = pretrain(load_config(None, base + ["trainer.name=a", "trainer.max_steps=2"]))
+    first = pretrain(load_config(None, base + ["trainer.name=a", "trainer.max_steps=2"])).path
     src = first / "checkpoints" / "last.pt"
     capsys.readouterr()
     second = pretrain(load_config(None, base + ["trainer.name=b", "trainer.max_steps=1", f"trainer.init_from={src}",
-                                              "optim.base_lr=0", "optim.momentum_teacher=1.0"]))
+                                              "optim.base_lr=0", "optim.momentum_teacher=1.0"])).path
     # The start-up line gives the configured peak lr and schedule length (it used to print the
     # largest scheduled lr, here min_lr 1e-6, and "1 steps").
     assert capsys.readouterr().out.splitlines()[0] == (
@@ -151,7 +151,7 @@ def test_metrics_csv_survives_a_kill_and_a_resume_with_fewer_columns(tmp_path, i
     assert rows() == [(1, "train"), (2, "train"), (3, "train"), (4, "train"), (4, "knn"), (5, "train")]
     assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 4
     monkeypatch.setattr(trainer_mod.Trainer, "training_step", original)
-    resume(run, ["trainer.max_steps=6", "eval.knn_every_epochs=0"])
+    resume(run, trainer={"max_steps": 6}, eval={"knn_every_epochs": 0})
     # Rows up to the checkpoint's step 4 kept; step 5 re-logged once by the resumed run.
     assert rows() == [(1, "train"), (2, "train"), (3, "train"), (4, "train"), (4, "knn"), (5, "train"), (6, "train")]
 

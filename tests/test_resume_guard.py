@@ -18,7 +18,7 @@ from helpers import make_image_folder, with_method_state
 from sove.cli import main
 from sove.train.checkpoint import atomic_save, load_checkpoint
 from sove.train.init_from import init_networks
-from sove.train.trainer import pretrain
+from sove.api import pretrain
 
 TAIL = ("A resume may change only trajectory-neutral keys (trainer.max_steps, logging, checkpoint cadence, threads, "
         "eval.*; see docs/cli.md); for other settings start a new run (trainer.init_from={ck} keeps the weights)")
@@ -31,7 +31,7 @@ def run3(tmp_path_factory, tiny_cfg) -> Path:
     images = make_image_folder(root / "images")
     cfg = tiny_cfg(f"data.root={images}", f"trainer.out_dir={root}", "trainer.name=r",
                    "trainer.max_steps=3")
-    return pretrain(cfg)
+    return pretrain(cfg).path
 
 
 @pytest.fixture

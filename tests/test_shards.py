@@ -21,7 +21,7 @@ from sove.eval.embed import embed
 from sove.eval.knn import evaluate_knn
 from sove.train import trainer as trainer_mod
 from sove.train.checkpoint import load_checkpoint
-from sove.train.trainer import pretrain, resume
+from sove.api import pretrain, resume
 
 pytest.importorskip("litdata")
 
@@ -124,7 +124,7 @@ def runs(tmp_path_factory, tiny_overrides):
                                            f"data.test_root={tmp / 'test_shards'}", "trainer.name=run_shards",
                                            "trainer.max_steps=3"]))
         mid = load_checkpoint(tmp / "run_shards" / "checkpoints" / "last.pt")
-        resume(tmp / "run_shards", ["trainer.max_steps=null"])
+        resume(tmp / "run_shards", trainer={"max_steps": None})
     return tmp, seen, (mid["step"], mid["epoch"], mid["batch_in_epoch"])
 
 

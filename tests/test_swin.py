@@ -9,15 +9,16 @@ import numpy as np
 import pytest
 import torch
 
+from sove.api import pretrain
 from sove.cli import main
 from sove.config import load_config, token_stride
 from sove.errors import ConfigError
 from sove.eval.embed import embed
 from sove.eval.features import EvalImages, extract_features
-from sove.run import teacher_backbone
+from sove.run import prepare_run_dir, teacher_backbone
 from sove.export import global_features, load_backbone
 from sove.models import MaskedSwin, MaskedViT, build_networks, create_swin, create_vit
-from sove.train.trainer import Trainer, prepare_run_dir, pretrain
+from sove.train.trainer import Trainer
 
 #: Tiny Swin: 2 stages (token stride 4 x 2 = 8 px), widths 24/48, window 4, 32 px globals / 16 px locals.
 SWIN = ["data.root=unused", "model.arch=swin_tiny", "model.global_pool=mean_patch", "model.depth=null",
@@ -147,7 +148,7 @@ def test_swin_preset_builds_and_steps_at_reduced_size(tmp_path, image_folder):
 def test_export_and_features_of_a_swin_run(tmp_path, image_folder, tiny_cfg):
     cfg = tiny_cfg(*SWIN, f"data.root={image_folder}", f"trainer.out_dir={tmp_path}",
                                            "trainer.name=s", "trainer.max_steps=1")
-    run = pretrain(cfg)
+    run = pretrain(cfg).path
     assert main(["export", str(run)]) == 0
     meta_path = run / "backbone.json"
     meta = json.loads(meta_path.read_text())

@@ -7,7 +7,8 @@ import torch
 
 from sove.config import load_config
 from sove.models import MaskedViT, create_vit
-from sove.train.trainer import Trainer, prepare_run_dir
+from sove.run import prepare_run_dir
+from sove.train.trainer import Trainer
 
 
 def test_global_pool_cls_vs_mean_patch():

@@ -23,7 +23,7 @@ from sove.viz.concepts import concept_purity
 def run(tmp_path, image_folder, tiny_cfg):
     cfg = tiny_cfg(f"data.root={image_folder}", f"data.test_root={image_folder}",
                    f"trainer.out_dir={tmp_path}", "trainer.name=v")
-    return pretrain(cfg)
+    return pretrain(cfg).path
 
 
 def test_purity_by_hand():
@@ -114,7 +114,7 @@ def test_embed_folder_with_an_unreadable_file(run, tmp_path, image_folder, capsy
 def test_periodic_knn_is_logged_each_epoch(tmp_path, image_folder, tiny_cfg):
     cfg = tiny_cfg(f"data.root={image_folder}", f"data.test_root={image_folder}",
                    f"trainer.out_dir={tmp_path}", "trainer.name=p", "eval.knn_every_epochs=1")
-    run = pretrain(cfg)
+    run = pretrain(cfg).path
     rows = [r for r in csv.DictReader(open(run / "metrics.csv")) if r.get("knn_top1")]
     assert [int(r["step"]) for r in rows] == [4, 8]  # after each of the 2 epochs
     assert all(0.0 <= float(r["knn_top1"]) <= 100.0 for r in rows)

@@ -8,8 +8,9 @@ from here (named after each tuple). The concept settings' values (``loss.*.label
 
 #: ``method``, the objective: :data:`sove.method.registry.METHODS` (its keys, in this order).
 METHODS = ("sove", "dino", "ibot")
-#: ``data.source``: :func:`sove.data.sources.build_source`.
-SOURCES = ("fashion_mnist", "folder", "shards")
+#: ``data.source``: :func:`sove.data.sources.build_source`; ``python`` = a dataset given to ``sove.pretrain``
+#: (:mod:`sove.data.python_source`), recorded in a run's config but not readable from it.
+SOURCES = ("fashion_mnist", "folder", "shards", "python")
 #: ``data.on_error``, an unreadable image: :class:`sove.data.multicrop.SSLDataset`.
 ON_ERROR = ("skip", "raise")
 #: ``data.augment_on``, where the views are made: :func:`sove.train.builders.resolve_augment_on`.

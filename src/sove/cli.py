@@ -39,14 +39,14 @@ def _pretrain(args: argparse.Namespace) -> None:
         own = Path(args.resume) / "config.yaml"
         if own.is_file():
             load_config(str(own), args.overrides)
-        from sove.api import resume
+        from sove.api import resume_run
 
-        resume(args.resume, args.overrides)
+        resume_run(args.resume, args.overrides)
     else:
         cfg = load_config(args.config or DEFAULT_PRESET, args.overrides)
-        from sove.api import pretrain
+        from sove.api import start_run
 
-        pretrain(cfg, overwrite=args.overwrite)
+        start_run(cfg, overwrite=args.overwrite)
 
 
 def _export(args: argparse.Namespace) -> None:

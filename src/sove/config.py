@@ -24,7 +24,9 @@ PRESET_DIR = Path(__file__).parent / "configs"
 class DataConfig:
     """Images, crops and augmentation (docs/method.md, "Views and augmentation")."""
 
-    source: str = "fashion_mnist"  # fashion_mnist | folder | shards (`sove shard` output: a folder or s3://, gs://, ...)
+    # fashion_mnist | folder | shards (`sove shard` output: a folder or s3://, gs://, ...) | python (set by
+    # sove.pretrain(dataset=...): data.root then describes the user's dataset)
+    source: str = "fashion_mnist"
     root: Optional[str] = None  # None: search the usual Fashion-MNIST places
     test_root: Optional[str] = None  # labelled test folder (``source: folder``) or shards (``source: shards``) for evaluation
     download: bool = False  # torchvision download of Fashion-MNIST when online

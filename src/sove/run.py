@@ -181,7 +181,8 @@ def teacher_backbone(run_dir: str | Path, cfg: DictConfig, checkpoint: str = LAS
 
 
 class Run:
-    """A run directory of ``sove pretrain`` and one of its checkpoints (default ``last.pt``).
+    """A run directory of ``sove pretrain`` and one of its checkpoints (default ``last.pt``); what
+    ``sove.pretrain`` / ``sove.resume`` return. A path-like object (``os.fspath(run)`` is the directory).
 
     Args:
         path: the run directory (holding ``config.yaml``).
@@ -202,6 +203,9 @@ class Run:
 
     def __repr__(self) -> str:
         return f"Run('{self.path}')"
+
+    def __fspath__(self) -> str:
+        return str(self.path)
 
     @cached_property
     def config(self) -> DictConfig:
@@ -246,5 +250,18 @@ class Run:
             return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
 
     def backbone(self, device: str | torch.device = "cpu") -> torch.nn.Module:
-        """The teacher backbone of :attr:`checkpoint` in eval mode on ``device`` (see :func:`teacher_backbone`)."""
+        """The teacher backbone of :attr:`checkpoint` in eval mode on ``device`` (see :func:`teacher_backbone`):
+        ``backbone(images)["global"]`` maps float (batch, channels, H, W), normalised with ``data.mean/std``,
+        to (batch, embed_dim) image features (also ``"cls"`` and ``"patches"`` (batch, patches, embed_dim))."""
         return teacher_backbone(self.path, self.config, self.checkpoint_name).to(device).eval()
+
+    def export(self) -> Path:
+        """``sove export`` of :attr:`checkpoint`: writes ``RUN/export`` and ``RUN/backbone.json`` and returns the
+        JSON's path, which :func:`sove.load_backbone` loads as a timm model (:func:`sove.export.export_backbone`).
+
+        Raises:
+            SoveError: as :func:`sove.export.export_backbone`.
+        """
+        from sove.export import export_backbone
+
+        return Path(export_backbone(self.path, self.checkpoint_name)["meta"])

@@ -340,7 +340,8 @@ def build_source(
     """Build the image source named by the ``data.*`` config keys.
 
     Args:
-        source: ``data.source``, one of ``"fashion_mnist"``, ``"folder"`` or ``"shards"``.
+        source: ``data.source``, one of ``"fashion_mnist"``, ``"folder"`` or ``"shards"`` (``"python"``, a
+            user's dataset given to ``sove.pretrain``, is not read from the config: the error says what to do).
         root: ``data.root``; for ``"fashion_mnist"`` None searches the default places
             (:func:`find_fashion_mnist`); for ``"folder"`` it is the train images folder, for
             ``"shards"`` the train shards' folder or object-store URI (:class:`sove.data.shards.ShardSource`).
@@ -356,7 +357,8 @@ def build_source(
         A dataset returning ``(uint8 image (channels, height, width), int label)``.
 
     Raises:
-        DataError: unknown ``data.source`` or split, missing ``data.root`` /
+        DataError: ``data.source=python`` (:data:`sove.data.python_source.NOT_ON_DISK`), unknown
+            ``data.source`` or split, missing ``data.root`` /
             ``data.test_root`` for a folder source, or any error of the source itself.
     """
     if split not in ("train", "test"):
@@ -376,4 +378,8 @@ def build_source(
         if where is None:
             raise DataError(f"{key} is needed for the {split} split of data.source={source}")
         return opener(where, num_channels=num_channels, classes=classes, key=key)
+    if source == "python":
+        from sove.data.python_source import NOT_ON_DISK
+
+        raise DataError(NOT_ON_DISK.format(root=root))
     raise DataError(f"data.source '{source}' is unknown; allowed: {', '.join(SOURCES)}")

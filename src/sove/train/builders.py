@@ -7,13 +7,14 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
+from torch.utils.data import Dataset
 
 from sove.config import token_stride
 from sove.data import MultiCropAugmentation, SSLDataset, build_source
 from sove.data.decoded import DecodedDataset
 from sove.method.sove import build_sove_loss as build_loss  # noqa: F401 (re-exported: viz, benchmarks)
 from sove.preflight import check_run_name, check_trainer_device, check_writable
-from sove.run import check_run_dir, prepare_run_dir, resume_checkpoint  # noqa: F401 (the trainer imports them here)
+from sove.run import check_run_dir, prepare_run_dir, resume_checkpoint  # noqa: F401 (re-exported: tests, benchmarks)
 from sove.train.loggers import check_installed
 
 
@@ -42,12 +43,15 @@ def loader_options(cfg: DictConfig, device: torch.device) -> dict:
     return options
 
 
-def build_train_dataset(cfg: DictConfig) -> SSLDataset:
+def build_train_dataset(cfg: DictConfig, source: Dataset | None = None) -> SSLDataset:
     """The multi-crop, masked training dataset of ``cfg.data`` / ``cfg.mask``: a
     :class:`DecodedDataset` (views made on the training device) when :func:`resolve_augment_on`
-    says ``device``, else an :class:`SSLDataset` (views made in the loader)."""
+    says ``device``, else an :class:`SSLDataset` (views made in the loader). ``source``: the images
+    (default: :func:`build_source` of ``cfg.data``; a :class:`sove.data.python_source.PythonSource`
+    for ``data.source=python``)."""
     d = cfg.data
-    source = build_source(d.source, d.root, "train", d.download, d.num_channels, d.test_root)
+    if source is None:
+        source = build_source(d.source, d.root, "train", d.download, d.num_channels, d.test_root)
     aug = MultiCropAugmentation(
         d.global_crop_size, d.local_crop_size, d.num_local_crops, tuple(d.global_crop_scale),
         tuple(d.local_crop_scale), tuple(d.mean), tuple(d.std), d.num_channels, d.color_jitter,
@@ -59,8 +63,6 @@ def build_train_dataset(cfg: DictConfig) -> SSLDataset:
     if resolve_augment_on(cfg) == "device":
         return DecodedDataset(*args, max_image_side=d.max_image_side, **kwargs)
     return SSLDataset(*args, **kwargs)
-
-
 
 
 def preflight(cfg: DictConfig, overwrite: bool) -> Path:

@@ -20,7 +20,6 @@ from typing import Any, Callable, ContextManager, Iterable
 
 import torch
 from lightning.fabric import Fabric
-from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -35,18 +34,14 @@ from sove.errors import DataError, SoveError
 from sove.method import Method, StepContext, build_method, checkpoint_method
 from sove.models import build_networks
 from sove.train import checkpoint as ckpt
-from sove.preflight import check_trainer_device
-from sove.run_lock import rank_zero_lock
 from sove.seeding import generator, stream_seed
 from sove.train.budget import TimeBudget
-from sove.train.builders import (build_train_dataset, loader_options, preflight, prepare_run_dir, resolve_precision,
-                                 resume_checkpoint)
+from sove.train.builders import build_train_dataset, loader_options, resolve_precision
 from sove.train.diagnostics import Diagnostics, NonFiniteLossError, SkippedStep  # noqa: F401 (re-exported)
-from sove.train.init_from import initial_networks
-from sove.train.loggers import build_loggers, check_installed, finalize_loggers, start_loggers
+from sove.train.loggers import build_loggers, finalize_loggers, start_loggers
 from sove.train.metrics_csv import MetricsCSV
 from sove.train.optim import EMA, clip_per_tensor, param_groups
-from sove.train.preflight import check_budget_plan, check_resume, check_run_plan, planned_world_size
+from sove.train.preflight import check_budget_plan
 from sove.train.schedules import Schedules, build_schedules
 
 
@@ -66,7 +61,8 @@ class Trainer(Diagnostics):
                 method's head (``trainer.init_from`` / ``model.init`` give them this way).
             method: the objective (default: :func:`sove.method.build_method` of ``cfg.method``).
             callbacks: Fabric callbacks; ``on_train_epoch_end(trainer=...)`` is called after each epoch
-                (the periodic k-NN of :mod:`sove.eval.periodic`, attached by :mod:`sove.api`).
+                (the periodic k-NN of :mod:`sove.eval.periodic`, attached by :mod:`sove.api`, which also
+                holds the entry points ``pretrain`` / ``resume`` that build and run a Trainer).
 
         Raises:
             SoveError: ``method=dino|ibot`` without lightly; fewer images than one global batch.
@@ -343,74 +339,3 @@ class Trainer(Diagnostics):
         self.fabric.barrier()
         return path
 
-
-def pretrain(cfg: DictConfig, overwrite: bool = False, callbacks: Iterable[Any] = ()) -> Path:
-    """Run pretraining of ``cfg.method`` for ``cfg``; returns the run directory ``trainer.out_dir/trainer.name``.
-
-    Writes ``config.yaml`` (the resolved config), ``metrics.csv``, TensorBoard events and
-    ``checkpoints/last.pt`` (atomic, every ``trainer.checkpoint_every`` steps and at the end).
-    ``trainer.init_from=CKPT`` initialises student and teacher from another run's checkpoint,
-    ``model.init=SOURCE`` their backbones from timm / export / checkpoint weights (a fresh run: new
-    optimizer, feature sets and step 0; see :mod:`sove.train.init_from`).
-    Data, run plan (:func:`~sove.train.preflight.check_run_plan`) and initial weights are
-    checked before the run directory is created. ``callbacks``: Fabric callbacks (see :class:`Trainer`;
-    :func:`sove.api.pretrain` attaches the periodic k-NN and draws the curves at the end).
-
-    Raises:
-        SoveError: existing run without ``overwrite`` (a folder that is not a sove run: never replaced), run
-            in use, absent device, unwritable ``trainer.out_dir`` (checked before any work); data, config
-            (run plan) or initial-weight problems.
-    """
-    run_dir = preflight(cfg, overwrite)  # name, device, existing folder, writable: before any work
-    dataset = build_train_dataset(cfg)  # bad data stops here, before the run directory exists
-    check_run_plan(cfg, len(dataset), planned_world_size(cfg))
-    method = build_method(cfg)  # a missing optional dependency stops here
-    networks = initial_networks(cfg, method.make_head)  # trainer.init_from / model.init, before the run directory
-    with rank_zero_lock(run_dir):
-        if rank_zero_only.rank == 0:  # before the launch: the processes Fabric spawns skip this
-            prepare_run_dir(cfg, overwrite)
-        return _fit(Trainer(cfg, run_dir, dataset, networks, method, callbacks), run_dir)
-
-
-def resume(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = (), callbacks: Iterable[Any] = ()) -> Path:
-    """Continue a run exactly where ``checkpoints/last.pt`` left it (mid-epoch included).
-
-    The run's own ``config.yaml`` is used; ``overrides`` may change only trajectory-neutral keys
-    (:data:`sove.train.preflight.TRAJECTORY_NEUTRAL`, e.g. ``trainer.max_steps``), on the same
-    number of processes and precision. Everything is checked before the run directory is touched.
-    ``metrics.csv`` keeps its rows up to the checkpoint's step. ``callbacks``: as in :func:`pretrain`.
-
-    Raises:
-        SoveError: not a run directory, no checkpoint in it, in use by another process, absent device,
-            or a resume that would change training (:func:`~sove.train.preflight.check_resume`, naming the keys).
-    """
-    from sove.config import load_config
-
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise SoveError(f"--resume: '{run_dir}' is not a sove run directory (no config.yaml)")
-    cfg = load_config(str(run_dir / "config.yaml"), overrides)
-    check_trainer_device(cfg, resolve_precision(cfg))
-    check_installed(list(cfg.trainer.loggers))
-    with rank_zero_lock(run_dir):
-        path = resume_checkpoint(run_dir)
-        state = ckpt.load_checkpoint(path)
-        world = planned_world_size(cfg)
-        check_resume(state, cfg, world, resolve_precision(cfg), str(path))
-        dataset = build_train_dataset(cfg)
-        check_run_plan(cfg, len(dataset), world)
-        if rank_zero_only.rank == 0:
-            ckpt.remove_stale_temporaries(run_dir / "checkpoints")
-        trainer = Trainer(cfg, run_dir, dataset, callbacks=callbacks)
-        trainer.load_state_dict(state, str(path))
-        trainer.fabric.print(f"resumed {path} at step {trainer.step} (epoch {trainer.epoch}, batch {trainer.batch_in_epoch})")
-        return _fit(trainer, run_dir)
-
-
-def _fit(trainer: Trainer, run_dir: Path) -> Path:
-    start = time.perf_counter()
-    trainer.fit()
-    if trainer.budget is not None:
-        trainer.fabric.print(trainer.budget.report(trainer.step, trainer.clock()), flush=True)
-    trainer.fabric.print(f"pretraining done in {(time.perf_counter() - start) / 60:.1f} min: {run_dir}")
-    return run_dir
