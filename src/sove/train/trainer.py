@@ -36,6 +36,7 @@ from sove.method import Method, StepContext, build_method, checkpoint_method
 from sove.models import build_networks
 from sove.train import checkpoint as ckpt
 from sove.preflight import check_trainer_device
+from sove.run import auto_resume_checkpoint, auto_resume_reason
 from sove.run_lock import rank_zero_lock
 from sove.train.budget import TimeBudget
 from sove.train.builders import (build_train_dataset, loader_options, preflight, prepare_run_dir, resolve_precision,
@@ -353,12 +354,16 @@ def pretrain(cfg: DictConfig, overwrite: bool = False, callbacks: Iterable[Any] 
     Data, run plan (:func:`~sove.train.preflight.check_run_plan`) and initial weights are
     checked before the run directory is created. ``callbacks``: Fabric callbacks (see :class:`Trainer`;
     :func:`sove.api.pretrain` attaches the periodic k-NN and draws the curves at the end).
+    With ``trainer.auto_resume=true``, or after a torchrun restart, a run directory holding a checkpoint
+    is resumed as by :func:`resume` with ``cfg`` (:func:`sove.run.auto_resume_checkpoint`).
 
     Raises:
-        SoveError: existing run without ``overwrite`` (a folder that is not a sove run: never replaced), run
+        SoveError: existing run without ``overwrite`` (nor auto-resume) (a folder that is not a sove run: never replaced), run
             in use, absent device, unwritable ``trainer.out_dir`` (checked before any work); data, config
             (run plan) or initial-weight problems.
     """
+    if (last := auto_resume_checkpoint(cfg, overwrite)) is not None:  # trainer.auto_resume, or a torchrun restart
+        return _resume(cfg, last.parents[1], callbacks, auto_resume_reason())
     run_dir = preflight(cfg, overwrite)  # name, device, existing folder, writable: before any work
     dataset = build_train_dataset(cfg)  # bad data stops here, before the run directory exists
     check_run_plan(cfg, len(dataset), planned_world_size(cfg))
@@ -387,14 +392,19 @@ def resume(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = (), cal
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise SoveError(f"--resume: '{run_dir}' is not a sove run directory (no config.yaml)")
-    cfg = load_config(str(run_dir / "config.yaml"), overrides)
+    return _resume(load_config(str(run_dir / "config.yaml"), overrides), run_dir, callbacks, "--resume")
+
+
+def _resume(cfg: DictConfig, run_dir: Path, callbacks: Iterable[Any], how: str) -> Path:
+    """Continue ``run_dir`` from its ``last.pt`` with ``cfg`` (checked against the checkpoint's config;
+    ``how`` names what resumes in the messages)."""
     check_trainer_device(cfg, resolve_precision(cfg))
     check_installed(list(cfg.trainer.loggers))
     with rank_zero_lock(run_dir):
         path = resume_checkpoint(run_dir)
         state = ckpt.load_checkpoint(path)
         world = planned_world_size(cfg)
-        check_resume(state, cfg, world, resolve_precision(cfg), str(path))
+        check_resume(state, cfg, world, resolve_precision(cfg), str(path), how)
         dataset = build_train_dataset(cfg)
         check_run_plan(cfg, len(dataset), world)
         if rank_zero_only.rank == 0:
