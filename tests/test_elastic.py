@@ -121,12 +121,13 @@ def test_auto_resume_continues_a_stopped_run_under_the_resume_checks(tmp_path, c
     ck = run / "checkpoints" / "last.pt"
     capsys.readouterr()
 
-    assert main(["pretrain", "--config", str(run / "config.yaml"), "trainer.auto_resume=true", "optim.base_lr=0.01"]) == 2
+    own = ["pretrain", "--config", str(run / "config.yaml")]
+    assert main(own + ["trainer.auto_resume=true", "optim.base_lr=0.01"]) == 2
     assert capsys.readouterr().err == (
         f"sove: error: trainer.auto_resume would change training from {ck}: optim.base_lr (0.0005 -> 0.01). A resume "
         "may change only trajectory-neutral keys (trainer.max_steps, logging, checkpoint cadence, threads, eval.*; "
         f"see docs/cli.md); for other settings start a new run (trainer.init_from={ck} keeps the weights)\n")
-    assert main(["pretrain", "--config", str(run / "config.yaml"), "--overwrite", "trainer.auto_resume=true"]) == 2
+    assert main(own + ["--overwrite", "trainer.auto_resume=true"]) == 2
     assert capsys.readouterr().err == ("sove: error: trainer.auto_resume=true continues the run directory and "
                                        "--overwrite replaces it; pass one of them\n")
     assert load_checkpoint(ck)["step"] == 2  # both refusals left the run as it was

@@ -358,9 +358,9 @@ def pretrain(cfg: DictConfig, overwrite: bool = False, callbacks: Iterable[Any] 
     is resumed as by :func:`resume` with ``cfg`` (:func:`sove.run.auto_resume_checkpoint`).
 
     Raises:
-        SoveError: existing run without ``overwrite`` (nor auto-resume) (a folder that is not a sove run: never replaced), run
-            in use, absent device, unwritable ``trainer.out_dir`` (checked before any work); data, config
-            (run plan) or initial-weight problems.
+        SoveError: existing run without ``overwrite`` or auto-resume (a folder that is not a sove run: never
+            replaced), run in use, absent device, unwritable ``trainer.out_dir`` (checked before any work); data,
+            config (run plan) or initial-weight problems; ``overwrite`` with ``trainer.auto_resume=true``.
     """
     if (last := auto_resume_checkpoint(cfg, overwrite)) is not None:  # trainer.auto_resume, or a torchrun restart
         return _resume(cfg, last.parents[1], callbacks, auto_resume_reason())
