@@ -111,21 +111,26 @@ def start_run(cfg: DictConfig, overwrite: bool = False, source: Any = None, call
     (Fabric callbacks, see :class:`~sove.train.trainer.Trainer`). ``source``: the images instead of
     ``cfg.data``'s (a :class:`~sove.data.python_source.PythonSource`).
 
+    With ``trainer.auto_resume=true``, or after a torchrun restart, a run directory holding a checkpoint
+    is resumed as by :func:`resume_run` with ``cfg`` (:func:`sove.run.auto_resume_checkpoint`).
+
     Raises:
-        SoveError: existing run without ``overwrite`` (a folder that is not a sove run: never replaced), run
-            in use, absent device, unwritable ``trainer.out_dir`` (checked before any work); data, config
-            (run plan) or initial-weight problems.
+        SoveError: existing run without ``overwrite`` or auto-resume (a folder that is not a sove run: never
+            replaced), run in use, absent device, unwritable ``trainer.out_dir`` (checked before any work); data,
+            config (run plan) or initial-weight problems; ``overwrite`` with ``trainer.auto_resume=true``.
     """
     from lightning.fabric.utilities.rank_zero import rank_zero_only
 
     from sove.method import build_method
-    from sove.run import prepare_run_dir
+    from sove.run import auto_resume_checkpoint, auto_resume_reason, prepare_run_dir
     from sove.run_lock import rank_zero_lock
     from sove.train.builders import build_train_dataset, preflight
     from sove.train.init_from import initial_networks
     from sove.train.preflight import check_run_plan, planned_world_size
     from sove.train.trainer import Trainer
 
+    if (last := auto_resume_checkpoint(cfg, overwrite)) is not None:  # trainer.auto_resume, or a torchrun restart
+        return _resume(cfg, last.parents[1], source, callbacks, auto_resume_reason())
     run_dir = preflight(cfg, overwrite)  # name, device, existing folder, writable: before any work
     dataset = build_train_dataset(cfg, source)  # bad data stops here, before the run directory exists
     check_run_plan(cfg, len(dataset), planned_world_size(cfg))
@@ -150,6 +155,15 @@ def resume_run(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = (),
         SoveError: not a run directory, no checkpoint in it, in use by another process, absent device,
             or a resume that would change training (:func:`~sove.train.preflight.check_resume`, naming the keys).
     """
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise SoveError(f"--resume: '{run_dir}' is not a sove run directory (no config.yaml)")
+    return _resume(load_config(str(run_dir / "config.yaml"), overrides), run_dir, source, callbacks, "--resume")
+
+
+def _resume(cfg: DictConfig, run_dir: Path, source: Any, callbacks: Iterable[Any], how: str) -> Path:
+    """Continue ``run_dir`` from its ``last.pt`` with ``cfg`` (checked against the checkpoint's config;
+    ``how`` names what resumes in the messages)."""
     from lightning.fabric.utilities.rank_zero import rank_zero_only
 
     from sove.preflight import check_trainer_device
@@ -161,17 +175,13 @@ def resume_run(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = (),
     from sove.train.preflight import check_resume, check_run_plan, planned_world_size
     from sove.train.trainer import Trainer
 
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise SoveError(f"--resume: '{run_dir}' is not a sove run directory (no config.yaml)")
-    cfg = load_config(str(run_dir / "config.yaml"), overrides)
     check_trainer_device(cfg, resolve_precision(cfg))
     check_installed(list(cfg.trainer.loggers))
     with rank_zero_lock(run_dir):
         path = resume_checkpoint(run_dir)
         state = ckpt.load_checkpoint(path)
         world = planned_world_size(cfg)
-        check_resume(state, cfg, world, resolve_precision(cfg), str(path))
+        check_resume(state, cfg, world, resolve_precision(cfg), str(path), how)
         dataset = build_train_dataset(cfg, source)
         check_run_plan(cfg, len(dataset), world)
         if rank_zero_only.rank == 0:

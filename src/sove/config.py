@@ -138,6 +138,7 @@ class TrainerConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 0  # also keep the N newest step-numbered checkpoints
     init_from: Optional[str] = None  # student + teacher (heads too) from a sove checkpoint (not a resume)
+    auto_resume: bool = False  # a run directory holding a checkpoint is resumed, not refused (torchrun restarts)
     check_sync: bool = False  # DDP: assert all ranks hold identical feature sets and anchors each step
     on_nonfinite: str = "stop"  # stop | skip: what a NaN/inf loss or gradient does (debug file either way)
     num_threads: Optional[int] = None  # torch CPU threads; None = torch default

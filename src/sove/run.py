@@ -15,7 +15,9 @@ evaluation, export and the concept browser read one through :class:`Run`.
 from __future__ import annotations
 
 import csv
+import os
 import shutil
+import sys
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from sove.config import load_config
-from sove.errors import SoveError
+from sove.errors import ConfigError, SoveError
 from sove.preflight import check_run_name
 from sove.run_lock import LOCK_NAME, is_sove_run
 
@@ -107,6 +109,62 @@ def resume_checkpoint(run_dir: Path) -> Path:
         raise SoveError(f"--resume: '{run_dir}' holds no checkpoint yet (its start failed or stopped before the "
                         "first save); start it again with the same `sove pretrain` command (no --overwrite needed)")
     return Path(run_dir) / CHECKPOINT_DIR / LAST_CHECKPOINT
+
+
+#: torchrun's count of worker-group restarts: "0" at the first start, N after the N-th restart.
+RESTART_COUNT_ENV = "TORCHELASTIC_RESTART_COUNT"
+
+
+def auto_resume_reason() -> str:
+    """What makes a start resume: ``restart N (torchrun)`` when torchrun restarted the workers
+    (``TORCHELASTIC_RESTART_COUNT`` = N > 0), else ``trainer.auto_resume``."""
+    count = os.environ.get(RESTART_COUNT_ENV, "0")
+    return f"restart {count} (torchrun)" if count.isdigit() and int(count) > 0 else "trainer.auto_resume"
+
+
+def auto_resume_checkpoint(cfg: DictConfig, overwrite: bool = False) -> Path | None:
+    """The checkpoint a start of ``sove pretrain`` continues instead of starting anew: ``RUN/checkpoints/last.pt``
+    (RUN = ``trainer.out_dir/trainer.name``) when ``trainer.auto_resume`` is true or torchrun restarted the
+    workers (:func:`auto_resume_reason`), and RUN is a sove run holding a checkpoint. None: a new start (no
+    checkpoint yet: a failed start is started again, as :func:`check_run_dir` says). Prints on rank 0
+    ``REASON: resuming RUN/checkpoints/last.pt at step S``. After a torchrun restart ``overwrite`` is ignored
+    (it applied to the first start; the restart continues what that start saved).
+
+    Raises:
+        ConfigError: ``overwrite`` together with ``trainer.auto_resume=true`` on a first start.
+        SoveError: a bad ``trainer.name``; an unreadable checkpoint.
+    """
+    _warn_shared_store()
+    reason = auto_resume_reason()
+    restarted = reason != "trainer.auto_resume"
+    if not (cfg.trainer.auto_resume or restarted):
+        return None
+    if overwrite and not restarted:
+        raise ConfigError("trainer.auto_resume=true continues the run directory and --overwrite replaces it; "
+                          "pass one of them")
+    run_dir = Path(cfg.trainer.out_dir) / check_run_name(cfg.trainer.name)
+    if not is_sove_run(run_dir) or not saved_checkpoints(run_dir):
+        return None
+    path = run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    if rank_zero_only.rank == 0:
+        print(f"{reason}: resuming {path} at step {checkpoint_step(path)}", flush=True)
+    return path
+
+
+def _warn_shared_store() -> None:
+    """Warn (rank 0) when torchrun may restart the workers (``TORCHELASTIC_MAX_RESTARTS`` > 0) and shares its
+    rendezvous store with them: a restarted worker may then read a dead worker's address and fail to connect
+    (pytorch/pytorch#135712)."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    restarts, shared = os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"), os.environ.get("TORCHELASTIC_USE_AGENT_STORE")
+    if rank_zero_only.rank == 0 and restarts.isdigit() and int(restarts) > 0 and shared == "True":
+        print("sove: warning: torchrun shares its rendezvous store with the workers, so a restart may connect to the "
+              "dead workers' addresses (pytorch/pytorch#135712); set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 where "
+              "torchrun runs, with --rdzv-backend=c10d or --standalone (docs/distributed.md, Elastic restarts)",
+              file=sys.stderr, flush=True)
 
 
 def load_run_config(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:

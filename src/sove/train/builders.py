@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig
 from torch.utils.data import Dataset
 
@@ -76,7 +77,8 @@ def preflight(cfg: DictConfig, overwrite: bool) -> Path:
     run_dir = Path(cfg.trainer.out_dir) / check_run_name(cfg.trainer.name)
     check_trainer_device(cfg, resolve_precision(cfg))
     check_installed(list(cfg.trainer.loggers))
-    check_run_dir(run_dir, overwrite)
+    if rank_zero_only.rank == 0:  # under torchrun the other ranks start while rank 0 prepares the folder
+        check_run_dir(run_dir, overwrite)
     check_writable(run_dir, "the run directory", "choose another trainer.out_dir")
     return run_dir
 

@@ -31,7 +31,8 @@ from sove.train.small_data import DROP_FRACTION, MIN_STEPS_PER_EPOCH, fitting_ov
 TRAJECTORY_NEUTRAL = (
     "trainer.max_steps", "trainer.log_every", "trainer.checkpoint_every", "trainer.keep_checkpoints",
     "trainer.progress", "trainer.num_threads", "trainer.compile", "trainer.check_sync", "trainer.on_nonfinite",
-    "trainer.out_dir", "trainer.name", "trainer.init_from", "trainer.loggers", "model.init",
+    "trainer.out_dir", "trainer.name", "trainer.init_from", "trainer.auto_resume", "trainer.loggers",
+    "model.init",
     "data.num_workers", "data.prefetch_factor", "data.download", "data.on_error", "data.test_root", "eval.*",
 )
 
@@ -212,7 +213,8 @@ def _feature_set_plan(lo: DictConfig, total: int, steps: int, g: int, fit: str) 
     return out
 
 
-def check_resume(state: dict[str, Any], cfg: DictConfig, world_size: int, precision: str, source: str) -> None:
+def check_resume(state: dict[str, Any], cfg: DictConfig, world_size: int, precision: str, source: str,
+                 how: str = "--resume") -> None:
     """Refuse a resume that would not continue the checkpoint's trajectory.
 
     Args:
@@ -223,6 +225,7 @@ def check_resume(state: dict[str, Any], cfg: DictConfig, world_size: int, precis
         world_size: processes of this launch (:func:`planned_world_size`).
         precision: the resolved ``trainer.precision`` of this launch.
         source: the checkpoint path, for messages.
+        how: what resumes, for messages (``--resume``, ``trainer.auto_resume``, ``restart N (torchrun)``).
 
     Raises:
         ConfigError: one line naming every changed key that is not in :data:`TRAJECTORY_NEUTRAL`
@@ -233,7 +236,7 @@ def check_resume(state: dict[str, Any], cfg: DictConfig, world_size: int, precis
     try:
         stored = OmegaConf.merge(OmegaConf.structured(SOVEConfig), OmegaConf.create(state["config"]))
     except (OmegaConfBaseException, KeyError) as e:
-        raise ConfigError(f"--resume: the config stored in {source} does not load ({str(e).splitlines()[0]})") from None
+        raise ConfigError(f"{how}: the config stored in {source} does not load ({str(e).splitlines()[0]})") from None
     old, new = flatten(OmegaConf.to_container(stored)), flatten(OmegaConf.to_container(cfg))
     by_value = CHECKED_BY_VALUE if "world_size" in state else ()  # older checkpoints: compared as keys
     changed = [f"{k} ({old.get(k)} -> {new.get(k)})" for k in sorted(set(old) | set(new))
@@ -244,7 +247,7 @@ def check_resume(state: dict[str, Any], cfg: DictConfig, world_size: int, precis
     if state.get("precision") not in (None, precision):
         changed.append(f"trainer.precision ({state['precision']} -> {precision})")
     if changed:
-        raise ConfigError(f"--resume would change training from {source}: {', '.join(changed)}. A resume may "
+        raise ConfigError(f"{how} would change training from {source}: {', '.join(changed)}. A resume may "
                           "change only trajectory-neutral keys (trainer.max_steps, logging, checkpoint cadence, "
                           "threads, eval.*; see docs/cli.md); for other settings start a new run "
                           f"(trainer.init_from={source} keeps the weights)")
