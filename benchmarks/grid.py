@@ -1,4 +1,4 @@
-"""Seeded grids for issue #20: SOVE vs DINO vs iBOT at equal wall clock, and the Tab. 7/8/9 ablations.
+"""Seeded grids: SOVE vs DINO vs iBOT at equal wall clock, and the Tab. 7/8/9 ablations.
 
     python benchmarks/grid.py run --grid methods --seeds 0 1 2 --budget 20min     # 9 cells
     python benchmarks/grid.py run --grid ablations --seeds 0 1 --steps 1170       # 16 cells

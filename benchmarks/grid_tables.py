@@ -1,6 +1,6 @@
 """Statistics and markdown tables of ``benchmarks/grid.py``, from the per-cell JSON files only.
 
-Paired differences (issue #20): for two settings A and B the seeds present in both are paired,
+Paired differences: for two settings A and B the seeds present in both are paired,
 d_s = metric(A, s) - metric(B, s); the table gives the per-seed d_s, their mean and the 95%
 confidence interval of the mean from Student's t distribution with n - 1 degrees of freedom
 (``scipy.stats.t``), i.e. the paired t interval. With fewer than 2 paired seeds: "n/a (1 seed)".
