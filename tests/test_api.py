@@ -154,9 +154,10 @@ def test_resume_with_the_dataset_equals_the_straight_run(python_runs):
 
 def test_a_python_dataset_run_is_refused_where_sove_cannot_read_it(python_runs, capsys):
     tmp, run = python_runs
-    advice = ("data.source=python: this run was trained on a Python dataset (python:Noise (32 items)), which sove "
-              "cannot read from the config: pass dataset= to sove.resume, or evaluate with data.source=folder "
-              "data.root=TRAIN data.test_root=TEST (or --backbone with your own folder)")
+    advice = ("data.source=python: the images come from a Python dataset (python:Noise (32 items)) given to "
+              "sove.pretrain(dataset=...), which sove cannot read from a config: set it only through sove.pretrain / "
+              "sove.resume (dataset=); to evaluate such a run use data.source=folder data.root=TRAIN "
+              "data.test_root=TEST (or --backbone with your own folder)")
     capsys.readouterr()
     assert main(["eval", "knn", "--run", str(run.path)]) == 2
     assert capsys.readouterr().err == f"sove: error: {advice}\n"
@@ -174,3 +175,18 @@ def test_sove_exports_the_api_lazily():
     assert sove.pretrain is sys.modules["sove.api"].pretrain and sove.Run is sys.modules["sove.run"].Run
     with pytest.raises(AttributeError, match="module 'sove' has no attribute 'pretrian'"):
         sove.pretrian
+
+
+def test_data_source_python_from_a_config_says_where_it_belongs(tmp_path, capsys):
+    """Regression: `sove pretrain data.source=python` answered `data.root: is required when data.source=python`,
+    and with a root `this run was trained on a Python dataset (imgs)` for a run that did not exist."""
+    from sove.cli import main
+    from sove.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^data.source: python is set by sove.pretrain\(dataset=...\) / "
+                                          r"sove.resume\(dataset=...\) only"):
+        load_config(None, ["data.source=python"])
+    assert main(["pretrain", "data.source=python", f"data.root={tmp_path}", f"trainer.out_dir={tmp_path}"]) == 2
+    assert capsys.readouterr().err.startswith(
+        f"sove: error: data.source=python: the images come from a Python dataset ({tmp_path}) given to "
+        "sove.pretrain(dataset=...), which sove cannot read from a config")

@@ -81,3 +81,15 @@ def test_bad_data_root_leaves_no_run_directory(tmp_path, capsys, tiny_overrides)
         status, err = run_cli(capsys, args)
         assert status == 2 and str(missing) in err and "exists" not in err.replace("does not exist", "")
     assert not (tmp_path / "runs").exists()
+
+
+def test_own_images_under_the_default_source_name_the_source_key(tmp_path, capsys):
+    """Regression: `data.root=DIR` with 3 channels under the default source said only `data.num_channels must
+    be 1 for data.source=fashion_mnist` (the user meant data.source=folder)."""
+    from sove.data.sources import build_source
+    from sove.errors import DataError
+
+    with pytest.raises(DataError) as e:
+        build_source("fashion_mnist", str(tmp_path), "train", False, 3)
+    assert str(e.value) == ("data.num_channels must be 1 for data.source=fashion_mnist (the default source), got 3; "
+                            "for your own images set data.source=folder (or shards)")

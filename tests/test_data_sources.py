@@ -229,3 +229,19 @@ def test_labels_numbered_by_the_given_class_names(tmp_path, capsys):
     with pytest.raises(DataError, match=f"no image of '{tmp_path}' is in a class of the train split \\(cat, dog\\); "
                                         "its sub-folders are ant, yak, zebra"):
         ImageFolder(tmp_path, num_channels=1, classes=["cat", "dog"])
+
+
+def test_a_class_layout_with_stray_files_is_read_unlabelled_with_a_warning(tmp_path, capsys):
+    """Regression: a class folder holding a nested sub-folder (or an image at the top level) made the whole
+    folder unlabelled silently; evaluation later said only 'has no labels'."""
+    from sove.data.sources import ImageFolder
+
+    for name in ("a/1.png", "a/2.png", "b/3.png", "b/deeper/4.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("L", (8, 8), 100).save(tmp_path / name)
+    source = ImageFolder(tmp_path)
+    assert source.labels is None and len(source) == 4
+    assert capsys.readouterr().err == (
+        f"warning: '{tmp_path}': read as unlabelled: 1 of 4 images are not at '{tmp_path}/CLASS/IMAGE' "
+        f"(e.g. '{tmp_path / 'b/deeper/4.png'}'); labels (evaluation, concept purity) need every image in one "
+        "sub-folder per class\n")

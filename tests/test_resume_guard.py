@@ -156,3 +156,38 @@ def test_init_from_shape_mismatch_names_file_and_parameter(run3, tmp_path, capsy
         "in the file, (8, 32) in this model; head.mlp.4.bias (16,) in the file, (8,) in this model; the model "
         "config must match the checkpoint's")
     assert not out_dir.exists()  # checked before the run directory is created
+
+
+def test_a_checkpoint_from_before_the_seed_streams_resumes_with_a_warning(run3, capsys):
+    """Regression: a checkpoint written before sove.seeding resumed silently, though its draws from then on
+    differ from the writing code's (found by resuming a run of commit 5e327e9)."""
+    from sove.config import load_config
+    from sove.seeding import SCHEME
+    from sove.train.preflight import check_resume
+
+    ck = run3 / "checkpoints" / "last.pt"
+    state = load_checkpoint(ck)
+    cfg = load_config(str(run3 / "config.yaml"))
+    assert state["seed_scheme"] == SCHEME
+    check_resume(state, cfg, 1, "32-true", str(ck))
+    assert capsys.readouterr().err == ""  # this scheme: silent
+    del state["seed_scheme"]
+    check_resume(state, cfg, 1, "32-true", str(ck))
+    assert capsys.readouterr().err == (
+        f"sove: warning: {ck} was written by an older sove, before its named seed streams (sove.seeding, scheme "
+        f"{SCHEME}): --resume continues the run, but its random draws from here on (data order, augmentation, "
+        "anchors, drop path) differ from those of the code that wrote it, so it will not equal that code's "
+        "uninterrupted run\n")
+
+
+@pytest.mark.parametrize("content", [b"{}", b"notjson", b"\x89PNG\r\n\x1a\n\x00\xff"])
+def test_a_backbone_file_that_is_no_export_is_one_error_line(tmp_path, capsys, content):
+    """Regression: `sove eval knn --backbone` on `{}` / not JSON / a PNG gave KeyError, JSONDecodeError and
+    UnicodeDecodeError tracebacks (exit 1)."""
+    junk = tmp_path / "junk.json"
+    junk.write_bytes(content)
+    assert main(["eval", "knn", "--backbone", str(junk)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"sove: error: '{junk}' is not a backbone.json written by `sove export` (")
+    assert err.endswith("pass the backbone.json of RUN/export or a RUN/checkpoints/FILE.pt\n")
+    assert len(err.splitlines()) == 1

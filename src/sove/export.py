@@ -38,7 +38,7 @@ from omegaconf import DictConfig
 from sove import __version__
 from sove.errors import DiskFullError, SoveError, disk_full
 from sove.preflight import check_writable
-from sove.run import BACKBONE_JSON, EXPORT_DIR, Run
+from sove.run import BACKBONE_JSON, EXPORT_DIR, Run, read_backbone_meta
 
 #: ONNX opset of ``sove export --onnx`` (torch.onnx's dynamo exporter with onnxscript).
 ONNX_OPSET = 18
@@ -240,14 +240,14 @@ def load_backbone(path: str | Path) -> torch.nn.Module:
         gives the feature used by ``sove eval``.
 
     Raises:
-        SoveError: the JSON or the weights file is missing.
+        SoveError: the JSON or the weights file is missing, or the JSON is not a backbone.json.
     """
     path = Path(path)
     if path.is_dir():
         path = path / BACKBONE_JSON
     if not path.is_file():
         raise SoveError(f"'{path}' not found; run `sove export RUN_DIR` first")
-    meta = json.loads(path.read_text())
+    meta = read_backbone_meta(path)
     weights = path.parent / meta["weights"]
     if not weights.is_file():
         raise SoveError(f"weights file '{weights}' named in '{path}' not found")

@@ -15,6 +15,7 @@ evaluation, export and the concept browser read one through :class:`Run`.
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 import sys
@@ -323,3 +324,25 @@ class Run:
         from sove.export import export_backbone
 
         return Path(export_backbone(self.path, self.checkpoint_name)["meta"])
+
+
+#: The keys every backbone.json of :func:`sove.export.export_backbone` holds.
+META_KEYS = ("weights", "architecture", "model_kwargs", "mean", "std")
+
+
+def read_backbone_meta(path: Path) -> dict:
+    """The parsed ``backbone.json`` at ``path``.
+
+    Raises:
+        SoveError: the file is not UTF-8 JSON holding an object with :data:`META_KEYS`, naming the file.
+    """
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SoveError(f"'{path}' is not a backbone.json written by `sove export` (not JSON: {e}); pass the "
+                        "backbone.json of RUN/export or a RUN/checkpoints/FILE.pt") from None
+    missing = [k for k in META_KEYS if k not in meta] if isinstance(meta, dict) else list(META_KEYS)
+    if missing:
+        raise SoveError(f"'{path}' is not a backbone.json written by `sove export` (missing {', '.join(missing)}); "
+                        "pass the backbone.json of RUN/export or a RUN/checkpoints/FILE.pt")
+    return meta

@@ -36,6 +36,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+#: The seeding scheme a checkpoint was written under (stored as ``seed_scheme``): a resume of a checkpoint of
+#: another scheme (or of none: written before this module) continues, but not along the trajectory the code that
+#: wrote it would have drawn, and says so (:func:`sove.train.preflight.check_resume`).
+SCHEME = 1
+
 #: Stream name -> fixed stream number (see the module docstring for keys and users).
 STREAMS: dict[str, int] = {
     "network_init": 1, "feature_set_init": 2, "data_order": 3, "augmentation": 4, "anchors": 5,

@@ -89,6 +89,9 @@ def _validate_data(cfg: DictConfig) -> None:
     """``data.*`` and ``mask.*``: sources, channels, crop sizes (multiples of the token stride), scales, masking."""
     d, m = cfg.data, cfg.model
     _check_choice(d.source, "data.source", SOURCES)
+    _check(d.source != "python" or d.root is not None, "data.source",
+           "python is set by sove.pretrain(dataset=...) / sove.resume(dataset=...) only (the images are a Python "
+           "dataset); from a config or the command line use folder, shards or fashion_mnist")
     _check(d.source == "fashion_mnist" or d.root is not None, "data.root", f"is required when data.source={d.source}")
     _check_choice(d.on_error, "data.on_error", ON_ERROR)
     _check(d.num_channels in (1, 3), "data.num_channels", f"must be 1 or 3, got {d.num_channels}")

@@ -29,9 +29,10 @@ from sove.errors import DataError, SoveError
 ACCEPTED = ("a PIL image, a uint8 numpy array (H, W) or (H, W, 1|3), a uint8 torch tensor (H, W) or (1|3, H, W), "
             "or an (image, int label) tuple of one of these")
 #: Why a ``data.source=python`` run cannot be read again from its config (``{root}``: its description).
-NOT_ON_DISK = ("data.source=python: this run was trained on a Python dataset ({root}), which sove cannot read "
-               "from the config: pass dataset= to sove.resume, or evaluate with data.source=folder "
-               "data.root=TRAIN data.test_root=TEST (or --backbone with your own folder)")
+NOT_ON_DISK = ("data.source=python: the images come from a Python dataset ({root}) given to sove.pretrain(dataset=...), "
+               "which sove cannot read from a config: set it only through sove.pretrain / sove.resume (dataset=); "
+               "to evaluate such a run use data.source=folder data.root=TRAIN data.test_root=TEST (or --backbone "
+               "with your own folder)")
 #: What the user's ``__getitem__`` may raise for one unreadable image (reported and skipped, ``data.on_error``).
 UNREADABLE = (OSError, EOFError, Image.DecompressionBombError)
 

@@ -301,6 +301,11 @@ class ImageFolder(Dataset):
         parts = [f.relative_to(root).parts for f in self.files]
         if all(len(p) == 2 for p in parts):
             self._label_by_folder([p[0] for p in parts], classes)
+        elif any(len(p) == 2 for p in parts):  # a class layout spoilt by some files: say which, not silently
+            odd = [f for f, p in zip(self.files, parts) if len(p) != 2]
+            warn(f"'{root}': read as unlabelled: {len(odd)} of {len(parts)} images are not at "
+                 f"'{root}/CLASS/IMAGE' (e.g. '{odd[0]}'); labels (evaluation, concept purity) need every image "
+                 "in one sub-folder per class")
 
     def _label_by_folder(self, folders: list[str], classes: Sequence[str] | None) -> None:
         """Set ``classes`` and ``labels`` from each file's sub-folder name (see the class docstring)."""
@@ -366,7 +371,8 @@ def build_source(
     if source == "fashion_mnist":
         if num_channels != 1:
             raise DataError(
-                f"data.num_channels must be 1 for data.source=fashion_mnist, got {num_channels}"
+                f"data.num_channels must be 1 for data.source=fashion_mnist (the default source), got {num_channels}"
+                + ("; for your own images set data.source=folder (or shards)" if root is not None else "")
             )
         return FashionMNIST(find_fashion_mnist(root, download=download), split=split)
     if source in ("folder", "shards"):

@@ -9,7 +9,6 @@ final norm, never from a projection head (docs/method.md, "Evaluation protocols"
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -176,9 +175,10 @@ def _from_export(meta_path: Path, device: str) -> FrozenBackbone:
     """An exported backbone (``sove export``) and the preprocessing recorded in its backbone.json."""
     from sove.eval.provenance import weights_sha256
     from sove.export import load_backbone
+    from sove.run import read_backbone_meta
 
     timm_model = load_backbone(meta_path)
-    meta = json.loads(meta_path.read_text())
+    meta = read_backbone_meta(meta_path)
     module = _wrap(timm_model, meta.get("global_pool", "cls")).to(device).eval()
     k = meta["model_kwargs"]
     return FrozenBackbone(module, k["img_size"], module.token_stride, list(meta["mean"]), list(meta["std"]),

@@ -88,7 +88,9 @@ def _weights_file(path: Path) -> Path:
                 return _weights_file(path / inside)
         raise SoveError(f"model.init: '{path}' holds no model.safetensors, backbone.json or checkpoints/last.pt")
     if path.suffix == ".json":
-        meta = json.loads(path.read_text())
+        from sove.run import read_backbone_meta
+
+        meta = read_backbone_meta(path)
         return _weights_file(path.parent / meta["weights"])
     return path
 

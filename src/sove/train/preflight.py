@@ -232,6 +232,7 @@ def check_resume(state: dict[str, Any], cfg: DictConfig, world_size: int, precis
             (with its old and new value), or the world size / precision that differ.
     """
     from sove.config import SOVEConfig
+    from sove.seeding import SCHEME as SEED_SCHEME
 
     try:
         stored = OmegaConf.merge(OmegaConf.structured(SOVEConfig), OmegaConf.create(state["config"]))
@@ -246,6 +247,11 @@ def check_resume(state: dict[str, Any], cfg: DictConfig, world_size: int, precis
                        "processes)")
     if state.get("precision") not in (None, precision):
         changed.append(f"trainer.precision ({state['precision']} -> {precision})")
+    if state.get("seed_scheme") != SEED_SCHEME:
+        warn(f"{source} was written by an older sove, before its named seed streams (sove.seeding, scheme "
+             f"{SEED_SCHEME}): {how} continues the run, but its random draws from here on (data order, augmentation, "
+             "anchors, drop path) differ from those of the code that wrote it, so it will not equal that code's "
+             "uninterrupted run")
     if changed:
         raise ConfigError(f"{how} would change training from {source}: {', '.join(changed)}. A resume may "
                           "change only trajectory-neutral keys (trainer.max_steps, logging, checkpoint cadence, "

@@ -34,7 +34,7 @@ from sove.errors import DataError, SoveError
 from sove.method import Method, StepContext, build_method, checkpoint_method
 from sove.models import build_networks
 from sove.train import checkpoint as ckpt
-from sove.seeding import generator, stream_seed
+from sove.seeding import SCHEME as SEED_SCHEME, generator, stream_seed
 from sove.train.budget import TimeBudget
 from sove.train.builders import build_train_dataset, loader_options, resolve_precision
 from sove.train.diagnostics import Diagnostics, NonFiniteLossError, SkippedStep  # noqa: F401 (re-exported)
@@ -296,6 +296,7 @@ class Trainer(Diagnostics):
             "method": {"name": self.method.name, "state": self.method.state_dict()},
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
             "rng": ckpt.rng_state(), "config": OmegaConf.to_yaml(self.cfg), "version": __version__,
+            "seed_scheme": SEED_SCHEME,
             "world_size": self.fabric.world_size, "precision": self.fabric.strategy.precision.precision,
             "time_budget": self.budget.state_dict(self.clock()) if self.budget is not None else None,
         }
