@@ -55,7 +55,8 @@ from sove.errors import SoveError
 from sove.eval.features import eval_splits, extract_features, pixel_features, random_init_backbone
 from sove.eval.knn import knn_on_splits
 from sove.train.budget import resize_to_budget
-from sove.train.builders import build_train_dataset, prepare_run_dir
+from sove.run import prepare_run_dir
+from sove.train.builders import build_train_dataset
 from sove.train.trainer import Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

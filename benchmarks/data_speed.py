@@ -47,7 +47,8 @@ from torch.utils.data import DataLoader, Dataset
 from sove.config import load_config
 from sove.data import ImageFolder, collate_views
 from sove.data.multicrop import MultiCropAugmentation
-from sove.train.builders import build_train_dataset, prepare_run_dir
+from sove.run import prepare_run_dir
+from sove.train.builders import build_train_dataset
 from sove.train.trainer import Trainer
 
 BEGIN, END = "<!-- data_speed:begin -->", "<!-- data_speed:end -->"

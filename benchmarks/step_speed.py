@@ -25,7 +25,7 @@ from sove.data import build_mask_generator
 from sove.method import FeatureSet, cls_loss, patch_loss
 from sove.models import build_networks
 from sove.train.optim import EMA, clip_per_tensor, param_groups
-from sove.train.builders import build_loss
+from sove.method.sove import build_sove_loss as build_loss
 
 
 def rss_mib() -> float:

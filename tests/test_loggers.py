@@ -33,7 +33,7 @@ def test_default_loggers_are_csv_and_tensorboard(tmp_path, tiny_cfg):
 def test_a_failed_start_with_wandb_and_mlflow_files_is_started_again(tmp_path):
     """A start that failed before its first checkpoint leaves the loggers' files too; it is still a
     failed start (emptied and started again without --overwrite)."""
-    from sove.train.builders import check_run_dir
+    from sove.run import check_run_dir
 
     run = tmp_path / "r"
     (run / "checkpoints").mkdir(parents=True)

@@ -13,7 +13,7 @@ from sove.method import losses
 from sove.method.sove import feature_set_state
 from sove.train.checkpoint import load_checkpoint
 from sove.api import pretrain
-from sove.train.trainer import NonFiniteLossError
+from sove.train.diagnostics import NonFiniteLossError
 
 
 def nan_patch_loss_at(monkeypatch, step: int) -> None:

@@ -71,7 +71,7 @@ def test_pretrain_help_lists_every_preset_with_its_description(capsys):
 
 def test_concept_settings_are_one_dataclass():
     from sove.method import ConceptSettings
-    from sove.train.builders import build_loss
+    from sove.method.sove import build_sove_loss as build_loss
 
     cfg = load_config("fashion_mnist_tiny")
     assert OmegaConf.get_type(cfg.loss.cls) is ConceptSettings
@@ -83,7 +83,7 @@ def test_concept_settings_are_one_dataclass():
 @pytest.mark.parametrize("value, dtype", [("float32", torch.float32), ("bfloat16", torch.bfloat16),
                                           ("float16", torch.float16), ("auto", torch.float32)])
 def test_search_dtype_is_a_config_key(value, dtype, monkeypatch):
-    from sove.train.builders import build_loss
+    from sove.method.sove import build_sove_loss as build_loss
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # auto: float32 off CUDA
     assert build_loss(load_config("fashion_mnist_tiny", [f"loss.search_dtype={value}"])).search_dtype == dtype

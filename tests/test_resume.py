@@ -99,7 +99,7 @@ def test_init_from_loads_weights_but_starts_fresh(tmp_path, image_folder, capsys
 def test_fit_with_deadlines_equals_one_straight_fit(tmp_path, image_folder, record_indices, tiny_overrides):
     """``Trainer.fit(deadline)`` stops after the step that passes the deadline; calling it again
     continues exactly (the method-comparison benchmark alternates methods this way)."""
-    from sove.train.builders import prepare_run_dir
+    from sove.run import prepare_run_dir
 
     # The loader path here; the test above runs the default (data.augment_on=auto: device on CPU).
     base = tiny_overrides + [f"data.root={image_folder}", f"trainer.out_dir={tmp_path}", "data.augment_on=loader"]

@@ -21,7 +21,8 @@ from helpers import make_image_folder
 from sove.cli import main
 from sove.config import load_config
 from sove.run_lock import LOCK_NAME, OUTPUTS_LOCK_NAME, RunLock
-from sove.train.builders import preflight, prepare_run_dir
+from sove.run import prepare_run_dir
+from sove.train.builders import preflight
 from sove.train.checkpoint import load_checkpoint
 
 HOLDER = ("import sys, time; from sove.run_lock import RunLock; RunLock(*sys.argv[1:]).acquire(); "

@@ -13,9 +13,8 @@ from torch.utils.data import Dataset
 from sove.config import token_stride
 from sove.data import MultiCropAugmentation, SSLDataset, build_source
 from sove.data.decoded import DecodedDataset
-from sove.method.sove import build_sove_loss as build_loss  # noqa: F401 (re-exported: viz, benchmarks)
 from sove.preflight import check_run_name, check_trainer_device, check_writable
-from sove.run import check_run_dir, prepare_run_dir, resume_checkpoint  # noqa: F401 (re-exported: tests, benchmarks)
+from sove.run import check_run_dir
 from sove.train.loggers import check_installed
 
 

@@ -37,7 +37,7 @@ from sove.train import checkpoint as ckpt
 from sove.seeding import SCHEME as SEED_SCHEME, generator, stream_seed
 from sove.train.budget import TimeBudget
 from sove.train.builders import build_train_dataset, loader_options, resolve_precision
-from sove.train.diagnostics import Diagnostics, NonFiniteLossError, SkippedStep  # noqa: F401 (re-exported)
+from sove.train.diagnostics import Diagnostics, SkippedStep
 from sove.train.loggers import build_loggers, finalize_loggers, start_loggers
 from sove.train.metrics_csv import MetricsCSV
 from sove.train.optim import EMA, clip_per_tensor, param_groups

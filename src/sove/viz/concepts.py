@@ -34,7 +34,7 @@ def run_concepts(run_dir: str | Path, cfg: DictConfig, checkpoint: str = "last.p
     Raises:
         SoveError: the checkpoint has no E_C (a DINO / iBOT run, or ``loss.cls_weight`` was 0).
     """
-    from sove.train.builders import build_loss
+    from sove.method.sove import build_sove_loss as build_loss
     from sove.train.checkpoint import load_checkpoint
 
     state = load_checkpoint(Run(run_dir, checkpoint).checkpoint)
@@ -143,7 +143,7 @@ def browse_concepts(run_dir: str | Path, num: int = 16, checkpoint: str = "last.
     from sove.data import build_source
     from sove.eval.provenance import write_json
     from sove.models import build_networks
-    from sove.train.builders import build_loss
+    from sove.method.sove import build_sove_loss as build_loss
     from sove.train.checkpoint import load_checkpoint, load_state_strict
 
     run = Run(run_dir, checkpoint)
