@@ -23,11 +23,12 @@ from sove.train.checkpoint import load_checkpoint
 from sove.api import pretrain
 
 #: Runs ``sove pretrain ARGS trainer.name=killed``, then the same with ``trainer.name=whole``, in one torchrun
-#: launch (one process start fewer than two launches: this test stays under a minute on 2 cores). Rank 1 dies
-#: (exit status 1, no cleanup) when ``killed`` starts step SOVE_TEST_KILL_AT in the first worker group only
-#: (torchrun's restart count 0); the restarted group continues ``killed`` and then trains ``whole`` from step 0.
+#: launch (one process start fewer than two launches: this test stays under a minute on 2 cores). When ``killed``
+#: starts step index SOVE_TEST_KILL_AT in the first worker group only (torchrun's restart count 0), rank 1 dies
+#: (SOVE_TEST_FAIL=exit: exit status 1, no cleanup) or receives SIGTERM (=sigterm: both ranks finish the step,
+#: save it and exit 143, sove.train.stop); the restarted group continues ``killed``, then trains ``whole`` from 0.
 ENTRY = """
-import os, sys
+import os, signal, sys
 from sove.cli import main
 from sove.train.trainer import Trainer
 
@@ -36,7 +37,9 @@ KILL_AT, step = int(os.environ["SOVE_TEST_KILL_AT"]), Trainer.training_step
 def dying_step(self, batch):
     if (self.step == KILL_AT and self.run_dir.name == "killed" and self.fabric.global_rank == 1
             and os.environ["TORCHELASTIC_RESTART_COUNT"] == "0"):
-        os._exit(1)
+        if os.environ["SOVE_TEST_FAIL"] == "exit":
+            os._exit(1)
+        os.kill(os.getpid(), signal.SIGTERM)  # this rank only
     return step(self, batch)
 
 Trainer.training_step = dying_step
@@ -47,13 +50,14 @@ for name in ("killed", "whole"):
 """
 
 
-def torchrun(entry: Path, kill_at: int, args: list[str], log: Path, timeout: float = 90) -> tuple[int, str, str]:
+def torchrun(entry: Path, kill_at: int, args: list[str], log: Path, timeout: float = 90, fail: str = "exit"
+             ) -> tuple[int, str, str]:
     """``torchrun --standalone --nproc-per-node 2 --max-restarts 1 ENTRY pretrain ARGS``: (exit status, stdout,
     stderr). Past ``timeout`` seconds torchrun gets SIGTERM (it stops its workers, which run in sessions of their
     own), then SIGKILL, and the test fails."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--max-restarts",
            "1", str(entry), "pretrain", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "SOVE_TEST_KILL_AT": str(kill_at),
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SOVE_TEST_KILL_AT": str(kill_at), "SOVE_TEST_FAIL": fail,
            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}  # a fresh store per restart (docs/distributed.md)
     with open(log.with_suffix(".out"), "w") as out, open(log.with_suffix(".err"), "w") as err:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=err, start_new_session=True)
@@ -89,21 +93,27 @@ def assert_same_tree(a, b, where: str = "") -> None:
         assert a == b, where
 
 
-def test_torchrun_restart_after_a_checkpoint_ends_as_the_uninterrupted_run(tmp_path, tiny_overrides):
+@pytest.mark.parametrize("fail", ["exit", "sigterm"])
+def test_torchrun_restart_after_a_checkpoint_ends_as_the_uninterrupted_run(tmp_path, tiny_overrides, fail):
     images = make_image_folder(tmp_path / "images")
     entry = tmp_path / "entry.py"
     entry.write_text(ENTRY)
     args = tiny_overrides + [f"data.root={images}", f"trainer.out_dir={tmp_path}", "optim.batch_size=4", "model.drop_path_rate=0",
                    "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp", "trainer.num_threads=1",
                    "trainer.max_steps=6", "trainer.checkpoint_every=2", "trainer.loggers=[csv]"]
-    # rank 1 dies at the start of step index 3 (3 steps done, checkpoint at step 2); torchrun restarts both ranks
-    status, out, err = torchrun(entry, 3, args, tmp_path / "torchrun")
+    # At the start of step index 3 (3 steps done, checkpoint at step 2) rank 1 dies: the restart resumes at
+    # step 2; or rank 1 alone gets SIGTERM: both ranks finish step 4 and save it, the restart resumes at 4.
+    status, out, err = torchrun(entry, 3, args, tmp_path / "torchrun", fail=fail)
     assert status == 0, err[-3000:]
     ck = tmp_path / "killed" / "checkpoints" / "last.pt"
-    assert f"restart 1 (torchrun): resuming {ck} at step 2\n" in out
-    assert f"resumed {ck} at step 2 (epoch 0, batch 2)" in out
+    at, where = (2, "epoch 0, batch 2") if fail == "exit" else (4, "epoch 1, batch 0")  # 4 steps per epoch
+    assert f"restart 1 (torchrun): resuming {ck} at step {at}\n" in out
+    assert f"resumed {ck} at step {at} ({where})" in out
     assert out.count("resuming") == 1  # ``whole`` started from step 0
-    assert "exitcode: 1" in err  # the dead worker, reported by torchrun
+    if fail == "exit":
+        assert "exitcode: 1" in err  # the dead worker, reported by torchrun
+    else:  # rank 0 got no signal and stopped with rank 1 after the same step
+        assert err.count(f"SIGTERM received: stopped after step 4 with a checkpoint ({ck})") == 2
 
     a, b = load_checkpoint(tmp_path / "whole" / "checkpoints" / "last.pt"), load_checkpoint(ck)
     assert a["step"] == b["step"] == 6 and a["world_size"] == b["world_size"] == 2

@@ -260,9 +260,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sove: error: no space left on device{where}; free some space and run the command again",
               file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("sove: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # sove.train.stop.TrainingInterrupted: stopped with a checkpoint
+        print(f"sove: {e}" if str(e) else "sove: interrupted", file=sys.stderr)
+        return getattr(e, "exit_code", 130)
     return 0
 
 

@@ -38,6 +38,7 @@ from sove.seeding import SCHEME as SEED_SCHEME, generator, stream_seed
 from sove.train.budget import TimeBudget
 from sove.train.builders import build_train_dataset, loader_options, resolve_precision
 from sove.train.diagnostics import Diagnostics, SkippedStep
+from sove.train.stop import StopRequest, TrainingInterrupted, ignore_stop_signals
 from sove.train.loggers import build_loggers, finalize_loggers, start_loggers
 from sove.train.metrics_csv import MetricsCSV
 from sove.train.optim import EMA, clip_per_tensor, param_groups
@@ -80,7 +81,7 @@ class Trainer(Diagnostics):
         self.metrics_csv: MetricsCSV = loggers[0]
         self.fabric.launch()
         if self.fabric.is_global_zero:
-            start_loggers(loggers, cfg)
+            start_loggers(loggers, cfg, run_dir)
         # torch / numpy / random global RNGs (drop path, device augmentation) from the ``global`` stream
         self.fabric.seed_everything(stream_seed(t.seed, "global", bits=32), verbose=False)
         self.dataset = dataset if dataset is not None else build_train_dataset(cfg)
@@ -93,7 +94,8 @@ class Trainer(Diagnostics):
         on_device = isinstance(self.dataset, DecodedDataset)  # data.augment_on=device
         loader = DataLoader(self.dataset, batch_size=b, sampler=EpochKeys(self.sampler), drop_last=True,
                             collate_fn=self.dataset.collate if on_device else collate_views,
-                            generator=generator(t.seed, "loader"), **loader_options(cfg, self.fabric.device))
+                            generator=generator(t.seed, "loader"), worker_init_fn=ignore_stop_signals,
+                            **loader_options(cfg, self.fabric.device))
         self.loader = self.fabric.setup_dataloaders(loader, use_distributed_sampler=False, move_to_device=not on_device)
         if on_device:  # the workers decoded; the views are made on the training device
             self.loader = DeviceViews(self.loader, self.dataset, self.fabric.device)
@@ -196,7 +198,15 @@ class Trainer(Diagnostics):
             deadline: optional ``time.perf_counter()`` value: stop after the step that passes it,
                 without saving, and return None; a later ``fit`` call continues exactly there
                 (the benchmarks alternate methods this way).
+
+        Raises:
+            TrainingInterrupted: SIGINT / SIGTERM arrived; the step in progress was finished and saved
+                (:mod:`sove.train.stop`).
         """
+        with StopRequest(announce=self.fabric.is_global_zero) as stop:
+            return self._fit(deadline, stop)
+
+    def _fit(self, deadline: float | None, stop: StopRequest) -> Path | None:
         t = self.cfg.trainer
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not (t.progress and self.fabric.is_global_zero),
                    desc="pretrain", unit="step", dynamic_ncols=True)
@@ -233,6 +243,13 @@ class Trainer(Diagnostics):
                     self.save()
                 if self.step >= self.total_steps:
                     break
+                signum = self.stop_signal(stop)
+                if signum:
+                    bar.close()
+                    saved = self.checkpoint_step == self.step  # by checkpoint_every just now
+                    path = self.run_dir / "checkpoints" / "last.pt" if saved else self.save()
+                    finalize_loggers(self.fabric.loggers)
+                    raise TrainingInterrupted(signum, self.step, path, self.run_dir)
                 if deadline is not None and time.perf_counter() >= deadline:
                     bar.close()
                     return None
@@ -241,6 +258,16 @@ class Trainer(Diagnostics):
         path = self.save()
         finalize_loggers(self.fabric.loggers)
         return path
+
+    def stop_signal(self, stop: StopRequest) -> int:
+        """The signal that asked this run to stop (0: none), the same on every rank: with several
+        processes the largest signal number over the ranks (one all-reduce per step), so all ranks
+        stop after the same step and write one checkpoint together."""
+        signum = stop.signum or 0
+        if self.fabric.world_size > 1:
+            flag = torch.tensor(float(signum), device=self.fabric.device)
+            signum = int(self.fabric.all_reduce(flag, reduce_op="max").item())
+        return signum
 
     def clock(self) -> float:
         """Seconds of the clock the time budget reads (``time.perf_counter``; tests replace it)."""

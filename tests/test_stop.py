@@ -1,0 +1,91 @@
+"""SIGINT / SIGTERM during pretraining: the step in progress finishes, is saved, and a resume equals the
+straight run (sove.train.stop). Before: the signal killed the loop mid-step, and the steps since the last
+periodic checkpoint (``trainer.checkpoint_every``, 100 in these tests) were lost."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+
+import pytest
+import torch
+
+from helpers import with_method_state
+from sove.api import pretrain, resume
+from sove.cli import main
+from sove.train import trainer as trainer_mod
+from sove.train.checkpoint import load_checkpoint
+from sove.train.stop import StopRequest, TrainingInterrupted
+
+
+def signal_during_step(monkeypatch, step: int, signum: int, workers_too: bool = False) -> None:
+    """Send ``signum`` to this process (and, with ``workers_too``, to the DataLoader workers, as a
+    terminal's Ctrl-C reaches the whole process group) while step ``step`` is being computed."""
+    original = trainer_mod.Trainer.training_step
+
+    def step_fn(self, batch):
+        if self.step == step - 1:
+            if workers_too:
+                workers = multiprocessing.active_children()
+                assert workers, "the DataLoader has no worker processes"
+                for w in workers:
+                    os.kill(w.pid, signum)
+            os.kill(os.getpid(), signum)
+        return original(self, batch)
+
+    monkeypatch.setattr(trainer_mod.Trainer, "training_step", step_fn)
+
+
+def test_a_signal_saves_the_finished_step_and_the_resume_equals_the_straight_run(
+        tmp_path, image_folder, monkeypatch, tiny_cfg):
+    base = [f"data.root={image_folder}", f"trainer.out_dir={tmp_path}"]  # 8 steps, checkpoint_every=100
+    pretrain(tiny_cfg(*base, "trainer.name=straight"))
+
+    signal_during_step(monkeypatch, 3, signal.SIGINT)
+    with pytest.raises(TrainingInterrupted) as info:
+        pretrain(tiny_cfg(*base, "trainer.name=stopped"))
+    run = tmp_path / "stopped"
+    assert (info.value.step, info.value.signum, info.value.exit_code) == (3, signal.SIGINT, 130)
+    assert info.value.checkpoint == run / "checkpoints" / "last.pt"
+    mid = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert (mid["step"], mid["epoch"], mid["batch_in_epoch"]) == (3, 0, 3)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are given back
+
+    monkeypatch.undo()
+    resume(run)
+    a = with_method_state(load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt"))
+    b = with_method_state(load_checkpoint(run / "checkpoints" / "last.pt"))
+    assert a["step"] == b["step"] == 8
+    for part in ("student", "teacher", "method"):
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), f"{part}.{key} differs after the stop and resume"
+    for i, state in a["optimizer"]["state"].items():
+        for key in state:
+            assert torch.equal(state[key], b["optimizer"]["state"][i][key])
+
+
+def test_sove_pretrain_stopped_by_ctrl_c_with_loader_workers_names_the_checkpoint_and_the_resume(
+        tmp_path, image_folder, monkeypatch, capsys, tiny_overrides):
+    # Ctrl-C reaches the workers too; they ignore it, so the step finishes and the checkpoint is written.
+    signal_during_step(monkeypatch, 2, signal.SIGINT, workers_too=True)
+    argv = ["pretrain", *tiny_overrides, f"data.root={image_folder}", f"trainer.out_dir={tmp_path}",
+            "trainer.name=r", "data.num_workers=1", "data.augment_on=loader"]
+    assert main(argv) == 130
+    run = tmp_path / "r"
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 2
+    err = capsys.readouterr().err
+    assert "sove: SIGINT received: stopping after the step in progress with a checkpoint" in err
+    assert (f"sove: SIGINT received: stopped after step 2 with a checkpoint ({run / 'checkpoints' / 'last.pt'}); "
+            f"continue with: sove pretrain --resume {run}") in err
+
+
+def test_sigterm_exit_code_and_a_second_signal_stops_at_once():
+    previous = signal.getsignal(signal.SIGTERM)
+    with StopRequest(announce=False) as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.signum == signal.SIGTERM  # the first signal is only a request
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+    assert signal.getsignal(signal.SIGTERM) is previous
+    assert TrainingInterrupted(signal.SIGTERM, 5, "c.pt", "run").exit_code == 143
