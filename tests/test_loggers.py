@@ -42,3 +42,39 @@ def test_a_failed_start_with_wandb_and_mlflow_files_is_started_again(tmp_path):
         (run / name).write_text("")
     (run / "wandb" / "offline-run-1").mkdir(parents=True)
     assert check_run_dir(run, overwrite=False) is True
+
+
+def test_a_resume_logs_into_the_same_mlflow_run(tmp_path, image_folder, monkeypatch, tiny_cfg):
+    """Before: each segment of a resumed run was a new MLflow run (and a new W&B run) of the same name."""
+    pytest.importorskip("mlflow")
+    import json
+
+    from mlflow import MlflowClient
+
+    from sove.api import pretrain, resume
+
+    uri = (tmp_path / "mlruns").as_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    pretrain(tiny_cfg(f"data.root={image_folder}", f"trainer.out_dir={tmp_path}", "trainer.name=r",
+                      "trainer.max_steps=2", "trainer.loggers=[csv,mlflow]"))
+    resume(tmp_path / "r", trainer={"max_steps": 4})
+    client = MlflowClient(uri)
+    (found,) = client.search_runs([client.get_experiment_by_name("sove").experiment_id])
+    assert json.loads((tmp_path / "r" / loggers.IDS_FILE).read_text()) == {"mlflow": found.info.run_id}
+    assert [m.step for m in client.get_metric_history(found.info.run_id, "loss/loss")] == [1, 2, 3, 4]
+    assert found.info.status == "FINISHED" and found.data.params["trainer.max_steps"] == "2"  # first value kept
+
+
+def test_saved_logger_ids_are_reused_and_a_missing_mlflow_run_starts_a_new_one(tmp_path, monkeypatch, capsys,
+                                                                              tiny_cfg):
+    pytest.importorskip("wandb")
+    pytest.importorskip("mlflow")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    (tmp_path / loggers.IDS_FILE).write_text('{"wandb": "abc123", "mlflow": "0123456789abcdef"}')
+    wandb_logger, mlflow_logger = loggers.build_loggers(tiny_cfg("data.root=unused",
+                                                                 "trainer.loggers=[csv,wandb,mlflow]"), tmp_path)[1:]
+    assert (wandb_logger._wandb_init["id"], wandb_logger._wandb_init["resume"]) == ("abc123", "allow")
+    assert mlflow_logger._run_id is None
+    assert "MLflow run 0123456789abcdef of" in capsys.readouterr().err

@@ -44,7 +44,7 @@ BACKBONE_PREFIX = "backbone."
 #: What a start writes before its first checkpoint (and the lock). A run directory holding only
 #: these and no checkpoint is a failed start: it is started again without ``--overwrite``.
 START_FILES = frozenset({CONFIG_FILE, CHECKPOINT_DIR, METRICS_FILE, "hparams.yaml", "tensorboard", "debug",
-                         "wandb", "mlflow.db", "mlflow-artifacts", LOCK_NAME})
+                         "wandb", "mlflow.db", "mlflow-artifacts", "loggers.json", LOCK_NAME})
 
 
 def saved_checkpoints(run_dir: str | Path) -> list[Path]:

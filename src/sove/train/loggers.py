@@ -12,14 +12,19 @@
   run name ``trainer.name``.
 
 W&B and MLflow also receive the resolved config as hyperparameters (dotted keys, e.g.
-``loss.cls.num_judges``). A resume opens a new W&B / MLflow run under the same name; its steps
-continue from the checkpoint's step.
+``loss.cls.num_judges``). Their run ids are kept in ``RUN/loggers.json`` (:data:`IDS_FILE`), so a
+resume (``--resume``, ``trainer.auto_resume``, a torchrun restart) logs into the same W&B run
+(``resume="allow"``) and the same MLflow run, its steps continuing from the checkpoint's step (the
+steps after that checkpoint logged before the stop appear twice). MLflow parameters cannot change: a
+resume adds the keys the run does not have yet and keeps the first values of the others.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +37,8 @@ from sove.errors import ConfigError
 from sove.train.metrics_csv import MetricsCSV
 from sove.train.preflight import flatten
 
+#: ``RUN/loggers.json``: ``{"wandb": run id, "mlflow": run id}`` of the run's W&B / MLflow runs.
+IDS_FILE = "loggers.json"
 #: Package (and extra of ``pip install 'sove[...]'``) each optional logger needs.
 PACKAGES = {"wandb": "wandb", "mlflow": "mlflow"}
 
@@ -68,26 +75,74 @@ def _tensorboard(cfg: DictConfig, run_dir: Path) -> Logger:
     return TensorBoardLogger(str(run_dir), name="tensorboard", version="")
 
 
+def saved_ids(run_dir: str | Path) -> dict[str, str]:
+    """The logger run ids of ``RUN/loggers.json`` (empty for a new run; a file that is not such JSON is
+    ignored with a warning, and the loggers start new runs)."""
+    path = Path(run_dir) / IDS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        print(f"sove: warning: '{path}' is unreadable ({e}); W&B / MLflow log into new runs", file=sys.stderr)
+        return {}
+    return {k: v for k, v in data.items() if isinstance(v, str)}
+
+
 def _wandb(cfg: DictConfig, run_dir: Path) -> Logger:
-    return WandbLogger(name=cfg.trainer.name, project=os.environ.get("WANDB_PROJECT", "sove"), save_dir=str(run_dir))
+    return WandbLogger(name=cfg.trainer.name, project=os.environ.get("WANDB_PROJECT", "sove"), save_dir=str(run_dir),
+                       id=saved_ids(run_dir).get("wandb"), resume="allow")
 
 
 def _mlflow(cfg: DictConfig, run_dir: Path) -> Logger:
+    uri = mlflow_tracking_uri(run_dir)
+    run_id = saved_ids(run_dir).get("mlflow")
+    if run_id is not None and not _mlflow_run_exists(uri, run_id):
+        print(f"sove: warning: MLflow run {run_id} of '{Path(run_dir) / IDS_FILE}' is not in {uri} (another "
+              "MLFLOW_TRACKING_URI?); logging into a new MLflow run", file=sys.stderr)
+        run_id = None
     return MLFlowLogger(experiment_name=os.environ.get("MLFLOW_EXPERIMENT_NAME", "sove"), run_name=cfg.trainer.name,
-                        tracking_uri=mlflow_tracking_uri(run_dir),
+                        tracking_uri=uri, run_id=run_id,
                         artifact_location=(Path(run_dir).resolve() / "mlflow-artifacts").as_uri())
+
+
+def _mlflow_run_exists(uri: str, run_id: str) -> bool:
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return MlflowClient(uri).get_run(run_id).info.lifecycle_stage != "deleted"
+    except MlflowException:
+        return False
 
 
 _BUILDERS = {"csv": _csv, "tensorboard": _tensorboard, "wandb": _wandb, "mlflow": _mlflow}
 
 
-def start_loggers(loggers: list[Logger], cfg: DictConfig) -> None:
-    """On rank 0: create the TensorBoard writer now; give W&B and MLflow the config as hyperparameters."""
+def start_loggers(loggers: list[Logger], cfg: DictConfig, run_dir: Path) -> None:
+    """On rank 0: create the TensorBoard writer now; give W&B and MLflow the config as hyperparameters
+    (an MLflow run that is continued: only the keys it does not have, and its status back to RUNNING);
+    write their run ids to ``RUN/loggers.json``."""
+    ids = {}
     for logger in loggers:
         if isinstance(logger, TensorBoardLogger):
             logger.experiment  # noqa: B018 - creates the event file
+        elif isinstance(logger, MLFlowLogger) and logger._run_id is not None:  # a continued run
+            client, run_id = logger.experiment, logger.run_id
+            known = client.get_run(run_id).data.params
+            logger.log_hyperparams({k: v for k, v in flat_config(cfg).items() if k not in known})
+            client.update_run(run_id, status="RUNNING")
+            ids["mlflow"] = run_id
         elif not isinstance(logger, MetricsCSV):
             logger.log_hyperparams(flat_config(cfg))
+            ids["wandb" if isinstance(logger, WandbLogger) else "mlflow"] = logger.version if isinstance(
+                logger, WandbLogger) else logger.run_id
+    if ids:
+        from sove.train.checkpoint import atomic_write
+
+        atomic_write(Path(run_dir) / IDS_FILE, lambda f: f.write(json.dumps(ids, indent=1).encode()))
 
 
 def flat_config(cfg: DictConfig) -> dict[str, Any]:
