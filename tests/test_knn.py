@@ -74,3 +74,18 @@ def test_all_modes_in_one_pass_equal_separate_evaluations(tmp_path, tiny_labelle
         alone = evaluate_knn(run, mode)
         assert (alone["top1"], alone["top5"], alone["fingerprint"]) == (
             both[mode]["top1"], both[mode]["top5"], both[mode]["fingerprint"]), mode
+
+
+def test_k_larger_than_the_train_split_is_noted(tmp_path, config_only_run, capsys):
+    """k is capped at N_train (all train images vote); the CLI said nothing and printed k=100 as if it were
+    a 100-neighbour result. On 2 classes of 16 images each, k=32 and k=100 are the same vote."""
+    from helpers import make_image_folder
+    from sove.cli import main
+
+    images = make_image_folder(tmp_path / "images")
+    run = config_only_run(tmp_path / "run", [f"data.root={images}", f"data.test_root={images}"])
+    assert main(["eval", "knn", "--run", str(run), "--pixels", "eval.knn_k=[1,32,100,200]"]) == 0
+    out = capsys.readouterr().out
+    assert "note: k=100, 200 > 32 train images: these use all 32 train images as neighbours" in out
+    result = __import__("json").loads((run / "eval" / "knn_pixels.json").read_text())
+    assert result["top1"]["100"] == result["top1"]["200"] == result["top1"]["32"]

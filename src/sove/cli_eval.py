@@ -20,6 +20,10 @@ def _eval_knn(args: argparse.Namespace) -> None:
         timing = f" in {result['seconds'] / 60:.1f} min" if args.all else ""
         print(f"k-NN top-1 ({mode}) {ks}; best {result['best_top1']:.2f}% at k={result['best_k']} "
               f"({result['num_train']} train / {result['num_test']} test){timing}")
+        capped = [k for k in result["top1"] if int(k) > result["num_train"]]
+        if capped:  # knn_classify caps k at N_train: those k all vote with every train image
+            print(f"note: k={', '.join(capped)} > {result['num_train']} train images: "
+                  f"{'these use' if len(capped) > 1 else 'it uses'} all {result['num_train']} train images as neighbours")
 
 
 def _eval_linear(args: argparse.Namespace) -> None:
