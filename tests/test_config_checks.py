@@ -131,6 +131,9 @@ def test_global_batch_larger_than_the_data_is_refused_before_launch(tmp_path, im
      ["loss.cls_feature_set_size=32", "loss.cls.num_anchors=4", "loss.patch_feature_set_size=64",
       "loss.patch.num_anchors=4"]),
     ([], 10000, []),  # TINY on 10,000 images fits as it is
+    # DINO / iBOT have no feature sets: only the batch is suggested (it used to add SOVE's loss.* keys).
+    (["method=dino", "optim.batch_size=64", "loss.cls_feature_set_size=4096", "optim.epochs=100",
+      "optim.warmup_epochs=10"], 300, ["optim.batch_size=32"]),
 ])
 def test_small_data_suggestions(overrides, images, expected, tiny_cfg):
     from sove.train.small_data import fitting_overrides

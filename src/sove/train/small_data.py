@@ -59,7 +59,8 @@ def fitting_overrides(cfg: DictConfig, num_images: int, world: int, enqueued: in
             global batch); None computes it from ``optim.epochs``.
 
     Returns:
-        e.g. ``["optim.batch_size=16", "loss.cls_feature_set_size=1024", "loss.cls.num_anchors=128"]``.
+        e.g. ``["optim.batch_size=16", "loss.cls_feature_set_size=1024", "loss.cls.num_anchors=128"]``
+        (the ``loss.*`` feature-set keys for ``method=sove`` only).
     """
     o, lo = cfg.optim, cfg.loss
     out = []
@@ -69,7 +70,7 @@ def fitting_overrides(cfg: DictConfig, num_images: int, world: int, enqueued: in
     if enqueued is None:
         g = batch * world
         enqueued = max(1, round(o.epochs * (num_images // g))) * g
-    for name in ("cls", "patch"):
+    for name in ("cls", "patch") if cfg.method == "sove" else ():  # E_C / E_P are SOVE's (DINO / iBOT: none)
         if lo[f"{name}_weight"] > 0:
             out += _fitting_feature_set(lo, name, num_images if name == "cls" else enqueued, enqueued)
     return out
