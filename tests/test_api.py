@@ -190,3 +190,52 @@ def test_data_source_python_from_a_config_says_where_it_belongs(tmp_path, capsys
     assert capsys.readouterr().err.startswith(
         f"sove: error: data.source=python: the images come from a Python dataset ({tmp_path}) given to "
         "sove.pretrain(dataset=...), which sove cannot read from a config")
+
+
+def test_test_dataset_gives_a_python_dataset_run_its_periodic_knn(tmp_path, capsys, tiny_overrides):
+    """Before: the periodic k-NN of a Python-dataset run was always skipped (no test split). Its value at the last
+    step equals a hand-made weighted k-NN of the final teacher on the two datasets (all images: the subsets are
+    larger than the splits)."""
+    import torchvision.transforms.v2.functional as TF
+
+    dotlist = tiny_overrides + ["data.root=unused", f"trainer.out_dir={tmp_path}", "trainer.name=r",
+                                "eval.knn_every_epochs=1"]
+    train, test = Noise(32), Noise(16)
+    run = sove.pretrain(load_config(None, dotlist), dataset=train, test_dataset=test)
+    assert "periodic k-NN on a class-balanced subset: 32 train / 16 test images of 2 classes" in capsys.readouterr().out
+    knn = [(int(r["step"]), float(r["knn_top1"])) for r in run.metrics() if r.get("knn_top1")]
+    assert [s for s, _ in knn] == [4, 8]
+
+    cfg, backbone = run.config, run.backbone()
+
+    def features(ds):
+        x = torch.stack([TF.to_dtype(TF.pil_to_tensor(ds[i][0]), torch.float32, scale=True) for i in range(len(ds))])
+        x = TF.normalize(TF.center_crop(TF.resize(x, 16, antialias=True), [16, 16]), list(cfg.data.mean),
+                         list(cfg.data.std))
+        with torch.no_grad():
+            return torch.nn.functional.normalize(backbone(x)["global"].double(), dim=1)
+
+    ftr, fte = features(train), features(test)
+    ytr, yte = torch.tensor(train.targets), torch.tensor(test.targets)
+    best = 0.0
+    for k in cfg.eval.knn_k:
+        hits = 0
+        for q in range(len(test)):
+            sim, idx = (ftr @ fte[q]).topk(k)
+            votes = torch.zeros(2, dtype=torch.float64).index_add_(0, ytr[idx], (sim / 0.07).exp())
+            hits += int(votes.argmax() == yte[q])
+        best = max(best, 100.0 * hits / len(test))
+    assert knn[-1][1] == pytest.approx(best, abs=1e-9)
+
+
+def test_test_dataset_errors_name_what_to_do(image_folder):
+    with pytest.raises(SoveError, match=r"^test_dataset= is the periodic k-NN's test split of a Python dataset=, "
+                                        r"and this run has a folder dataset=: set data.test_root=TEST_FOLDER instead$"):
+        sove.pretrain("fashion_mnist_tiny", str(image_folder), test_dataset=Noise(4))
+    unlabelled = [torch.zeros(3, 8, 8, dtype=torch.uint8)] * 4
+    with pytest.raises(SoveError, match=r"^test_dataset=: the list has no .targets / .labels"):
+        sove.pretrain("fashion_mnist_tiny", Noise(8), test_dataset=unlabelled)
+    three = Noise(6)
+    three.targets = [0, 1, 2, 0, 1, 2]
+    with pytest.raises(SoveError, match=r"^test_dataset=: label 2 is not a label of dataset= \(0 \.\. 1\)"):
+        sove.pretrain("fashion_mnist_tiny", Noise(8), test_dataset=three)

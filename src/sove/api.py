@@ -33,7 +33,7 @@ TOP_KEYS = tuple(f.name for f in dataclasses.fields(SOVEConfig) if f.name not in
 
 
 def pretrain(config_or_dict: str | os.PathLike | Mapping | DictConfig | None = None, dataset: Any = None, *,
-             overwrite: bool = False, **overrides: Any) -> Run:
+             test_dataset: Any = None, overwrite: bool = False, **overrides: Any) -> Run:
     """Pretrain a backbone with ``method`` (SOVE by default) on a preset, a YAML file or a dict; returns the run.
 
     Args:
@@ -45,6 +45,9 @@ def pretrain(config_or_dict: str | os.PathLike | Mapping | DictConfig | None = N
             uint8 CHW tensors or ``(image, label)`` tuples (:mod:`sove.data.python_source`; read on access,
             not copied; labels from its ``targets`` / ``labels`` attribute). The run records
             ``data.source=python`` and a description in ``data.root``. None: the config's data.
+        test_dataset: with a Python ``dataset``, a labelled dataset of the same kind whose integer labels
+            number the same classes: the test split of the periodic k-NN (``eval.knn_every_epochs``;
+            without it that k-NN is skipped). Read on access, not recorded in the run.
         overwrite: replace an existing run of the same ``trainer.out_dir/trainer.name``.
         **overrides: config sections as dicts (``optim={"epochs": 1}``) or top-level keys (``method="dino"``),
             applied after ``config_or_dict`` (docs/configs.md lists the keys).
@@ -54,9 +57,12 @@ def pretrain(config_or_dict: str | os.PathLike | Mapping | DictConfig | None = N
 
     Raises:
         ConfigError: an unknown section or key (named), a bad value.
-        SoveError: a dataset item of another type (naming the index); the errors of :func:`start_run`.
+        SoveError: a dataset item of another type (naming the index); ``test_dataset`` without a Python
+            ``dataset``, either of them without labels, a test label the train labels do not have; the
+            errors of :func:`start_run`.
     """
     source, data = _data(dataset)
+    test_source = _test_source(source, test_dataset, dataset)
     cfg = config_or_dict
     if not (isinstance(cfg, DictConfig) and not overrides and not data):
         cfg = _load(config_or_dict, _dotlist(overrides, "sove.pretrain") + data)
@@ -64,16 +70,19 @@ def pretrain(config_or_dict: str | os.PathLike | Mapping | DictConfig | None = N
         source.num_channels = cfg.data.num_channels
         print(f"data: {source.description}, " + (f"{len(source.classes)} classes (from its .targets/.labels)"
                                                    if source.classes else "no labels (no .targets/.labels)"))
-    return Run(start_run(cfg, overwrite, source))
+    if test_source is not None:
+        test_source.num_channels = cfg.data.num_channels
+    return Run(start_run(cfg, overwrite, source, test_source=test_source))
 
 
-def resume(run_dir: str | os.PathLike, dataset: Any = None, **overrides: Any) -> Run:
+def resume(run_dir: str | os.PathLike, dataset: Any = None, *, test_dataset: Any = None, **overrides: Any) -> Run:
     """Continue a run exactly where ``checkpoints/last.pt`` left it; returns the run.
 
     Args:
         run_dir: the run directory (or a :class:`~sove.run.Run`).
         dataset: the same dataset the run was trained on, for a ``data.source=python`` run (checked
             against its recorded description: type and length); None otherwise.
+        test_dataset: as in :func:`pretrain` (the periodic k-NN's test split of a Python-dataset run).
         **overrides: as in :func:`pretrain`; only trajectory-neutral keys may change (e.g.
             ``trainer={"max_steps": None}``).
 
@@ -96,10 +105,14 @@ def resume(run_dir: str | os.PathLike, dataset: Any = None, **overrides: Any) ->
             raise SoveError(f"sove.resume(dataset=...): got {describe(dataset)}, the run was trained on "
                             f"{cfg.data.root}; pass the same dataset (an exact resume needs the same items)")
         source = PythonSource(dataset, cfg.data.num_channels)
-    return Run(resume_run(Path(run_dir), dotlist, source))
+    test_source = _test_source(source, test_dataset, dataset)
+    if test_source is not None:
+        test_source.num_channels = cfg.data.num_channels
+    return Run(resume_run(Path(run_dir), dotlist, source, test_source=test_source))
 
 
-def start_run(cfg: DictConfig, overwrite: bool = False, source: Any = None, callbacks: Iterable[Any] = ()) -> Path:
+def start_run(cfg: DictConfig, overwrite: bool = False, source: Any = None, callbacks: Iterable[Any] = (),
+              test_source: Any = None) -> Path:
     """Run pretraining of ``cfg.method`` for ``cfg`` (``sove pretrain``); returns ``trainer.out_dir/trainer.name``.
 
     Writes ``config.yaml`` (the resolved config), ``metrics.csv``, TensorBoard events,
@@ -109,7 +122,8 @@ def start_run(cfg: DictConfig, overwrite: bool = False, source: Any = None, call
     Data, run plan (:func:`~sove.train.preflight.check_run_plan`) and initial weights are checked before
     the run directory is created. The periodic k-NN (``eval.knn_every_epochs``) is attached, plus ``callbacks``
     (Fabric callbacks, see :class:`~sove.train.trainer.Trainer`). ``source``: the images instead of
-    ``cfg.data``'s (a :class:`~sove.data.python_source.PythonSource`).
+    ``cfg.data``'s (a :class:`~sove.data.python_source.PythonSource`); ``test_source``: the periodic k-NN's
+    test split for such a source (its train split is ``source``).
 
     With ``trainer.auto_resume=true``, or after a torchrun restart, a run directory holding a checkpoint
     is resumed as by :func:`resume_run` with ``cfg`` (:func:`sove.run.auto_resume_checkpoint`).
@@ -130,7 +144,7 @@ def start_run(cfg: DictConfig, overwrite: bool = False, source: Any = None, call
     from sove.train.trainer import Trainer
 
     if (last := auto_resume_checkpoint(cfg, overwrite)) is not None:  # trainer.auto_resume, or a torchrun restart
-        return _resume(cfg, last.parents[1], source, callbacks, auto_resume_reason())
+        return _resume(cfg, last.parents[1], source, callbacks, auto_resume_reason(), test_source)
     run_dir = preflight(cfg, overwrite)  # name, device, existing folder, writable: before any work
     dataset = build_train_dataset(cfg, source)  # bad data stops here, before the run directory exists
     check_run_plan(cfg, len(dataset), planned_world_size(cfg))
@@ -139,17 +153,18 @@ def start_run(cfg: DictConfig, overwrite: bool = False, source: Any = None, call
     with rank_zero_lock(run_dir):
         if rank_zero_only.rank == 0:  # before the launch: the processes Fabric spawns skip this
             prepare_run_dir(cfg, overwrite)
-        return _fit(Trainer(cfg, run_dir, dataset, networks, method, _callbacks(callbacks)), run_dir)
+        return _fit(Trainer(cfg, run_dir, dataset, networks, method, _callbacks(callbacks, source, test_source)),
+                    run_dir)
 
 
 def resume_run(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = (), source: Any = None,
-               callbacks: Iterable[Any] = ()) -> Path:
+               callbacks: Iterable[Any] = (), test_source: Any = None) -> Path:
     """Continue a run exactly where ``checkpoints/last.pt`` left it, mid-epoch included (``sove pretrain --resume``).
 
     The run's own ``config.yaml`` is used; ``overrides`` (``key=value``) may change only trajectory-neutral
     keys (:data:`sove.train.preflight.TRAJECTORY_NEUTRAL`, e.g. ``trainer.max_steps``), on the same
     number of processes and precision. Everything is checked before the run directory is touched.
-    ``metrics.csv`` keeps its rows up to the checkpoint's step. ``source``, ``callbacks``: as in :func:`start_run`.
+    ``metrics.csv`` keeps its rows up to the checkpoint's step. ``source``, ``callbacks``, ``test_source``: as in :func:`start_run`.
 
     Raises:
         SoveError: not a run directory, no checkpoint in it, in use by another process, absent device,
@@ -158,10 +173,12 @@ def resume_run(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = (),
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise SoveError(f"--resume: '{run_dir}' is not a sove run directory (no config.yaml)")
-    return _resume(load_config(str(run_dir / "config.yaml"), overrides), run_dir, source, callbacks, "--resume")
+    return _resume(load_config(str(run_dir / "config.yaml"), overrides), run_dir, source, callbacks, "--resume",
+                   test_source)
 
 
-def _resume(cfg: DictConfig, run_dir: Path, source: Any, callbacks: Iterable[Any], how: str) -> Path:
+def _resume(cfg: DictConfig, run_dir: Path, source: Any, callbacks: Iterable[Any], how: str,
+            test_source: Any = None) -> Path:
     """Continue ``run_dir`` from its ``last.pt`` with ``cfg`` (checked against the checkpoint's config;
     ``how`` names what resumes in the messages)."""
     from lightning.fabric.utilities.rank_zero import rank_zero_only
@@ -186,16 +203,17 @@ def _resume(cfg: DictConfig, run_dir: Path, source: Any, callbacks: Iterable[Any
         check_run_plan(cfg, len(dataset), world)
         if rank_zero_only.rank == 0:
             ckpt.remove_stale_temporaries(run_dir / "checkpoints")
-        trainer = Trainer(cfg, run_dir, dataset, callbacks=_callbacks(callbacks))
+        trainer = Trainer(cfg, run_dir, dataset, callbacks=_callbacks(callbacks, source, test_source))
         trainer.load_state_dict(state, str(path))
         trainer.fabric.print(f"resumed {path} at step {trainer.step} (epoch {trainer.epoch}, batch {trainer.batch_in_epoch})")
         return _fit(trainer, run_dir)
 
 
-def _callbacks(extra: Iterable[Any]) -> list[Any]:
+def _callbacks(extra: Iterable[Any], source: Any = None, test_source: Any = None) -> list[Any]:
+    """The periodic k-NN (on ``source`` / ``test_source`` when a test source is given), then ``extra``."""
     from sove.eval.periodic import PeriodicKNN
 
-    return [PeriodicKNN(), *extra]
+    return [PeriodicKNN((source, test_source) if test_source is not None else None), *extra]
 
 
 def _fit(trainer: Any, run_dir: Path) -> Path:
@@ -250,6 +268,34 @@ def _flatten(values: Mapping[str, Any], prefix: str) -> list[str]:
         else:
             out.append(f"{prefix}{key}={json.dumps(value, default=str)}")
     return out
+
+
+def _test_source(source: Any, test_dataset: Any, dataset: Any) -> Any:
+    """The :class:`~sove.data.python_source.PythonSource` of ``test_dataset`` (None without one), checked
+    against the train ``source``: both labelled, every test label one of the train labels.
+
+    Raises:
+        SoveError: ``test_dataset`` without a Python ``dataset`` (a folder run sets ``data.test_root``),
+            a split without labels, a test label beyond the train labels.
+    """
+    if test_dataset is None:
+        return None
+    if source is None:
+        where = ("a folder dataset=: set data.test_root=TEST_FOLDER instead" if isinstance(dataset, (str, os.PathLike))
+                 else "no Python dataset=")
+        raise SoveError(f"test_dataset= is the periodic k-NN's test split of a Python dataset=, and this run has "
+                        f"{where}")
+    from sove.data.python_source import PythonSource
+
+    test = PythonSource(test_dataset)
+    for name, split in (("dataset", source), ("test_dataset", test)):
+        if split.labels is None:
+            raise SoveError(f"{name}=: the {type(split.dataset).__name__} has no .targets / .labels (int labels, one "
+                            "per item); the periodic k-NN needs labels in both splits")
+    if int(test.labels.max()) >= len(source.classes):
+        raise SoveError(f"test_dataset=: label {int(test.labels.max())} is not a label of dataset= (0 .. "
+                        f"{len(source.classes) - 1}); both must number the same classes")
+    return test
 
 
 def _data(dataset: Any) -> tuple[Any, list[str]]:

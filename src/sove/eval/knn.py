@@ -248,8 +248,12 @@ def estimate_knn_seconds(cfg: DictConfig, sample: int = 2048, device: str = "cpu
     return (read + 2 * forward) * n_all / len(idx) + knn
 
 
-def periodic_subsets(cfg: DictConfig) -> tuple[Subset, Subset, str]:
+def periodic_subsets(cfg: DictConfig, sources: tuple[Any, Any] | None = None) -> tuple[Subset, Subset, str]:
     """The labelled train and test subsets of the periodic k-NN during pretraining.
+
+    ``sources``: labelled (train, test) sources to use instead of the config's data (the Python datasets
+    of ``sove.pretrain(dataset=..., test_dataset=...)``, :class:`sove.data.python_source.PythonSource`,
+    their integer labels numbering the same classes).
 
     ``eval.knn_train_subset`` train and ``eval.knn_test_subset`` test images, each a seeded
     class-balanced draw (:func:`sove.eval.frozen.balanced_subset`) from the ``periodic_knn`` stream of
@@ -268,7 +272,13 @@ def periodic_subsets(cfg: DictConfig) -> tuple[Subset, Subset, str]:
 
     e, seed = cfg.eval, int(cfg.trainer.seed)
     subsets = []
-    splits = eval_splits(cfg)  # test labels numbered by the train split's class names
+    if sources is None:
+        splits = eval_splits(cfg)  # test labels numbered by the train split's class names
+    else:
+        from sove.eval.features import EvalImages
+
+        d = cfg.data
+        splits = tuple(EvalImages(source, d.global_crop_size, d.mean, d.std, d.on_error) for source in sources)
     for code, (dataset, num) in enumerate(zip(splits, (e.knn_train_subset, e.knn_test_subset))):
         idx = balanced_subset(labels_of(dataset), num, stream_seed(seed, "periodic_knn", code))
         subsets.append(Subset(dataset, idx.tolist()))

@@ -19,12 +19,18 @@ class PeriodicKNN:
     and unreadable images follow ``data.on_error`` (skipped ones are left out with their labels);
     features and votes follow ``sove eval knn``, so the value equals the offline protocol on the
     same images. The global RNG states are restored afterwards (the feature loader draws a seed),
-    so enabling it never changes training. Skipped with a warning when the data has no labels or
-    no test split. Features are freed right after.
+    so enabling it never changes training. Skipped with one warning when the data has no labels or
+    no test split (a Python dataset without ``test_dataset=``). Features are freed right after.
+
+    Args:
+        sources: labelled (train, test) sources instead of the config's data: the Python datasets of
+            ``sove.pretrain(dataset=..., test_dataset=...)`` (:mod:`sove.api`).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, sources: tuple[Any, Any] | None = None) -> None:
+        self.sources = sources
         self.subsets: tuple[Any, Any, str] | None = None
+        self.skipped = False
 
     def on_train_epoch_end(self, trainer: Any) -> None:
         """Hook the trainer calls after each epoch (``trainer.epoch`` already counts it)."""
@@ -38,11 +44,17 @@ class PeriodicKNN:
         from sove.eval.features import extract_features, readable_rows
         from sove.eval.knn import knn_classify, periodic_subsets, subset_labels
 
+        if self.skipped:
+            return
         if self.subsets is None:
             try:
-                self.subsets = periodic_subsets(trainer.cfg)
+                if trainer.cfg.data.source == "python" and self.sources is None:
+                    raise DataError("a Python dataset has no test split: pass test_dataset= to sove.pretrain / "
+                                    "sove.resume, or set eval.knn_every_epochs=0")
+                self.subsets = periodic_subsets(trainer.cfg, self.sources)
             except DataError as e:
                 trainer.fabric.print(f"warning: periodic k-NN skipped ({e})")
+                self.skipped = True
                 return
             trainer.fabric.print(f"periodic k-NN on a {self.subsets[2]}")
         train, test, _ = self.subsets
