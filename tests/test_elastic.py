@@ -102,18 +102,21 @@ def test_torchrun_restart_after_a_checkpoint_ends_as_the_uninterrupted_run(tmp_p
                    "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp", "trainer.num_threads=1",
                    "trainer.max_steps=6", "trainer.checkpoint_every=2", "trainer.loggers=[csv]"]
     # At the start of step index 3 (3 steps done, checkpoint at step 2) rank 1 dies: the restart resumes at
-    # step 2; or rank 1 alone gets SIGTERM: both ranks finish step 4 and save it, the restart resumes at 4.
-    status, out, err = torchrun(entry, 3, args, tmp_path / "torchrun", fail=fail)
+    # step 2. Or at the start of step index 2 rank 1 alone gets SIGTERM: both ranks finish step 3 and save it
+    # (no periodic checkpoint there), the restart resumes at 3.
+    kill_at = 3 if fail == "exit" else 2
+    status, out, err = torchrun(entry, kill_at, args, tmp_path / "torchrun", fail=fail)
     assert status == 0, err[-3000:]
     ck = tmp_path / "killed" / "checkpoints" / "last.pt"
-    at, where = (2, "epoch 0, batch 2") if fail == "exit" else (4, "epoch 1, batch 0")  # 4 steps per epoch
+    at = kill_at - 1 if fail == "exit" else kill_at + 1
+    where = f"epoch 0, batch {at}"
     assert f"restart 1 (torchrun): resuming {ck} at step {at}\n" in out
     assert f"resumed {ck} at step {at} ({where})" in out
     assert out.count("resuming") == 1  # ``whole`` started from step 0
     if fail == "exit":
         assert "exitcode: 1" in err  # the dead worker, reported by torchrun
     else:  # rank 0 got no signal and stopped with rank 1 after the same step
-        assert err.count(f"SIGTERM received: stopped after step 4 with a checkpoint ({ck})") == 2
+        assert err.count(f"SIGTERM received: stopped after step 3 with a checkpoint ({ck})") == 2
 
     a, b = load_checkpoint(tmp_path / "whole" / "checkpoints" / "last.pt"), load_checkpoint(ck)
     assert a["step"] == b["step"] == 6 and a["world_size"] == b["world_size"] == 2

@@ -20,8 +20,10 @@ from sove.train.stop import StopRequest, TrainingInterrupted
 
 
 def signal_during_step(monkeypatch, step: int, signum: int, workers_too: bool = False) -> None:
-    """Send ``signum`` to this process (and, with ``workers_too``, to the DataLoader workers, as a
-    terminal's Ctrl-C reaches the whole process group) while step ``step`` is being computed."""
+    """Send ``signum`` to this process (and, with ``workers_too``, twice to the DataLoader workers, as a
+    terminal's Ctrl-C pressed twice reaches the whole process group: a forked worker that inherited the
+    training process's handler instead of ignoring the signal dies of the second) while step ``step`` is
+    being computed."""
     original = trainer_mod.Trainer.training_step
 
     def step_fn(self, batch):
@@ -30,6 +32,7 @@ def signal_during_step(monkeypatch, step: int, signum: int, workers_too: bool = 
                 workers = multiprocessing.active_children()
                 assert workers, "the DataLoader has no worker processes"
                 for w in workers:
+                    os.kill(w.pid, signum)
                     os.kill(w.pid, signum)
             os.kill(os.getpid(), signum)
         return original(self, batch)
@@ -75,17 +78,37 @@ def test_sove_pretrain_stopped_by_ctrl_c_with_loader_workers_names_the_checkpoin
     run = tmp_path / "r"
     assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 2
     err = capsys.readouterr().err
-    assert "sove: SIGINT received: stopping after the step in progress with a checkpoint" in err
+    assert ("sove: SIGINT received: stopping after the step in progress with a checkpoint (press Ctrl-C again to "
+            "stop at once, losing the steps since the last checkpoint)") in err
     assert (f"sove: SIGINT received: stopped after step 2 with a checkpoint ({run / 'checkpoints' / 'last.pt'}); "
             f"continue with: sove pretrain --resume {run}") in err
 
 
-def test_sigterm_exit_code_and_a_second_signal_stops_at_once():
-    previous = signal.getsignal(signal.SIGTERM)
+def test_a_repeated_sigterm_is_ignored_and_a_second_ctrl_c_stops_at_once():
+    previous = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     with StopRequest(announce=False) as stop:
         os.kill(os.getpid(), signal.SIGTERM)
-        assert stop.signum == signal.SIGTERM  # the first signal is only a request
+        os.kill(os.getpid(), signal.SIGTERM)  # srun torchrun: from SLURM and from torchrun
+        assert stop.signum == signal.SIGTERM  # only a request, still
         with pytest.raises(KeyboardInterrupt):
-            os.kill(os.getpid(), signal.SIGTERM)
-    assert signal.getsignal(signal.SIGTERM) is previous
+            os.kill(os.getpid(), signal.SIGINT)
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == previous
     assert TrainingInterrupted(signal.SIGTERM, 5, "c.pt", "run").exit_code == 143
+
+
+def test_the_periodic_knn_due_at_the_stopping_step_is_skipped(capsys):
+    """The seconds before SIGKILL are for the checkpoint, not for a k-NN of several minutes."""
+    from types import SimpleNamespace
+
+    from sove.eval.periodic import PeriodicKNN
+
+    knn, ran = PeriodicKNN(), []
+    knn.run = ran.append
+    fabric = SimpleNamespace(is_global_zero=True, print=print)
+    trainer = SimpleNamespace(cfg=SimpleNamespace(eval=SimpleNamespace(knn_every_epochs=1)), epoch=3, fabric=fabric,
+                              stop=SimpleNamespace(signum=signal.SIGTERM))
+    knn.on_train_epoch_end(trainer)
+    assert ran == [] and capsys.readouterr().out == "epoch 3: periodic k-NN skipped (stopping)\n"
+    trainer.stop.signum = None
+    knn.on_train_epoch_end(trainer)
+    assert ran == [trainer]

@@ -36,6 +36,10 @@ class PeriodicKNN:
         """Hook the trainer calls after each epoch (``trainer.epoch`` already counts it)."""
         every = trainer.cfg.eval.knn_every_epochs
         if every > 0 and trainer.epoch % every == 0 and trainer.fabric.is_global_zero:
+            stop = getattr(trainer, "stop", None)
+            if stop is not None and stop.signum:  # the time left before SIGKILL is for the checkpoint
+                trainer.fabric.print(f"epoch {trainer.epoch}: periodic k-NN skipped (stopping)")
+                return
             self.run(trainer)
 
     @torch.no_grad()

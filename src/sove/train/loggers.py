@@ -99,7 +99,8 @@ def _wandb(cfg: DictConfig, run_dir: Path) -> Logger:
 def _mlflow(cfg: DictConfig, run_dir: Path) -> Logger:
     uri = mlflow_tracking_uri(run_dir)
     run_id = saved_ids(run_dir).get("mlflow")
-    if run_id is not None and not _mlflow_run_exists(uri, run_id):
+    # rank 0 only (the only rank that logs): N processes opening RUN/mlflow.db at once is asking for trouble
+    if run_id is not None and rank_zero_only.rank == 0 and not _mlflow_run_exists(uri, run_id):
         print(f"sove: warning: MLflow run {run_id} of '{Path(run_dir) / IDS_FILE}' is not in {uri} (another "
               "MLFLOW_TRACKING_URI?); logging into a new MLflow run", file=sys.stderr)
         run_id = None
@@ -125,7 +126,7 @@ def start_loggers(loggers: list[Logger], cfg: DictConfig, run_dir: Path) -> None
     """On rank 0: create the TensorBoard writer now; give W&B and MLflow the config as hyperparameters
     (an MLflow run that is continued: only the keys it does not have, and its status back to RUNNING);
     write their run ids to ``RUN/loggers.json``."""
-    ids = {}
+    ids = saved_ids(run_dir)  # a logger left out on this resume keeps its id for a later one
     for logger in loggers:
         if isinstance(logger, TensorBoardLogger):
             logger.experiment  # noqa: B018 - creates the event file
@@ -139,7 +140,7 @@ def start_loggers(loggers: list[Logger], cfg: DictConfig, run_dir: Path) -> None
             logger.log_hyperparams(flat_config(cfg))
             ids["wandb" if isinstance(logger, WandbLogger) else "mlflow"] = logger.version if isinstance(
                 logger, WandbLogger) else logger.run_id
-    if ids:
+    if ids and ids != saved_ids(run_dir):
         from sove.train.checkpoint import atomic_write
 
         atomic_write(Path(run_dir) / IDS_FILE, lambda f: f.write(json.dumps(ids, indent=1).encode()))

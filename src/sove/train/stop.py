@@ -9,7 +9,9 @@ since the last periodic checkpoint (docs/distributed.md, "Stopping and preemptio
 2. after that step every process agrees on stopping (one all-reduce of the flag per step when there
    are several processes, so all ranks stop after the same step), ``checkpoints/last.pt`` is written
    and :class:`TrainingInterrupted` is raised; ``sove pretrain --resume RUN`` continues exactly;
-3. a second signal stops at once (``KeyboardInterrupt``), losing the steps since the last checkpoint.
+3. a second SIGINT (Ctrl-C pressed again) stops at once (``KeyboardInterrupt``), losing the steps since the
+   last checkpoint. A repeated SIGTERM is ignored: under ``srun torchrun`` a worker receives SIGTERM twice,
+   from SLURM and from torchrun forwarding it, and must still save.
 
 DataLoader workers ignore both signals (:func:`ignore_stop_signals`): a terminal's Ctrl-C reaches the
 whole process group, and a worker that died of it would make the next batch fail before the checkpoint
@@ -74,17 +76,20 @@ class StopRequest:
 
     def _restore(self) -> None:
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)  # None: a handler set from C
         self._previous = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.signum is not None:  # the second signal: stop now
-            self._restore()
+        if self.signum is not None:
+            if signum != signal.SIGINT:  # a repeated SIGTERM (SLURM and torchrun both send one): keep saving
+                return
+            self._restore()  # Ctrl-C again: stop now
             raise KeyboardInterrupt
         self.signum = signum
         if self.announce:
+            again = "press Ctrl-C again" if signum == signal.SIGINT else "send SIGINT"
             print(f"\nsove: {signal.Signals(signum).name} received: stopping after the step in progress with a "
-                  "checkpoint (send it again to stop at once, losing the steps since the last checkpoint)",
+                  f"checkpoint ({again} to stop at once, losing the steps since the last checkpoint)",
                   file=sys.stderr, flush=True)
 
 

@@ -71,6 +71,8 @@ class Trainer(Diagnostics):
         self.cfg, self.run_dir = cfg, run_dir
         # Optional phase timer (benchmarks): a callable name -> context manager; None = no timing.
         self.timer: Callable[[str], ContextManager] | None = None
+        # The SIGINT / SIGTERM request while :meth:`fit` runs (callbacks read it: sove.eval.periodic).
+        self.stop: StopRequest | None = None
         t = cfg.trainer
         if t.num_threads:
             torch.set_num_threads(t.num_threads)
@@ -203,8 +205,8 @@ class Trainer(Diagnostics):
             TrainingInterrupted: SIGINT / SIGTERM arrived; the step in progress was finished and saved
                 (:mod:`sove.train.stop`).
         """
-        with StopRequest(announce=self.fabric.is_global_zero) as stop:
-            return self._fit(deadline, stop)
+        with StopRequest(announce=self.fabric.is_global_zero) as self.stop:
+            return self._fit(deadline, self.stop)
 
     def _fit(self, deadline: float | None, stop: StopRequest) -> Path | None:
         t = self.cfg.trainer
@@ -249,6 +251,8 @@ class Trainer(Diagnostics):
                     saved = self.checkpoint_step == self.step  # by checkpoint_every just now
                     path = self.run_dir / "checkpoints" / "last.pt" if saved else self.save()
                     finalize_loggers(self.fabric.loggers)
+                    # Lightning's launcher kills rank 0 when another rank exits non-zero: leave together
+                    self.fabric.barrier()
                     raise TrainingInterrupted(signum, self.step, path, self.run_dir)
                 if deadline is not None and time.perf_counter() >= deadline:
                     bar.close()
