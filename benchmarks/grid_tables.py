@@ -136,14 +136,15 @@ def _minutes(cells: dict[int, dict[str, Any]], key: str) -> str:
 def methods_markdown(results: dict[str, dict[int, dict[str, Any]]], expected: int) -> str:
     """The methods grid: per-method per-seed values and mean ± sd, then the paired differences."""
     lines = [f"Machine: {_machine_line(results)}. k-NN: top-1 at k = {PRIMARY_K}; mean ± sd over seeds.", "",
-             "| method | seeds | k-NN per seed | k-NN mean ± sd | linear per seed | linear mean ± sd | steps (mean) "
-             "| pretrain min | k-NN min | linear min |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| method | seeds | k-NN per seed | k-NN mean ± sd | linear per seed | linear mean ± sd | steps per seed "
+             "| pretrain min per seed | k-NN min | linear min |", "|---|---|---|---|---|---|---|---|---|---|"]
     for m, name in METHOD_NAMES.items():
         cells = results.get(m, {})
         knn, lin = _values(cells, "knn"), _values(cells, "linear")
-        steps = f"{np.mean([r['steps'] for r in cells.values()]):.0f}" if cells else "–"
+        steps = ", ".join(str(r["steps"]) for _, r in sorted(cells.items())) or "–"
+        wall = ", ".join(f"{r['wall_s']['pretrain'] / 60:.1f}" for _, r in sorted(cells.items())) or "–"
         lines.append(f"| {name} | {_seeds(cells, expected)} | {_per_seed(knn)} | {_fmt_ms(list(knn.values()))} | "
-                     f"{_per_seed(lin)} | {_fmt_ms(list(lin.values()))} | {steps} | {_minutes(cells, 'pretrain')} | "
+                     f"{_per_seed(lin)} | {_fmt_ms(list(lin.values()))} | {steps} | {wall} | "
                      f"{_minutes(cells, 'knn')} | {_minutes(cells, 'linear')} |")
     lines += ["", f"Paired by seed; {LEVEL:.0%} CI of the mean difference from the t distribution, n − 1 dof.", "",
               "| difference | metric | seeds paired | per seed | mean [95% CI] |", "|---|---|---|---|---|"]
