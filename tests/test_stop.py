@@ -112,3 +112,16 @@ def test_the_periodic_knn_due_at_the_stopping_step_is_skipped(capsys):
     trainer.stop.signum = None
     knn.on_train_epoch_end(trainer)
     assert ran == [trainer]
+
+
+def test_an_ignored_sigint_stays_ignored():
+    """`sove pretrain ... &` from a script starts with SIGINT ignored: it was ignored before the loop and then
+    stopped the run inside it."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with StopRequest(announce=False) as stop:
+            os.kill(os.getpid(), signal.SIGINT)
+            assert stop.signum is None and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)

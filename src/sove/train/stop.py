@@ -53,7 +53,8 @@ class StopRequest:
     """A context manager that turns the first SIGINT / SIGTERM into a request read at step boundaries.
 
     Outside the main thread (where Python cannot install signal handlers) it does nothing and
-    :attr:`signum` stays None. The previous handlers are restored on exit.
+    :attr:`signum` stays None; a signal the process ignores (SIGINT of a job started with ``&`` from a
+    script) stays ignored. The previous handlers are restored on exit.
 
     Args:
         announce: print one line to stderr on the first signal (rank 0 only, so a node of 8 processes
@@ -68,6 +69,8 @@ class StopRequest:
     def __enter__(self) -> "StopRequest":
         if threading.current_thread() is threading.main_thread():
             for sig in STOP_SIGNALS:
+                if signal.getsignal(sig) is signal.SIG_IGN:  # `cmd &` in a script: SIGINT stays ignored
+                    continue
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
