@@ -1,15 +1,40 @@
 #!/usr/bin/env bash
-# GPU check (installs nothing): a 50-step ViT-S/16 224 px SOVE step benchmark on generated images with
-# paper-size feature sets (E_C 65536, K 8192, k 8, 4 CLS tasks; E_P 8192, K 512), bf16 autocast.
-# Prints images/s, peak GPU memory and each phase's share of the step (concept selection included),
-# then the paper-size concept selection alone, then the input pipeline (benchmarks/data_speed.py). Needs torch, timm, lightning, omegaconf importable.
-#   bash benchmarks/gpu_check.sh            # ~3-5 minutes on one H100/H200
-set -euo pipefail
+# GPU check, one command, ~5 minutes on one H100/H200 (installs nothing; needs torch, torchvision, timm,
+# lightning, omegaconf, safetensors, scikit-learn and, for method=dino, lightly importable):
+#
+#   OUT=gpu_out bash benchmarks/gpu_check.sh
+#
+# 1. the device-sensitive tests on CUDA and on the CPU (`pytest -m gpu tests/test_cuda.py`: concepts,
+#    losses and gradients vs the CPU fp32 and a float64 reference, bf16 autocast, masking, EMA, feature
+#    sets, checkpoint save -> load -> resume bit-identical on CUDA);
+# 2. benchmarks/gpu_recipe.py: the ViT-S/16 paper recipe (2 x 224 + 10 x 96, paper-size feature sets,
+#    bf16) at the largest batch that fits, SOVE and DINO, img/s, peak memory, the step's time split
+#    (concept selection included), the input pipeline (loader and device paths) and determinism.
+# Everything lands in $OUT: gpu_check.log, pytest_gpu.xml, gpu_recipe.json, gpu_recipe.md
+# (docs/benchmarks.md, "On a GPU", reports one run).
+set -uo pipefail
 cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
-"$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.__version__, torch.cuda.get_device_name())"
-timeout 420 "$PY" benchmarks/step_speed.py --config imagenet_vit_small --device cuda --steps 50 optim.batch_size=64
-timeout 60 "$PY" benchmarks/step_speed.py --selection-only --device cuda
-timeout 300 "$PY" benchmarks/data_speed.py --device cuda --skip-steps   # input pipeline: device path on the GPU
+export PYTHONUNBUFFERED=1
+{
+  date -u
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
+  "$PY" - <<'EOF'
+import importlib, torch
+print("torch", torch.__version__, "cuda", torch.version.cuda, "gpu", torch.cuda.is_available() and torch.cuda.get_device_name())
+for name in ("torchvision", "timm", "lightning", "omegaconf", "safetensors", "sklearn", "lightly", "numpy"):
+    try:
+        print(name, importlib.import_module(name).__version__)
+    except Exception as e:
+        print(name, "MISSING", type(e).__name__, e)
+EOF
+  timeout 150 "$PY" -m pytest -m gpu -o addopts="" -p no:cacheprovider -rs -v --junitxml "$OUT/pytest_gpu.xml" \
+    tests/test_cuda.py
+  echo "pytest -m gpu: exit $?"
+  timeout "${RECIPE_TIMEOUT:-420}" "$PY" benchmarks/gpu_recipe.py --out "$OUT" "$@"
+  echo "gpu_recipe: exit $?"
+  date -u
+} 2>&1 | tee "$OUT/gpu_check.log"

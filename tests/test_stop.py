@@ -125,3 +125,23 @@ def test_an_ignored_sigint_stays_ignored():
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def test_a_script_that_keeps_a_trainer_with_loader_workers_exits(tmp_path, image_folder, tiny_overrides):
+    # Regression: the workers ignore SIGTERM, so multiprocessing's exit handler (SIGTERM, then join)
+    # waited forever for the persistent workers of a Trainer still alive at exit (hung > 60 s before).
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parents[1] / "src"
+    overrides = tiny_overrides + [f"data.root={image_folder}", f"trainer.out_dir={tmp_path}", "data.num_workers=2"]
+    code = ("from sove.config import load_config\nfrom sove.run import prepare_run_dir\n"
+            "from sove.train.trainer import Trainer\n"
+            f"cfg = load_config(None, {overrides!r})\n"
+            "trainer = Trainer(cfg, prepare_run_dir(cfg, overwrite=True))\n"
+            "batch = next(iter(trainer.loader))\nprint('batch', batch['index'].shape[0], flush=True)\n")
+    env = {**os.environ, "PYTHONPATH": f"{src}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "batch 8" in done.stdout

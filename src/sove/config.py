@@ -143,6 +143,7 @@ class TrainerConfig:
     on_nonfinite: str = "stop"  # stop | skip: what a NaN/inf loss or gradient does (debug file either way)
     num_threads: Optional[int] = None  # torch CPU threads; None = torch default
     compile: bool = False  # torch.compile the student (measured: no gain on the 2-core CPU demo)
+    deterministic: bool = False  # deterministic kernels (CUDA: bit-identical repeats and resumes; slower)
     progress: bool = True
     loggers: list[str] = field(default_factory=lambda: ["csv", "tensorboard"])  # + wandb, mlflow (extras)
 

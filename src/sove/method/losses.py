@@ -7,7 +7,9 @@ Everything here runs in fp32 with autocast disabled.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import astuple
+from typing import Callable, ContextManager
 
 import torch
 from torch import nn
@@ -106,6 +108,11 @@ def patch_loss(
     return (per_image / counts).mean()
 
 
+def no_phase(name: str) -> ContextManager:
+    """The default :attr:`SOVELoss.phase`: times nothing."""
+    return contextlib.nullcontext()
+
+
 class SOVELoss(nn.Module):
     """SOVE objective L = lambda1 L_CLS (Eq. 2) + lambda2 L_patch (Eq. 4), averaged over tasks.
 
@@ -130,6 +137,9 @@ class SOVELoss(nn.Module):
         self.chunk_size, self.search_dtype = chunk_size, search_dtype
         self._anchors: dict[tuple[int, int], torch.Tensor] = {}
         self._cache: dict[tuple, tuple[torch.Tensor, Concepts]] = {}
+        #: ``phase(name)`` -> context manager timing the judge search (``"concept selection"``, nested
+        #: in the trainer's ``objective`` phase); set per step by the method, a no-op by default.
+        self.phase: Callable[[str], ContextManager] = no_phase
 
     def last_anchors(self) -> torch.Tensor:
         """Anchor indices drawn at the last step, all tasks concatenated (int64, for diagnostics)."""
@@ -225,7 +235,8 @@ class SOVELoss(nn.Module):
             sims = self.similarities(settings, fs.features, student, teacher)
             terms = []
             for task in range(settings.num_tasks):
-                concepts = self.concepts(settings, fs, step, task, stream)
+                with self.phase("concept selection"):
+                    concepts = self.concepts(settings, fs, step, task, stream)
                 if name == "cls":
                     terms.append(cls_loss(student_cls, teacher_cls, concepts, tau_s, tau_t, *sims))
                 else:

@@ -19,7 +19,7 @@ from torch import nn
 from sove.method.base import Method, StepContext, micro_views
 from sove.method.concepts import concept_purity, judge_weight_stats
 from sove.method.feature_set import FeatureSet
-from sove.method.losses import SOVELoss
+from sove.method.losses import SOVELoss, no_phase
 from sove.models.head import ProjectionHead
 from sove.seeding import generator
 
@@ -110,13 +110,17 @@ class SOVE(Method):
             out = student(v.global_crops, v.local_crops, masks=flat, patch_select=select)
         t_cls = t_out["cls"].float().view(2, b, -1)
         s_cls = out["cls"].float().view(-1, b, out["cls"].shape[-1])
-        with ctx.phase("objective"):
-            terms = self.loss_fn(
-                student_cls=s_cls, teacher_cls=t_cls, student_patches=out["patches"].float(),
-                teacher_patches=t_out["patches"].float(), patch_owner=owner, num_images=2 * b,
-                cls_feature_set=self.cls_fs, patch_feature_set=self.patch_fs, step=ctx.step,
-                teacher_temp=ctx.teacher_temp,
-            )
+        self.loss_fn.phase = ctx.phase  # times the judge search inside the objective
+        try:
+            with ctx.phase("objective"):
+                terms = self.loss_fn(
+                    student_cls=s_cls, teacher_cls=t_cls, student_patches=out["patches"].float(),
+                    teacher_patches=t_out["patches"].float(), patch_owner=owner, num_images=2 * b,
+                    cls_feature_set=self.cls_fs, patch_feature_set=self.patch_fs, step=ctx.step,
+                    teacher_temp=ctx.teacher_temp,
+                )
+        finally:  # the trainer's bound method kept here would tie the trainer into a reference cycle
+            self.loss_fn.phase = no_phase
         self.pending[0].append(t_cls[1])
         self.stats = {"teacher_cls": t_cls.detach(), "student_cls": s_cls.detach()}
         return terms

@@ -30,7 +30,8 @@ from sove.train.small_data import DROP_FRACTION, MIN_STEPS_PER_EPOCH, fitting_ov
 #: refused; see docs/cli.md "Resuming a run".
 TRAJECTORY_NEUTRAL = (
     "trainer.max_steps", "trainer.log_every", "trainer.checkpoint_every", "trainer.keep_checkpoints",
-    "trainer.progress", "trainer.num_threads", "trainer.compile", "trainer.check_sync", "trainer.on_nonfinite",
+    "trainer.progress", "trainer.num_threads", "trainer.compile", "trainer.deterministic", "trainer.check_sync",
+    "trainer.on_nonfinite",
     "trainer.out_dir", "trainer.name", "trainer.init_from", "trainer.auto_resume", "trainer.loggers",
     "model.init",
     "data.num_workers", "data.prefetch_factor", "data.download", "data.on_error", "data.test_root", "eval.*",

@@ -15,14 +15,20 @@ since the last periodic checkpoint (docs/distributed.md, "Stopping and preemptio
 
 DataLoader workers ignore both signals (:func:`ignore_stop_signals`): a terminal's Ctrl-C reaches the
 whole process group, and a worker that died of it would make the next batch fail before the checkpoint
-is written; the workers are shut down by the training process as usual.
+is written; the workers are shut down by the training process as usual. Because they ignore SIGTERM,
+multiprocessing's exit handler (which terminates daemonic children with SIGTERM, then joins them)
+would wait forever for persistent workers still alive when the interpreter exits, e.g. in a script
+that keeps a :class:`~sove.train.trainer.Trainer`; :func:`shut_down_workers_at_exit` stops them
+cleanly first.
 """
 
 from __future__ import annotations
 
+import atexit
 import signal
 import sys
 import threading
+import weakref
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -100,3 +106,27 @@ def ignore_stop_signals(worker_id: int) -> None:
     """DataLoader ``worker_init_fn``: the worker ignores SIGINT and SIGTERM (see the module docstring)."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+
+
+def shut_down_workers(loader: Any) -> None:
+    """Stop the persistent workers of a torch ``DataLoader`` now (no-op without live workers); the next
+    ``iter(loader)`` starts new ones."""
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+    if iterator is not None:
+        loader._iterator = None
+
+
+def shut_down_workers_at_exit(loader: Any) -> None:
+    """At interpreter exit, before multiprocessing's exit handler (``atexit`` runs last-registered
+    first), stop ``loader``'s workers if it is still alive: the workers ignore SIGTERM, so that handler
+    could not terminate them (module docstring). Holds only a weak reference to ``loader``."""
+    ref = weakref.ref(loader)
+
+    def stop() -> None:
+        alive = ref()
+        if alive is not None:
+            shut_down_workers(alive)
+
+    atexit.register(stop)

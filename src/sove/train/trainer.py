@@ -38,12 +38,27 @@ from sove.seeding import SCHEME as SEED_SCHEME, generator, stream_seed
 from sove.train.budget import TimeBudget
 from sove.train.builders import build_train_dataset, loader_options, resolve_precision
 from sove.train.diagnostics import Diagnostics, SkippedStep
-from sove.train.stop import StopRequest, TrainingInterrupted, ignore_stop_signals
+from sove.train.stop import (StopRequest, TrainingInterrupted, ignore_stop_signals, shut_down_workers,
+                             shut_down_workers_at_exit)
 from sove.train.loggers import build_loggers, finalize_loggers, start_loggers
 from sove.train.metrics_csv import MetricsCSV
 from sove.train.optim import EMA, clip_per_tensor, param_groups
 from sove.train.preflight import check_budget_plan
 from sove.train.schedules import Schedules, build_schedules
+
+
+def use_deterministic_kernels() -> None:
+    """``trainer.deterministic``: deterministic kernels for this process (docs/configs.md).
+
+    cuBLAS reads ``CUBLAS_WORKSPACE_CONFIG`` when it starts, so it is set here (``:4096:8``) only when
+    the user has not set it; ops without a deterministic kernel warn once instead of failing
+    (``warn_only=True``).
+    """
+    import os
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
 
 
 class Trainer(Diagnostics):
@@ -76,6 +91,8 @@ class Trainer(Diagnostics):
         t = cfg.trainer
         if t.num_threads:
             torch.set_num_threads(t.num_threads)
+        if t.deterministic:
+            use_deterministic_kernels()
         loggers = build_loggers(cfg, run_dir)  # trainer.loggers, MetricsCSV first
         self.fabric = Fabric(accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
                              strategy=t.strategy, precision=resolve_precision(cfg), loggers=loggers,
@@ -98,6 +115,8 @@ class Trainer(Diagnostics):
                             collate_fn=self.dataset.collate if on_device else collate_views,
                             generator=generator(t.seed, "loader"), worker_init_fn=ignore_stop_signals,
                             **loader_options(cfg, self.fabric.device))
+        self.torch_loader = loader  # its persistent workers: close(), and at exit before multiprocessing's handler
+        shut_down_workers_at_exit(loader)
         self.loader = self.fabric.setup_dataloaders(loader, use_distributed_sampler=False, move_to_device=not on_device)
         if on_device:  # the workers decoded; the views are made on the training device
             self.loader = DeviceViews(self.loader, self.dataset, self.fabric.device)
@@ -129,6 +148,11 @@ class Trainer(Diagnostics):
                           f"global batch {b * world}, {self.sampler.batches_per_epoch} steps/epoch, {steps}, "
                           f"peak lr {cfg.optim.base_lr * b * world / 256:.2e} (= {cfg.optim.base_lr} x {b * world}/256), "
                           f"precision {self.fabric.strategy.precision.precision}, device {self.fabric.device}")
+
+    def close(self) -> None:
+        """Stop the data loader's persistent workers (``data.num_workers`` > 0); a later :meth:`fit`
+        starts new ones. Also done at interpreter exit (:func:`sove.train.stop.shut_down_workers_at_exit`)."""
+        shut_down_workers(self.torch_loader)
 
     def phase(self, name: str) -> ContextManager:
         """Context timing one phase of a step (``forward``, ``objective``, ``backward``, ``optimizer``,
