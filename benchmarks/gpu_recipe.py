@@ -13,7 +13,8 @@ the batch size, so the model's cost is measured without the input pipeline:
 1. batch search: the candidate batch sizes in order, 2 steps each, until one runs out of GPU memory;
 2. at the largest batch that fits, per method: ``--steps`` steps with a synchronising phase timer (the
    time split: forward / objective, concept selection inside it / backward / optimizer = clipping +
-   AdamW + EMA / enqueue) and ``--free-steps`` untimed steps (img/s of the free-running step);
+   AdamW + EMA / enqueue) and ``--free-steps`` untimed steps (img/s of the free-running step); then
+   SOVE again with TF32 matmuls allowed (``sove_tf32``: the objective runs in fp32, autocast off);
 3. the input pipeline alone: images/s of the loader path, the device path and a DINO-style
    reference with one DataLoader worker per core (``benchmarks/data_speed.py``'s ``total``);
 4. end-to-end: ``Trainer.fit`` on the JPEG folder with each path; the share of a step spent waiting
@@ -299,7 +300,8 @@ def report(results: dict[str, Any]) -> list[str]:
             lines.append(f"| {r['batch']} | {'yes' if r['fits'] else 'no (out of memory)'} | "
                          f"{r.get('s_per_step', float('nan')):.3f} | {r.get('peak_mib') or '–'} |")
         lines.append("")
-    speeds = [results[k] for k in ("sove", "dino") if isinstance(results.get(k), dict) and "batch" in results[k]]
+    speeds = [dict(results[k], method=k) for k in ("sove", "dino", "sove_tf32")
+              if isinstance(results.get(k), dict) and "batch" in results[k]]
     if speeds:
         lines += ["| method | batch | img/s (free-running) | s/step | peak GPU memory (GiB) | " +
                   " | ".join(PHASES) + " |", "|---" * (5 + len(PHASES)) + "|"]
@@ -328,7 +330,8 @@ def main() -> None:
     p.add_argument("--pipeline-batch", type=int, default=128)
     p.add_argument("--e2e-batch", type=int, default=256, help="end-to-end batch (capped at the largest that fits)")
     p.add_argument("--e2e-steps", type=int, default=12)
-    p.add_argument("--sections", nargs="+", default=["search", "sove", "dino", "pipeline", "e2e", "determinism"])
+    p.add_argument("--sections", nargs="+",
+                   default=["search", "sove", "dino", "sove_tf32", "pipeline", "e2e", "determinism"])
     p.add_argument("--smoke", action="store_true", help="tiny model and sizes (CPU check of the script)")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -365,6 +368,10 @@ def main() -> None:
         for method in ("sove", "dino"):
             if method in args.sections:
                 section(method, method_speed, args, folder, tmp / "runs", method, largest)
+        if "sove_tf32" in args.sections:  # the objective's fp32 products (similarities, concept
+            torch.backends.cuda.matmul.allow_tf32 = True  # probabilities) on TF32 tensor cores
+            section("sove_tf32", method_speed, args, folder, tmp / "runs", "sove", largest)
+            torch.backends.cuda.matmul.allow_tf32 = False
         if "pipeline" in args.sections:
             section("pipeline_alone", pipeline_alone, args, folder, device)
         if "e2e" in args.sections:
