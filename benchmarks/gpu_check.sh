@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check, one command, ~5 minutes on one H100/H200 (installs nothing; needs torch, torchvision, timm,
+# GPU check, one command, ~6 minutes on one H100/H200 (installs nothing; needs torch, torchvision, timm,
 # lightning, omegaconf, safetensors, scikit-learn and, for method=dino, lightly importable):
 #
 #   OUT=gpu_out bash benchmarks/gpu_check.sh
@@ -22,19 +22,27 @@ export PYTHONUNBUFFERED=1
 {
   date -u
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
-  "$PY" - <<'EOF'
-import importlib, torch
+  df -h /dev/shm | tail -1  # DataLoader workers hand batches over in shared memory
+  "$PY" - <<'EOF' || exit 3
+import importlib, sys, torch
 print("torch", torch.__version__, "cuda", torch.version.cuda, "gpu", torch.cuda.is_available() and torch.cuda.get_device_name())
-for name in ("torchvision", "timm", "lightning", "omegaconf", "safetensors", "sklearn", "lightly", "numpy"):
+missing = []
+for name in ("torchvision", "timm", "lightning", "omegaconf", "safetensors", "sklearn", "PIL", "matplotlib",
+             "tensorboard", "pytest", "lightly", "numpy"):
     try:
-        print(name, importlib.import_module(name).__version__)
+        print(name, getattr(importlib.import_module(name), "__version__", "?"))
     except Exception as e:
         print(name, "MISSING", type(e).__name__, e)
+        missing.append(name)
+sys.exit(f"missing: {missing}" if missing else 0)
 EOF
   timeout 150 "$PY" -m pytest -m gpu -o addopts="" -p no:cacheprovider -rs -v --junitxml "$OUT/pytest_gpu.xml" \
     tests/test_cuda.py
-  echo "pytest -m gpu: exit $?"
+  tests=$?
+  echo "pytest -m gpu: exit $tests"
   timeout "${RECIPE_TIMEOUT:-420}" "$PY" benchmarks/gpu_recipe.py --out "$OUT" "$@"
-  echo "gpu_recipe: exit $?"
+  recipe=$?
+  echo "gpu_recipe: exit $recipe"
   date -u
+  exit $(( tests > recipe ? tests : recipe ))
 } 2>&1 | tee "$OUT/gpu_check.log"

@@ -15,12 +15,14 @@ the batch size, so the model's cost is measured without the input pipeline:
    time split: forward / objective, concept selection inside it / backward / optimizer = clipping +
    AdamW + EMA / enqueue) and ``--free-steps`` untimed steps (img/s of the free-running step); then
    SOVE again with TF32 matmuls allowed (``sove_tf32``: the objective runs in fp32, autocast off);
-3. the input pipeline alone: images/s of the loader path, the device path and a DINO-style
-   reference with one DataLoader worker per core (``benchmarks/data_speed.py``'s ``total``);
+3. the input pipeline alone: steady-state images/s of the loader path, the device path and a
+   DINO-style reference (``benchmarks/data_speed.py``) with one DataLoader worker per core, the first
+   2 x workers batches not counted (start-up and the prefetch queue);
 4. end-to-end: ``Trainer.fit`` on the JPEG folder with each path; the share of a step spent waiting
-   for the next batch (the GPU idles then: timers synchronise before each wait);
-5. determinism: the same 6-step tiny run twice, with and without ``trainer.deterministic``: the
-   largest teacher-weight difference.
+   for the next batch, the first 2 x workers steps not counted (the GPU idles then: the timer
+   synchronises before each wait; for the device path the wait includes making the views on the GPU);
+5. determinism: the same 3-step ViT-S/16 run (batch 32) twice, with and without
+   ``trainer.deterministic``: the largest teacher-weight difference.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from data_speed import datasets, make_jpegs, total  # noqa: E402
+from data_speed import datasets, make_jpegs  # noqa: E402
 
 from sove.config import load_config  # noqa: E402
 from sove.run import prepare_run_dir  # noqa: E402
@@ -114,6 +116,18 @@ def tile(batch: dict[str, Any], size: int, device: torch.device) -> dict[str, An
             "skipped": []}
 
 
+def set_tf32(on: bool) -> bool:
+    """Allow TF32 for fp32 matmuls (``fp32_precision`` where torch has it, else ``allow_tf32``); returns
+    whether it was allowed before."""
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):
+        before = matmul.fp32_precision == "tf32"
+        matmul.fp32_precision = "tf32" if on else "ieee"
+        return before
+    before, matmul.allow_tf32 = matmul.allow_tf32, on
+    return before
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -155,70 +169,113 @@ def model_trainer(args, folder: Path, work: Path, method: str) -> tuple[Trainer,
                      for k, v in sample.items()}
 
 
-def batch_search(args, folder: Path, work: Path) -> dict[str, Any]:
+def out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is the GPU running out of memory (torch's allocator, cuBLAS or cuDNN)."""
+    text = str(error)
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in text or "ALLOC_FAILED" in text
+
+
+def batch_search(args, folder: Path, work: Path, results: dict[str, Any]) -> dict[str, Any]:
+    """The candidate batches in order, 2 steps each, until one runs out of memory or leaves less than
+    ``--headroom`` of the GPU's memory free at its peak (the longer runs after it must not fail)."""
     trainer, sample = model_trainer(args, folder, work, "sove")
     device = trainer.fabric.device
-    rows, largest = [], None
-    for size in args.batches:
-        batch = None
-        try:
-            batch = tile(sample, size, device)
-            reset_peak(device)
-            run_steps(trainer, batch, 1, None)
-            secs = run_steps(trainer, batch, 1, None)
-            rows.append({"batch": size, "fits": True, "s_per_step": secs, "peak_mib": peak_mib(device)})
-            largest = size
-            print(f"[batch search] {size}: fits, {secs:.3f} s/step, peak {peak_mib(device)} MiB", flush=True)
-        except torch.OutOfMemoryError as e:
-            rows.append({"batch": size, "fits": False, "error": str(e).splitlines()[0][:200]})
-            print(f"[batch search] {size}: out of memory", flush=True)
-            break
-        finally:
-            del batch
-            trainer.optimizer.zero_grad(set_to_none=True)
-            free(device)
-    trainer.close()
-    del trainer
-    free(device)
-    return {"rows": rows, "largest": largest}
+    total = torch.cuda.get_device_properties(device).total_memory / 2**20 if device.type == "cuda" else None
+    found: dict[str, Any] = {"rows": [], "largest": None, "total_mib": total}
+    results["batch_search"] = found  # rows appear as they are measured (saved if a later batch crashes)
+    try:
+        for size in args.batches:
+            batch = None
+            try:
+                batch = tile(sample, size, device)
+                reset_peak(device)
+                run_steps(trainer, batch, 1, None)
+                secs = run_steps(trainer, batch, 1, None)
+                peak = peak_mib(device)
+                fits = total is None or peak <= (1 - args.headroom) * total
+                found["rows"].append({"batch": size, "fits": fits, "s_per_step": secs, "peak_mib": peak})
+                print(f"[batch search] {size}: {secs:.3f} s/step, peak {peak} MiB, fits {fits}", flush=True)
+                if not fits:
+                    break
+                found["largest"] = size
+            except (torch.OutOfMemoryError, RuntimeError) as e:
+                if not out_of_memory(e):
+                    raise
+                found["rows"].append({"batch": size, "fits": False, "error": str(e).splitlines()[0][:200]})
+                print(f"[batch search] {size}: out of memory", flush=True)
+                break
+            finally:
+                del batch
+                trainer.optimizer.zero_grad(set_to_none=True)
+                free(device)
+    finally:
+        trainer.close()
+        del trainer
+        free(device)
+    return found
 
 
 def method_speed(args, folder: Path, work: Path, method: str, size: int) -> dict[str, Any]:
     trainer, sample = model_trainer(args, folder, work, method)
     device = trainer.fabric.device
-    batch = tile(sample, size, device)
-    run_steps(trainer, batch, 2, None)  # warm-up
-    reset_peak(device)
-    timer = SyncTimer(device)
-    timed = run_steps(trainer, batch, args.steps, timer)
-    free_secs = run_steps(trainer, batch, args.free_steps, None)
+    try:
+        batch = tile(sample, size, device)
+        run_steps(trainer, batch, 2, None)  # warm-up
+        reset_peak(device)
+        timer = SyncTimer(device)
+        timed = run_steps(trainer, batch, args.steps, timer)
+        free_secs = run_steps(trainer, batch, args.free_steps, None)
+        precision = trainer.fabric.strategy.precision.precision
+    finally:
+        trainer.close()
+        del trainer
+        free(device)
     phases = {k: v / args.steps for k, v in timer.total.items()}
     step = sum(v for k, v in phases.items() if k != "concept selection")  # nested in objective
     out = {"method": method, "batch": size, "steps_timed": args.steps, "steps_free": args.free_steps,
            "s_per_step_timed": timed / args.steps, "s_per_step_free": free_secs / args.free_steps,
            "img_per_s_free": size * args.free_steps / free_secs, "img_per_s_timed": size * args.steps / timed,
            "phases_s_per_step": phases, "phase_sum_s_per_step": step, "peak_mib": peak_mib(device),
-           "precision": trainer.fabric.strategy.precision.precision}
+           "precision": precision}
     if "concept selection" in phases:
         out["concept_selection_share"] = phases["concept selection"] / step
     print(f"[{method}] batch {size}: {out['img_per_s_free']:.0f} img/s free-running, "
           f"{out['s_per_step_free']:.3f} s/step, peak {out['peak_mib']} MiB; phases {phases}", flush=True)
-    trainer.close()
-    del trainer, batch
-    free(device)
     return out
 
 
 def pipeline_alone(args, folder: Path, device: torch.device) -> dict[str, Any]:
+    """Images/s of each input pipeline with ``--workers`` DataLoader workers (no model), in steady
+    state: the first 2 x workers batches (start-up, the prefetch queue filling) are not counted."""
+    from torch.utils.data import DataLoader
+
+    from data_speed import collate_reference
+    from sove.data import collate_views
+
     sets = datasets(["data.source=folder", f"data.root={folder}", "data.num_channels=3"])
-    torch_threads = torch.get_num_threads()
+    collate = {"loader": collate_views, "reference": collate_reference, "device": sets["device"].collate}
+    skip, out = 2 * args.workers, {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the workers hold the cores
     try:
-        ips = total(sets, args.pipeline_images, args.pipeline_batch, device, args.workers)
+        for name in ("reference", "loader", "device"):
+            loader = DataLoader(sets[name], batch_size=args.pipeline_batch, shuffle=True, collate_fn=collate[name],
+                                num_workers=args.workers, pin_memory=device.type == "cuda", drop_last=True)
+            stamps = []
+            for batch in loader:
+                if name == "device":
+                    sets["device"].augment_batch(batch, device)
+                sync(device)
+                stamps.append(time.perf_counter())
+            counted = len(stamps) - 1 - skip
+            if counted < args.workers:
+                raise ValueError(f"--pipeline-images gives {len(stamps)} batches; need > {skip + args.workers}")
+            out[name] = counted * args.pipeline_batch / (stamps[-1] - stamps[skip])
     finally:
-        torch.set_num_threads(torch_threads)
-    print(f"[pipeline alone] images/s with {args.workers} workers: {ips}", flush=True)
-    return {"images": args.pipeline_images, "batch": args.pipeline_batch, "workers": args.workers,
-            "img_per_s": ips, "views_on": str(device)}
+        torch.set_num_threads(threads)
+    print(f"[pipeline alone] steady-state images/s with {args.workers} workers: {out}", flush=True)
+    return {"images": len(sets["loader"]), "batch": args.pipeline_batch, "workers": args.workers,
+            "batches_not_counted": skip, "img_per_s": out, "views_on": str(device)}
 
 
 class DataClock(SyncTimer):
@@ -245,46 +302,52 @@ class DataClock(SyncTimer):
 
 def end_to_end(args, folder: Path, work: Path, path: str, size: int) -> dict[str, Any]:
     cfg = load_config("imagenet_vit_small", overrides(args, folder, work, f"e2e_{path}", "sove") + [
-        f"optim.batch_size={size}", f"data.augment_on={path}", f"trainer.max_steps={args.e2e_steps + 3}"])
+        f"optim.batch_size={size}", f"data.augment_on={path}", f"trainer.max_steps={args.e2e_steps}"])
     trainer = Trainer(cfg, prepare_run_dir(cfg, overwrite=True))
     device = trainer.fabric.device
-    trainer.timer = clock = DataClock(device)
-    trainer.fit()
+    try:
+        trainer.timer = clock = DataClock(device)
+        trainer.fit()
+    finally:
+        trainer.close()
+        del trainer
+        free(device)
     import numpy as np
 
-    steps = np.diff(clock.starts)[3:]
-    waits = np.asarray(clock.waits[3:3 + len(steps)])
-    out = {"path": path, "batch": size, "steps": int(len(steps)), "s_per_step_median": float(np.median(steps)),
+    skip = 2 * args.workers  # start-up: the prefetch queue fills, then drains; steady state after it
+    steps = np.diff(clock.starts)[skip:]
+    waits = np.asarray(clock.waits[skip:skip + len(steps)])
+    if len(steps) < args.workers:
+        raise ValueError(f"--e2e-steps {args.e2e_steps}: need more than {skip + args.workers} steps")
+    out = {"path": path, "batch": size, "steps": int(len(steps)), "steps_not_counted": skip,
+           "s_per_step_median": float(np.median(steps)),
            "data_wait_s_median": float(np.median(waits)), "data_wait_share": float(waits.sum() / steps.sum()),
            "gpu_busy_share": float(1 - waits.sum() / steps.sum()),
            "img_per_s": float(size * len(steps) / steps.sum()), "workers": args.workers}
     print(f"[end to end] {path}: {out}", flush=True)
-    trainer.close()
-    del trainer
-    free(device)
     return out
 
 
 def determinism(args, folder: Path, work: Path) -> dict[str, Any]:
+    """The same short run twice, with and without ``trainer.deterministic``, at the recipe's sizes
+    (ViT-S/16, 224 / 96 px crops, batch ``--det-batch``, ``--det-steps`` steps; in ``--smoke`` the tiny
+    model): the largest difference between the two teachers."""
     from sove.api import pretrain
     from sove.train.checkpoint import load_checkpoint
 
-    tiny = ["model.arch=vit_tiny", "model.depth=2", "model.embed_dim=32", "model.num_heads=2",
-            "model.head_hidden_dim=32", "model.head_out_dim=16", "data.global_crop_size=32", "data.local_crop_size=16",
-            "data.num_local_crops=2", "loss.cls_feature_set_size=256", "loss.patch_feature_set_size=128",
-            "loss.cls.num_anchors=32", "loss.patch.num_anchors=16", "optim.batch_size=16", "trainer.max_steps=6",
-            f"data.root={folder}", f"trainer.out_dir={work}", "trainer.progress=false", "trainer.loggers=[csv]",
-            "data.num_workers=2"]
     out = {}
     for det in (False, True):
         weights = []
         for rep in range(2):
             name = f"det{int(det)}_{rep}"
-            pretrain(load_config("imagenet_vit_small", tiny + [f"trainer.name={name}", f"trainer.deterministic={det}"]))
+            cfg = load_config("imagenet_vit_small", overrides(args, folder, work, name, "sove") + [
+                f"optim.batch_size={args.det_batch}", f"trainer.max_steps={args.det_steps}",
+                f"trainer.deterministic={det}", "data.num_workers=4"])
+            pretrain(cfg)
             weights.append(load_checkpoint(work / name / "checkpoints" / "last.pt")["teacher"])
-        torch.use_deterministic_algorithms(False)
         diff = max(float((weights[0][k].double() - weights[1][k].double()).abs().max()) for k in weights[0])
         out[f"deterministic={str(det).lower()}"] = {"max_abs_teacher_diff": diff, "bit_identical": diff == 0.0}
+    out["batch"], out["steps"] = args.det_batch, args.det_steps
     print(f"[determinism] {out}", flush=True)
     return out
 
@@ -323,13 +386,15 @@ def main() -> None:
     p.add_argument("--batches", type=int, nargs="+", default=[128, 256, 384, 512, 768, 1024])
     p.add_argument("--steps", type=int, default=50, help="timed steps per method (synchronising phase timer)")
     p.add_argument("--free-steps", type=int, default=20, help="untimed steps per method (free-running img/s)")
-    p.add_argument("--jpegs", type=int, default=4096)
+    p.add_argument("--jpegs", type=int, default=8192)
     p.add_argument("--load-batch", type=int, default=64, help="the loader batch that is tiled to each batch size")
     p.add_argument("--workers", type=int, default=os.cpu_count())
-    p.add_argument("--pipeline-images", type=int, default=2048)
-    p.add_argument("--pipeline-batch", type=int, default=128)
-    p.add_argument("--e2e-batch", type=int, default=256, help="end-to-end batch (capped at the largest that fits)")
-    p.add_argument("--e2e-steps", type=int, default=12)
+    p.add_argument("--headroom", type=float, default=0.1, help="batch search: GPU memory left free at the peak")
+    p.add_argument("--pipeline-batch", type=int, default=128, help="pipeline alone: batch (all --jpegs images)")
+    p.add_argument("--e2e-batch", type=int, default=128, help="end-to-end batch (capped at the largest that fits)")
+    p.add_argument("--e2e-steps", type=int, default=96, help="end-to-end steps (the first 2 x workers not counted)")
+    p.add_argument("--det-batch", type=int, default=32)
+    p.add_argument("--det-steps", type=int, default=3)
     p.add_argument("--sections", nargs="+",
                    default=["search", "sove", "dino", "sove_tf32", "pipeline", "e2e", "determinism"])
     p.add_argument("--smoke", action="store_true", help="tiny model and sizes (CPU check of the script)")
@@ -349,9 +414,10 @@ def main() -> None:
         start = time.perf_counter()
         try:
             results[name] = fn(*a)
-        except Exception as e:  # one failing section must not lose the others' figures
+        except Exception as e:  # one failing section must not lose the others' figures (or its own so far)
             traceback.print_exc()
-            results[name] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+            partial = results.get(name) if isinstance(results.get(name), dict) else {}
+            results[name] = {**partial, "error": f"{type(e).__name__}: {e}"[:2000]}
         results.setdefault("seconds", {})[name] = time.perf_counter() - start
         save()
         return results[name]
@@ -363,15 +429,15 @@ def main() -> None:
         results.setdefault("seconds", {})["jpegs"] = time.perf_counter() - start
         largest = args.batches[0]
         if "search" in args.sections:
-            found = section("batch_search", batch_search, args, folder, tmp / "runs")
+            found = section("batch_search", batch_search, args, folder, tmp / "runs", results)
             largest = found.get("largest") or largest
         for method in ("sove", "dino"):
             if method in args.sections:
                 section(method, method_speed, args, folder, tmp / "runs", method, largest)
         if "sove_tf32" in args.sections:  # the objective's fp32 products (similarities, concept
-            torch.backends.cuda.matmul.allow_tf32 = True  # probabilities) on TF32 tensor cores
+            before = set_tf32(True)         # probabilities) on TF32 tensor cores
             section("sove_tf32", method_speed, args, folder, tmp / "runs", "sove", largest)
-            torch.backends.cuda.matmul.allow_tf32 = False
+            set_tf32(before)
         if "pipeline" in args.sections:
             section("pipeline_alone", pipeline_alone, args, folder, device)
         if "e2e" in args.sections:

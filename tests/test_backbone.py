@@ -63,3 +63,40 @@ def test_dynamic_img_size_token_counts(vit):
         small = model(torch.randn(3, 1, 14, 14))
     assert big["patches"].shape == (2, 16, 32) and big["cls"].shape == (2, 32)
     assert small["patches"].shape == (3, 4, 32) and small["cls"].shape == (3, 32)
+
+
+def test_deterministic_position_embedding_resample_equals_timms():
+    """With deterministic algorithms on, the local crops' position embedding is a cached matrix times
+    the embedding (its CUDA backward has no atomics); values and gradients equal timm's resample."""
+    from sove.models.backbone import resample_matrix
+
+    torch.manual_seed(0)
+    vit = MaskedViT(create_vit("vit_tiny", 28, 7, 1, depth=2, embed_dim=32, num_heads=2))
+    student = vit.vit
+    torch.nn.init.normal_(student.pos_embed, std=0.5)
+    grid = tuple(student.patch_embed.grid_size)
+    x = torch.randn(3, grid[0] // 2, grid[1] // 2, student.embed_dim)
+    outs, grads = [], []
+    for deterministic in (False, True):
+        torch.use_deterministic_algorithms(deterministic)
+        try:
+            student.pos_embed.grad = None
+            out = vit.position_embed(x)
+            out.square().sum().backward()
+        finally:
+            torch.use_deterministic_algorithms(False)
+        outs.append(out.detach())
+        grads.append(student.pos_embed.grad.clone())
+    assert outs[0].shape == (3, 1 + (grid[0] // 2) * (grid[1] // 2), student.embed_dim)
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-4, rtol=1e-5)
+    w = resample_matrix(grid, (grid[0] // 2, grid[1] // 2), "cpu")
+    assert w.shape == ((grid[0] // 2) * (grid[1] // 2), grid[0] * grid[1])
+    torch.testing.assert_close(w.sum(1), torch.ones(w.shape[0]), atol=1e-5, rtol=0)  # interpolation weights
+    full = torch.randn(3, *grid, student.embed_dim)
+    torch.use_deterministic_algorithms(True)
+    try:
+        same_grid = vit.position_embed(full)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    torch.testing.assert_close(same_grid, student._pos_embed(full), atol=0, rtol=0)  # native grid: timm's path

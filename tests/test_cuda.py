@@ -35,9 +35,19 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.i
 
 @pytest.fixture(autouse=True)
 def _no_tf32():
-    """Plain fp32 products on CUDA (the comparisons below are fp32 vs fp32)."""
+    """Plain fp32 products on CUDA (the comparisons below are fp32 vs fp32): matmuls and cuDNN (the
+    patch convolution); torch's ``fp32_precision`` settings where they exist, else the legacy flags."""
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        knobs = (torch.backends.cuda.matmul, torch.backends.cudnn.conv)
+        before = [k.fp32_precision for k in knobs]
+        for k in knobs:
+            k.fp32_precision = "ieee"
+        yield
+        for k, value in zip(knobs, before):
+            k.fp32_precision = value
+        return
     before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # cuDNN: the patch conv
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     yield
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
@@ -178,14 +188,12 @@ def test_checkpoint_save_load_resume_is_bit_identical(device, tmp_path, image_fo
     from sove.train.checkpoint import load_checkpoint
 
     accelerator = "cpu" if device == "cpu" else "gpu"
-    base = tiny_overrides + [f"data.root={image_folder}", f"trainer.out_dir={tmp_path}",
+    base = tiny_overrides + [f"data.root={image_folder}", f"trainer.out_dir={tmp_path}", "trainer.loggers=[csv]",
                              f"trainer.accelerator={accelerator}", "trainer.deterministic=true"]
-    try:
-        pretrain(load_config(None, base + ["trainer.name=straight"]))
-        pretrain(load_config(None, base + ["trainer.name=resumed", "trainer.max_steps=5"]))
-        resume(tmp_path / "resumed", trainer={"max_steps": None})
-    finally:
-        torch.use_deterministic_algorithms(False)
+    pretrain(load_config(None, base + ["trainer.name=straight"]))
+    pretrain(load_config(None, base + ["trainer.name=resumed", "trainer.max_steps=5"]))
+    resume(tmp_path / "resumed", trainer={"max_steps": None})
+    assert not torch.are_deterministic_algorithms_enabled()  # restored when each run ended
     a = with_method_state(load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt"))
     b = with_method_state(load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt"))
     assert a["step"] == b["step"] == 8

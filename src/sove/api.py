@@ -219,7 +219,10 @@ def _callbacks(extra: Iterable[Any], source: Any = None, test_source: Any = None
 def _fit(trainer: Any, run_dir: Path) -> Path:
     """Train, print the time (and the time budget's report), draw ``RUN/plots/curves.png`` (rank 0)."""
     start = time.perf_counter()
-    trainer.fit()
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()  # loader workers stopped, process-wide kernel settings restored
     if trainer.budget is not None:
         trainer.fabric.print(trainer.budget.report(trainer.step, trainer.clock()), flush=True)
     trainer.fabric.print(f"pretraining done in {(time.perf_counter() - start) / 60:.1f} min: {run_dir}")

@@ -8,8 +8,11 @@ global and local crops of different sizes.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import timm
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from sove.choices import GLOBAL_POOLS
@@ -119,9 +122,32 @@ class MaskedViT(nn.Module):
             if mask.shape != (b, h * w):
                 raise ValueError(f"mask shape {tuple(mask.shape)} does not match the patch grid ({b}, {h * w})")
             x = torch.where(mask.view(b, h, w, 1), self.mask_token.to(x.dtype), x)
-        x = self.vit._pos_embed(x)
+        x = self.position_embed(x)
         x = self.vit.patch_drop(x)
         return self.vit.norm_pre(x)
+
+    def position_embed(self, x: torch.Tensor) -> torch.Tensor:
+        """timm's ``_pos_embed`` of patch tokens (batch, rows, cols, embed_dim) -> (batch, tokens, embed_dim).
+
+        With deterministic algorithms on (``trainer.deterministic``) a position embedding resampled to
+        another grid (the local crops) is the product with a cached resampling matrix
+        (:func:`resample_matrix`: the same values as timm's antialiased bicubic ``F.interpolate`` up to
+        float rounding), because the CUDA backward of that resize adds with atomics in a varying order.
+        """
+        vit = self.vit
+        grid = tuple(x.shape[1:3])
+        if (not torch.are_deterministic_algorithms_enabled() or not vit.dynamic_img_size or vit.pos_embed is None
+                or grid == tuple(vit.patch_embed.grid_size)):
+            return vit._pos_embed(x)
+        b, c = x.shape[0], x.shape[-1]
+        prefix = 0 if vit.no_embed_class else vit.num_prefix_tokens
+        pos = vit.pos_embed
+        weights = resample_matrix(tuple(vit.patch_embed.grid_size), grid, str(pos.device))  # (new, old) fp32
+        pos = torch.cat([pos[:, :prefix], (weights @ pos[0, prefix:].float()).to(pos.dtype)[None]], dim=1)
+        tokens = [t.expand(b, -1, -1) for t in (vit.cls_token, vit.reg_token) if t is not None]
+        x = x.reshape(b, -1, c)
+        x = torch.cat(tokens + [x + pos], dim=1) if vit.no_embed_class else torch.cat(tokens + [x], dim=1) + pos
+        return vit.pos_drop(x)
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Encode images; features after the final norm.
@@ -141,3 +167,14 @@ class MaskedViT(nn.Module):
         patches = x[:, prefix:]
         pooled = x[:, 0] if self.global_pool == "cls" else patches.mean(dim=1)
         return {"cls": x[:, 0], "global": pooled, "patches": patches}
+
+
+@lru_cache(maxsize=32)
+def resample_matrix(old: tuple[int, int], new: tuple[int, int], device: str) -> torch.Tensor:
+    """The linear map of timm's position-embedding resample (``resample_abs_pos_embed``: bicubic,
+    antialiased) from an ``old`` (rows, cols) grid to a ``new`` one: float32 (new_rows * new_cols,
+    old_rows * old_cols) on ``device``, row-major cells. Interpolation is linear, so ``W @ pos`` equals
+    ``F.interpolate`` of ``pos`` up to rounding, and its backward is a matrix product (deterministic)."""
+    basis = torch.eye(old[0] * old[1]).view(-1, 1, *old)
+    out = F.interpolate(basis, size=new, mode="bicubic", antialias=True)  # (old cells, 1, *new)
+    return out.view(old[0] * old[1], new[0] * new[1]).T.contiguous().to(device)

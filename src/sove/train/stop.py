@@ -31,7 +31,7 @@ import threading
 import weakref
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, Callable
 
 #: The signals that request a stop with a checkpoint.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -118,10 +118,11 @@ def shut_down_workers(loader: Any) -> None:
         loader._iterator = None
 
 
-def shut_down_workers_at_exit(loader: Any) -> None:
+def shut_down_workers_at_exit(loader: Any) -> Callable[[], None]:
     """At interpreter exit, before multiprocessing's exit handler (``atexit`` runs last-registered
     first), stop ``loader``'s workers if it is still alive: the workers ignore SIGTERM, so that handler
-    could not terminate them (module docstring). Holds only a weak reference to ``loader``."""
+    could not terminate them (module docstring). Holds only a weak reference to ``loader``; returns the
+    registered function (for ``atexit.unregister``)."""
     ref = weakref.ref(loader)
 
     def stop() -> None:
@@ -130,3 +131,4 @@ def shut_down_workers_at_exit(loader: Any) -> None:
             shut_down_workers(alive)
 
     atexit.register(stop)
+    return stop

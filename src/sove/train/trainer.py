@@ -13,6 +13,7 @@ schedules, optimizer, clipping, EMA, precision, logging, checkpoints and the loo
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import time
 from pathlib import Path
@@ -47,18 +48,30 @@ from sove.train.preflight import check_budget_plan
 from sove.train.schedules import Schedules, build_schedules
 
 
-def use_deterministic_kernels() -> None:
-    """``trainer.deterministic``: deterministic kernels for this process (docs/configs.md).
+def use_deterministic_kernels() -> tuple[bool, bool, bool]:
+    """``trainer.deterministic``: deterministic kernels for this process (docs/configs.md); returns the
+    previous (enabled, warn_only, cudnn.benchmark) for :func:`restore_kernels`.
 
-    cuBLAS reads ``CUBLAS_WORKSPACE_CONFIG`` when it starts, so it is set here (``:4096:8``) only when
-    the user has not set it; ops without a deterministic kernel warn once instead of failing
-    (``warn_only=True``).
+    ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` is set when not set already; cuBLAS reads it when CUDA first
+    creates a handle, so in a process that used CUDA before, set it in the environment instead. Ops
+    without a deterministic kernel warn once instead of failing (``warn_only=True``); the two such ops
+    of a step are avoided: attention runs on the math SDPA backend (:meth:`Trainer.kernels`) and the
+    local crops' position embedding is resampled by a matrix (:meth:`MaskedViT.position_embed`).
     """
     import os
 
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.backends.cudnn.benchmark)
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.benchmark = False
+    return before
+
+
+def restore_kernels(before: tuple[bool, bool, bool]) -> None:
+    """Undo :func:`use_deterministic_kernels` (process-wide settings)."""
+    torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+    torch.backends.cudnn.benchmark = before[2]
 
 
 class Trainer(Diagnostics):
@@ -91,8 +104,7 @@ class Trainer(Diagnostics):
         t = cfg.trainer
         if t.num_threads:
             torch.set_num_threads(t.num_threads)
-        if t.deterministic:
-            use_deterministic_kernels()
+        self.kernels_before = use_deterministic_kernels() if t.deterministic else None
         loggers = build_loggers(cfg, run_dir)  # trainer.loggers, MetricsCSV first
         self.fabric = Fabric(accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
                              strategy=t.strategy, precision=resolve_precision(cfg), loggers=loggers,
@@ -116,7 +128,7 @@ class Trainer(Diagnostics):
                             generator=generator(t.seed, "loader"), worker_init_fn=ignore_stop_signals,
                             **loader_options(cfg, self.fabric.device))
         self.torch_loader = loader  # its persistent workers: close(), and at exit before multiprocessing's handler
-        shut_down_workers_at_exit(loader)
+        self.exit_hook = shut_down_workers_at_exit(loader)
         self.loader = self.fabric.setup_dataloaders(loader, use_distributed_sampler=False, move_to_device=not on_device)
         if on_device:  # the workers decoded; the views are made on the training device
             self.loader = DeviceViews(self.loader, self.dataset, self.fabric.device)
@@ -150,9 +162,23 @@ class Trainer(Diagnostics):
                           f"precision {self.fabric.strategy.precision.precision}, device {self.fabric.device}")
 
     def close(self) -> None:
-        """Stop the data loader's persistent workers (``data.num_workers`` > 0); a later :meth:`fit`
-        starts new ones. Also done at interpreter exit (:func:`sove.train.stop.shut_down_workers_at_exit`)."""
+        """Stop the data loader's persistent workers (``data.num_workers`` > 0; a later :meth:`fit` starts
+        new ones, also done at interpreter exit: :func:`sove.train.stop.shut_down_workers_at_exit`) and
+        restore the process-wide kernel settings ``trainer.deterministic`` changed."""
         shut_down_workers(self.torch_loader)
+        atexit.unregister(self.exit_hook)
+        if self.kernels_before is not None:
+            restore_kernels(self.kernels_before)
+            self.kernels_before = None
+
+    def kernels(self) -> ContextManager:
+        """Context of a step's forward and backward: with ``trainer.deterministic`` the math SDPA backend
+        (the fused attention kernels' CUDA backward is not deterministic), else no change."""
+        if self.kernels_before is None:
+            return contextlib.nullcontext()
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel(SDPBackend.MATH)
 
     def phase(self, name: str) -> ContextManager:
         """Context timing one phase of a step (``forward``, ``objective``, ``backward``, ``optimizer``,
@@ -182,7 +208,7 @@ class Trainer(Diagnostics):
         self.optimizer.zero_grad(set_to_none=True)
         totals: dict[str, torch.Tensor] = {}
         for k, lo in enumerate(range(0, b, b // parts)):
-            with self.fabric.no_backward_sync(self.student, enabled=k < parts - 1):
+            with self.fabric.no_backward_sync(self.student, enabled=k < parts - 1), self.kernels():
                 terms = self.micro_step(batch, slice(lo, lo + b // parts), ctx, 1.0 / parts)
             if isinstance(terms, SkippedStep):
                 return terms.terms  # the NaN guard's report (skip mode)
