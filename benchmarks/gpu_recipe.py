@@ -1,7 +1,7 @@
 """The paper recipe on one GPU: largest batch, img/s, peak memory and the step's time split; SOVE vs DINO;
 the input pipeline; run-to-run determinism. Writes JSON (after every section) and a markdown report.
 
-    python benchmarks/gpu_recipe.py --out OUT                  # ~5 min on one H200 (benchmarks/gpu_check.sh)
+    python benchmarks/gpu_recipe.py --out OUT                  # ~6 min on one H200 (benchmarks/gpu_check.sh)
     python benchmarks/gpu_recipe.py --out OUT --smoke          # CPU, tiny sizes: checks the script runs
 
 Model: ``imagenet_vit_small`` (ViT-S/16, 2 x 224 + 10 x 96 px crops, E_C 65536 / K 8192 / k 8 / 4 tasks,
@@ -10,11 +10,13 @@ real ones (``sove.train.trainer.Trainer.training_step``: method forward, objecti
 per-tensor clipping, AdamW, EMA, enqueue) on one loader batch of generated 500 x 375 JPEGs, tiled to
 the batch size, so the model's cost is measured without the input pipeline:
 
-1. batch search: the candidate batch sizes in order, 2 steps each, until one runs out of GPU memory;
+1. batch search: the candidate batch sizes in order, 2 steps each, until one runs out of GPU memory
+   or leaves less than ``--headroom`` of it free at its peak;
 2. at the largest batch that fits, per method: ``--steps`` steps with a synchronising phase timer (the
    time split: forward / objective, concept selection inside it / backward / optimizer = clipping +
-   AdamW + EMA / enqueue) and ``--free-steps`` untimed steps (img/s of the free-running step); then
-   SOVE again with TF32 matmuls allowed (``sove_tf32``: the objective runs in fp32, autocast off);
+   AdamW + EMA / enqueue) and ``--free-steps`` untimed steps (img/s of the free-running step); after
+   the input sections, SOVE again with TF32 matmuls allowed and half the steps (``sove_tf32``: the
+   objective runs in fp32, autocast off);
 3. the input pipeline alone: steady-state images/s of the loader path, the device path and a
    DINO-style reference (``benchmarks/data_speed.py``) with one DataLoader worker per core, the first
    2 x workers batches not counted (start-up and the prefetch queue);
@@ -269,7 +271,7 @@ def pipeline_alone(args, folder: Path, device: torch.device) -> dict[str, Any]:
                 stamps.append(time.perf_counter())
             counted = len(stamps) - 1 - skip
             if counted < args.workers:
-                raise ValueError(f"--pipeline-images gives {len(stamps)} batches; need > {skip + args.workers}")
+                raise ValueError(f"--jpegs / --pipeline-batch give {len(stamps)} batches; need > {skip + args.workers}")
             out[name] = counted * args.pipeline_batch / (stamps[-1] - stamps[skip])
     finally:
         torch.set_num_threads(threads)
@@ -396,7 +398,7 @@ def main() -> None:
     p.add_argument("--det-batch", type=int, default=32)
     p.add_argument("--det-steps", type=int, default=3)
     p.add_argument("--sections", nargs="+",
-                   default=["search", "sove", "dino", "sove_tf32", "pipeline", "e2e", "determinism"])
+                   default=["search", "sove", "dino", "pipeline", "e2e", "sove_tf32", "determinism"])
     p.add_argument("--smoke", action="store_true", help="tiny model and sizes (CPU check of the script)")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -434,10 +436,6 @@ def main() -> None:
         for method in ("sove", "dino"):
             if method in args.sections:
                 section(method, method_speed, args, folder, tmp / "runs", method, largest)
-        if "sove_tf32" in args.sections:  # the objective's fp32 products (similarities, concept
-            before = set_tf32(True)         # probabilities) on TF32 tensor cores
-            section("sove_tf32", method_speed, args, folder, tmp / "runs", "sove", largest)
-            set_tf32(before)
         if "pipeline" in args.sections:
             section("pipeline_alone", pipeline_alone, args, folder, device)
         if "e2e" in args.sections:
@@ -447,6 +445,11 @@ def main() -> None:
                 section("_e2e", end_to_end, args, folder, tmp / "runs", path, size)
                 results["end_to_end"][path] = results.pop("_e2e")
             save()
+        if "sove_tf32" in args.sections:  # the objective's fp32 products (similarities, concept
+            before = set_tf32(True)         # probabilities) on TF32 tensor cores; half the steps
+            section("sove_tf32", method_speed, argparse.Namespace(**{**vars(args), "steps": max(1, args.steps // 2),
+                    "free_steps": max(1, args.free_steps // 2)}), folder, tmp / "runs", "sove", largest)
+            set_tf32(before)
         if "determinism" in args.sections:
             section("determinism", determinism, args, folder, tmp / "runs")
     save()
