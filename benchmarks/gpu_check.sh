@@ -11,7 +11,7 @@
 #    bf16) at the largest batch that fits, SOVE and DINO, img/s, peak memory, the step's time split
 #    (concept selection included), the input pipeline (loader and device paths) and determinism.
 # Everything lands in $OUT: gpu_check.log, pytest_gpu.xml, gpu_recipe.json, gpu_recipe.md
-# (docs/benchmarks.md, "On a GPU", reports one run).
+# (docs/benchmarks.md, "GPU", reports them).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
