@@ -209,6 +209,7 @@ def test_test_dataset_gives_a_python_dataset_run_its_periodic_knn(tmp_path, caps
     out, err = capsys.readouterr()
     assert "periodic k-NN on a class-balanced subset: 32 train / 16 test images of 2 classes" in out
     assert UNUSED_TEST_DATASET not in err.splitlines()
+    assert "k-NN" not in err  # trainer.progress=false (TINY): no feature bars (before: one per split and epoch)
     knn = [(int(r["step"]), float(r["knn_top1"])) for r in run.metrics() if r.get("knn_top1")]
     assert [s for s, _ in knn] == [4, 8]
 
