@@ -192,6 +192,10 @@ def test_data_source_python_from_a_config_says_where_it_belongs(tmp_path, capsys
         "sove.pretrain(dataset=...), which sove cannot read from a config")
 
 
+UNUSED_TEST_DATASET = ("sove: warning: test_dataset= is used only by the periodic k-NN, which eval.knn_every_epochs=0 "
+                       "turns off; set eval.knn_every_epochs=N to evaluate every N epochs")
+
+
 def test_test_dataset_gives_a_python_dataset_run_its_periodic_knn(tmp_path, capsys, tiny_overrides):
     """Before: the periodic k-NN of a Python-dataset run was always skipped (no test split). Its value at the last
     step equals a hand-made weighted k-NN of the final teacher on the two datasets (all images: the subsets are
@@ -202,7 +206,10 @@ def test_test_dataset_gives_a_python_dataset_run_its_periodic_knn(tmp_path, caps
                                 "eval.knn_every_epochs=1"]
     train, test = Noise(32), Noise(16)
     run = sove.pretrain(load_config(None, dotlist), dataset=train, test_dataset=test)
-    assert "periodic k-NN on a class-balanced subset: 32 train / 16 test images of 2 classes" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "periodic k-NN on a class-balanced subset: 32 train / 16 test images of 2 classes" in out
+    assert UNUSED_TEST_DATASET not in err.splitlines()
+    assert "k-NN" not in err  # trainer.progress=false (TINY): no feature bars (before: one per split and epoch)
     knn = [(int(r["step"]), float(r["knn_top1"])) for r in run.metrics() if r.get("knn_top1")]
     assert [s for s, _ in knn] == [4, 8]
 
@@ -226,6 +233,16 @@ def test_test_dataset_gives_a_python_dataset_run_its_periodic_knn(tmp_path, caps
             hits += int(votes.argmax() == yte[q])
         best = max(best, 100.0 * hits / len(test))
     assert knn[-1][1] == pytest.approx(best, abs=1e-9)
+
+
+def test_test_dataset_with_the_periodic_knn_off_is_one_warning(tmp_path, capsys, tiny_overrides):
+    """Before: with eval.knn_every_epochs=0 (the default) test_dataset= was silently never used."""
+    dotlist = tiny_overrides + ["data.root=unused", f"trainer.out_dir={tmp_path}", "trainer.name=r",
+                                "trainer.max_steps=1"]
+    run = sove.pretrain(load_config(None, dotlist), dataset=Noise(), test_dataset=Noise(16))
+    assert capsys.readouterr().err.splitlines().count(UNUSED_TEST_DATASET) == 1
+    sove.resume(run, dataset=Noise(), test_dataset=Noise(16), trainer={"max_steps": 2})
+    assert capsys.readouterr().err.splitlines().count(UNUSED_TEST_DATASET) == 1
 
 
 def test_test_dataset_errors_name_what_to_do(image_folder):

@@ -78,3 +78,22 @@ def test_saved_logger_ids_are_reused_and_a_missing_mlflow_run_starts_a_new_one(t
     assert (wandb_logger._wandb_init["id"], wandb_logger._wandb_init["resume"]) == ("abc123", "allow")
     assert mlflow_logger._run_id is None
     assert "MLflow run 0123456789abcdef of" in capsys.readouterr().err
+
+
+def test_an_unreadable_ids_file_is_warned_about_once_and_replaced(tmp_path, monkeypatch, capsys, tiny_cfg):
+    """Before: the warning was printed 3 times per start (each reader of RUN/loggers.json printed it)."""
+    pytest.importorskip("mlflow")
+    import json
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    (tmp_path / loggers.IDS_FILE).write_text("not json")
+    cfg = tiny_cfg("data.root=unused", "trainer.loggers=[csv,mlflow]")
+    built = loggers.build_loggers(cfg, tmp_path)
+    loggers.start_loggers(built, cfg, tmp_path)
+    loggers.finalize_loggers(built)
+    line = (f"sove: warning: '{tmp_path / loggers.IDS_FILE}' is unreadable (Expecting value: line 1 column 1 "
+            "(char 0)); W&B / MLflow log into new runs\n")
+    err = capsys.readouterr().err
+    assert line in err and err.count("is unreadable") == 1
+    assert json.loads((tmp_path / loggers.IDS_FILE).read_text()) == {"mlflow": built[1].run_id}

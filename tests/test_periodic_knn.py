@@ -38,6 +38,8 @@ def test_periodic_subsets_of_a_class_sorted_folder_hold_both_classes(tmp_path, i
 
 
 def test_periodic_knn_equals_the_offline_protocol_and_leaves_the_rng_alone(tmp_path, image_folder, capsys, tiny_cfg):
+    """Also: under trainer.progress=false (TINY) it shows no progress bar (before: a tqdm bar per split on stderr),
+    while the offline extractor keeps its bar."""
     cfg = tiny_cfg(f"data.root={image_folder}", f"data.test_root={image_folder}",
                    f"trainer.out_dir={tmp_path}", "trainer.name=p", "eval.knn_train_subset=8",
                    "eval.knn_test_subset=6", "eval.knn_every_epochs=1")
@@ -48,8 +50,9 @@ def test_periodic_knn_equals_the_offline_protocol_and_leaves_the_rng_alone(tmp_p
     rng = torch.get_rng_state()
     PeriodicKNN().run(trainer)
     assert torch.equal(torch.get_rng_state(), rng)  # the feature loader's seed draw is undone
-    assert "periodic k-NN on a class-balanced subset: 8 train / 6 test images of 2 classes, seed 0" \
-        in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "periodic k-NN on a class-balanced subset: 8 train / 6 test images of 2 classes, seed 0" in out
+    assert "k-NN" not in err and "batch" not in err
     # offline: the teacher saved in checkpoints/last.pt, `sove eval knn` features, the same images
     trainer.save()
     backbone = teacher_backbone(tmp_path / "p", cfg)
@@ -57,3 +60,4 @@ def test_periodic_knn_equals_the_offline_protocol_and_leaves_the_rng_alone(tmp_p
     offline = knn_classify(extract_features(backbone, train), subset_labels(train), extract_features(backbone, test),
                            subset_labels(test), list(cfg.eval.knn_k), cfg.eval.knn_temperature)
     assert logged["knn_top1"] == offline["best_top1"]
+    assert capsys.readouterr().err.count("features:   0%|") == 2  # the offline extractor's bars (one batch each)

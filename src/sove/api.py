@@ -47,7 +47,8 @@ def pretrain(config_or_dict: str | os.PathLike | Mapping | DictConfig | None = N
             ``data.source=python`` and a description in ``data.root``. None: the config's data.
         test_dataset: with a Python ``dataset``, a labelled dataset of the same kind whose integer labels
             number the same classes: the test split of the periodic k-NN (``eval.knn_every_epochs``;
-            without it that k-NN is skipped). Read on access, not recorded in the run.
+            without it that k-NN is skipped; with ``eval.knn_every_epochs=0`` it is unused, with a
+            ``sove: warning:`` at the start). Read on access, not recorded in the run.
         overwrite: replace an existing run of the same ``trainer.out_dir/trainer.name``.
         **overrides: config sections as dicts (``optim={"epochs": 1}``) or top-level keys (``method="dino"``),
             applied after ``config_or_dict`` (docs/configs.md lists the keys).
@@ -70,8 +71,7 @@ def pretrain(config_or_dict: str | os.PathLike | Mapping | DictConfig | None = N
         source.num_channels = cfg.data.num_channels
         print(f"data: {source.description}, " + (f"{len(source.classes)} classes (from its .targets/.labels)"
                                                    if source.classes else "no labels (no .targets/.labels)"))
-    if test_source is not None:
-        test_source.num_channels = cfg.data.num_channels
+    _check_test_source(cfg, test_source)
     return Run(start_run(cfg, overwrite, source, test_source=test_source))
 
 
@@ -106,8 +106,7 @@ def resume(run_dir: str | os.PathLike, dataset: Any = None, *, test_dataset: Any
                             f"{cfg.data.root}; pass the same dataset (an exact resume needs the same items)")
         source = PythonSource(dataset, cfg.data.num_channels)
     test_source = _test_source(source, test_dataset, dataset)
-    if test_source is not None:
-        test_source.num_channels = cfg.data.num_channels
+    _check_test_source(cfg, test_source)
     return Run(resume_run(Path(run_dir), dotlist, source, test_source=test_source))
 
 
@@ -299,6 +298,19 @@ def _test_source(source: Any, test_dataset: Any, dataset: Any) -> Any:
         raise SoveError(f"test_dataset=: label {int(test.labels.max())} is not a label of dataset= (0 .. "
                         f"{len(source.classes) - 1}); both must number the same classes")
     return test
+
+
+def _check_test_source(cfg: DictConfig, test_source: Any) -> None:
+    """Give ``test_source`` the run's ``data.num_channels``; warn (``sove: warning:``, rank 0) when the periodic
+    k-NN that would read it is off (``eval.knn_every_epochs=0``)."""
+    from sove.train.preflight import warn
+
+    if test_source is None:
+        return
+    test_source.num_channels = cfg.data.num_channels
+    if cfg.eval.knn_every_epochs == 0:
+        warn("test_dataset= is used only by the periodic k-NN, which eval.knn_every_epochs=0 turns off; set "
+             "eval.knn_every_epochs=N to evaluate every N epochs")
 
 
 def _data(dataset: Any) -> tuple[Any, list[str]]:

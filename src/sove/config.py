@@ -144,7 +144,7 @@ class TrainerConfig:
     num_threads: Optional[int] = None  # torch CPU threads; None = torch default
     compile: bool = False  # torch.compile the student (measured: no gain on the 2-core CPU demo)
     deterministic: bool = False  # deterministic kernels (CUDA: bit-identical repeats and resumes; slower)
-    progress: bool = True
+    progress: bool = True  # tqdm bars on stderr (training steps, periodic k-NN features); false: none
     loggers: list[str] = field(default_factory=lambda: ["csv", "tensorboard"])  # + wandb, mlflow (extras)
 
 

@@ -203,7 +203,7 @@ def image_features(backbone: torch.nn.Module, images: torch.Tensor, mode: str = 
 @torch.no_grad()
 def extract_features(backbone: torch.nn.Module, dataset: Dataset, batch_size: int = 256,
                      device: str | torch.device = "cpu", desc: str = "features", *,
-                     mode: str = "global") -> torch.Tensor:
+                     mode: str = "global", progress: bool = True) -> torch.Tensor:
     """:func:`image_features` of every item of ``dataset``, in order, on the CPU (the one extractor of
     the dataset protocols: ``sove eval knn|linear|lowshot``, ``sove embed``, the periodic k-NN).
 
@@ -213,6 +213,8 @@ def extract_features(backbone: torch.nn.Module, dataset: Dataset, batch_size: in
         batch_size: images per forward.
         device: where to run the backbone.
         mode: one of :data:`FEATURE_MODES`.
+        progress: a tqdm bar named ``desc`` on stderr (tqdm's defaults, e.g. ``TQDM_DISABLE``); False: none
+            (the periodic k-NN under ``trainer.progress=false``).
 
     Returns:
         float32 tensor (N, F) on the CPU: F = dim (``global``, unit rows), 4 * dim (``cls4``) or
@@ -223,8 +225,9 @@ def extract_features(backbone: torch.nn.Module, dataset: Dataset, batch_size: in
         raise ValueError(f"unknown feature mode {mode!r}; use one of {', '.join(FEATURE_MODES)}")
     backbone = backbone.to(device).eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
+    bar = {} if progress else {"disable": True}
     return torch.cat([batch_features(lambda x: image_features(backbone, x, mode), images.to(device)).cpu()
-                      for images, _ in tqdm(loader, desc=desc, unit="batch", leave=False)])
+                      for images, _ in tqdm(loader, desc=desc, unit="batch", leave=False, **bar)])
 
 
 def pixel_features(dataset: Dataset, center: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,7 +20,8 @@ class PeriodicKNN:
     features and votes follow ``sove eval knn``, so the value equals the offline protocol on the
     same images. The global RNG states are restored afterwards (the feature loader draws a seed),
     so enabling it never changes training. Skipped with one warning when the data has no labels or
-    no test split (a Python dataset without ``test_dataset=``). Features are freed right after.
+    no test split (a Python dataset without ``test_dataset=``). Features are freed right after. Its
+    progress bars follow ``trainer.progress`` (none when false).
 
     Args:
         sources: labelled (train, test) sources instead of the config's data: the Python datasets of
@@ -67,7 +68,8 @@ class PeriodicKNN:
         cuda = [device] if torch.device(device).type == "cuda" else []
         with torch.random.fork_rng(devices=cuda):  # the feature loader draws a seed: leave training's RNG alone
             for subset, split in ((train, "train"), (test, "test")):
-                f = extract_features(trainer.teacher.backbone, subset, e.batch_size, device, "k-NN")
+                f = extract_features(trainer.teacher.backbone, subset, e.batch_size, device, f"k-NN {split} features",
+                                     progress=trainer.cfg.trainer.progress)
                 keep = readable_rows(f, subset.dataset, split, trainer.run_dir / "eval", subset.indices)
                 feats.append(f[keep])  # unreadable images: dropped with their labels
                 labels.append(subset_labels(subset)[keep])

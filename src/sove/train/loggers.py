@@ -35,7 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sove.errors import ConfigError
 from sove.train.metrics_csv import MetricsCSV
-from sove.train.preflight import flatten
+from sove.train.preflight import flatten, warn
 
 #: ``RUN/loggers.json``: ``{"wandb": run id, "mlflow": run id}`` of the run's W&B / MLflow runs.
 IDS_FILE = "loggers.json"
@@ -62,22 +62,23 @@ def mlflow_tracking_uri(run_dir: str | Path) -> str:
 
 
 def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
-    """The loggers named in ``trainer.loggers``, :class:`MetricsCSV` first."""
-    names = list(cfg.trainer.loggers)
-    return [_BUILDERS[name](cfg, run_dir) for name in ["csv"] + [n for n in names if n != "csv"]]
+    """The loggers named in ``trainer.loggers``, :class:`MetricsCSV` first (W&B and MLflow continue the
+    runs of :func:`saved_ids`, read here once)."""
+    names, ids = list(cfg.trainer.loggers), saved_ids(run_dir)
+    return [_BUILDERS[name](cfg, run_dir, ids) for name in ["csv"] + [n for n in names if n != "csv"]]
 
 
-def _csv(cfg: DictConfig, run_dir: Path) -> Logger:
+def _csv(cfg: DictConfig, run_dir: Path, ids: dict[str, str]) -> Logger:
     return MetricsCSV(run_dir / "metrics.csv")
 
 
-def _tensorboard(cfg: DictConfig, run_dir: Path) -> Logger:
+def _tensorboard(cfg: DictConfig, run_dir: Path, ids: dict[str, str]) -> Logger:
     return TensorBoardLogger(str(run_dir), name="tensorboard", version="")
 
 
-def saved_ids(run_dir: str | Path) -> dict[str, str]:
+def saved_ids(run_dir: str | Path, quiet: bool = False) -> dict[str, str]:
     """The logger run ids of ``RUN/loggers.json`` (empty for a new run; a file that is not such JSON is
-    ignored with a warning, and the loggers start new runs)."""
+    ignored with a ``sove: warning:`` on rank 0 unless ``quiet``, and the loggers start new runs)."""
     path = Path(run_dir) / IDS_FILE
     if not path.is_file():
         return {}
@@ -86,19 +87,20 @@ def saved_ids(run_dir: str | Path) -> dict[str, str]:
         if not isinstance(data, dict):
             raise ValueError("not a JSON object")
     except (OSError, ValueError) as e:
-        print(f"sove: warning: '{path}' is unreadable ({e}); W&B / MLflow log into new runs", file=sys.stderr)
+        if not quiet:
+            warn(f"'{path}' is unreadable ({e}); W&B / MLflow log into new runs")
         return {}
     return {k: v for k, v in data.items() if isinstance(v, str)}
 
 
-def _wandb(cfg: DictConfig, run_dir: Path) -> Logger:
+def _wandb(cfg: DictConfig, run_dir: Path, ids: dict[str, str]) -> Logger:
     return WandbLogger(name=cfg.trainer.name, project=os.environ.get("WANDB_PROJECT", "sove"), save_dir=str(run_dir),
-                       id=saved_ids(run_dir).get("wandb"), resume="allow")
+                       id=ids.get("wandb"), resume="allow")
 
 
-def _mlflow(cfg: DictConfig, run_dir: Path) -> Logger:
+def _mlflow(cfg: DictConfig, run_dir: Path, ids: dict[str, str]) -> Logger:
     uri = mlflow_tracking_uri(run_dir)
-    run_id = saved_ids(run_dir).get("mlflow")
+    run_id = ids.get("mlflow")
     # rank 0 only (the only rank that logs): N processes opening RUN/mlflow.db at once is asking for trouble
     if run_id is not None and rank_zero_only.rank == 0 and not _mlflow_run_exists(uri, run_id):
         print(f"sove: warning: MLflow run {run_id} of '{Path(run_dir) / IDS_FILE}' is not in {uri} (another "
@@ -125,8 +127,10 @@ _BUILDERS = {"csv": _csv, "tensorboard": _tensorboard, "wandb": _wandb, "mlflow"
 def start_loggers(loggers: list[Logger], cfg: DictConfig, run_dir: Path) -> None:
     """On rank 0: create the TensorBoard writer now; give W&B and MLflow the config as hyperparameters
     (an MLflow run that is continued: only the keys it does not have, and its status back to RUNNING);
-    write their run ids to ``RUN/loggers.json``."""
-    ids = saved_ids(run_dir)  # a logger left out on this resume keeps its id for a later one
+    write their run ids to ``RUN/loggers.json`` (read again quietly: :func:`build_loggers` warned of an
+    unreadable one)."""
+    saved = saved_ids(run_dir, quiet=True)
+    ids = dict(saved)  # a logger left out on this resume keeps its id for a later one
     for logger in loggers:
         if isinstance(logger, TensorBoardLogger):
             logger.experiment  # noqa: B018 - creates the event file
@@ -140,7 +144,7 @@ def start_loggers(loggers: list[Logger], cfg: DictConfig, run_dir: Path) -> None
             logger.log_hyperparams(flat_config(cfg))
             ids["wandb" if isinstance(logger, WandbLogger) else "mlflow"] = logger.version if isinstance(
                 logger, WandbLogger) else logger.run_id
-    if ids and ids != saved_ids(run_dir):
+    if ids and ids != saved:
         from sove.train.checkpoint import atomic_write
 
         atomic_write(Path(run_dir) / IDS_FILE, lambda f: f.write(json.dumps(ids, indent=1).encode()))
