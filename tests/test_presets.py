@@ -20,7 +20,7 @@ from sove.errors import ConfigError
 RESOLVED = json.loads((Path(__file__).parent / "fixtures" / "presets_resolved.json").read_text())
 #: Keys added since that dump, with the value every preset resolves to.
 ADDED = {"loss.search_dtype": "float32", "method": "sove", "peers.num_prototypes": 4096, "peers.center_momentum": 0.9,
-         "trainer.auto_resume": False}
+         "trainer.auto_resume": False, "trainer.deterministic": False}
 PRESETS = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
