@@ -170,3 +170,24 @@ def test_metrics_csv_merges_columns(tmp_path):
     assert path.read_text().splitlines() == ["a,b,step", "1.0,,1"]
     again.log_metrics({"c": 5.0}, step=2)
     assert path.read_text().splitlines() == ["a,b,c,step", "1.0,,,1", ",,5.0,2"]
+
+
+def test_a_failed_resume_restores_the_deterministic_kernel_settings(tmp_path, image_folder, tiny_overrides,
+                                                                     monkeypatch):
+    # Regression: a resume that failed while loading the checkpoint left deterministic algorithms on
+    # for the rest of the process (Trainer.close() only ran around fit).
+    from sove.errors import SoveError
+
+    base = tiny_overrides + [f"data.root={image_folder}", f"trainer.out_dir={tmp_path}", "trainer.loggers=[csv]",
+                             "trainer.deterministic=true", "trainer.max_steps=2"]
+    pretrain(load_config(None, base + ["trainer.name=r"]))
+    assert not torch.are_deterministic_algorithms_enabled()
+
+    def broken(self, state, source):
+        assert torch.are_deterministic_algorithms_enabled()  # set by the trainer being resumed
+        raise SoveError(f"{source}: state dict mismatch")
+
+    monkeypatch.setattr(trainer_mod.Trainer, "load_state_dict", broken)
+    with pytest.raises(SoveError, match="state dict mismatch"):
+        resume(tmp_path / "r", trainer={"max_steps": 4})
+    assert not torch.are_deterministic_algorithms_enabled()

@@ -203,7 +203,11 @@ def _resume(cfg: DictConfig, run_dir: Path, source: Any, callbacks: Iterable[Any
         if rank_zero_only.rank == 0:
             ckpt.remove_stale_temporaries(run_dir / "checkpoints")
         trainer = Trainer(cfg, run_dir, dataset, callbacks=_callbacks(callbacks, source, test_source))
-        trainer.load_state_dict(state, str(path))
+        try:
+            trainer.load_state_dict(state, str(path))
+        except BaseException:
+            trainer.close()  # loader workers stopped, process-wide kernel settings restored
+            raise
         trainer.fabric.print(f"resumed {path} at step {trainer.step} (epoch {trainer.epoch}, batch {trainer.batch_in_epoch})")
         return _fit(trainer, run_dir)
 

@@ -104,7 +104,6 @@ class Trainer(Diagnostics):
         t = cfg.trainer
         if t.num_threads:
             torch.set_num_threads(t.num_threads)
-        self.kernels_before = use_deterministic_kernels() if t.deterministic else None
         loggers = build_loggers(cfg, run_dir)  # trainer.loggers, MetricsCSV first
         self.fabric = Fabric(accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
                              strategy=t.strategy, precision=resolve_precision(cfg), loggers=loggers,
@@ -156,6 +155,8 @@ class Trainer(Diagnostics):
         if self.budget is not None:
             steps = (f"steps sized to trainer.time_budget={t.time_budget} by the pace of the first steps"
                      + (f" (stop at trainer.max_steps={t.max_steps})" if t.max_steps else ""))
+        # last: a failure above leaves the process-wide settings untouched (close() restores them later)
+        self.kernels_before = use_deterministic_kernels() if t.deterministic else None
         self.fabric.print(f"sove {__version__}: method {self.method.name}, {len(self.dataset)} images, "
                           f"global batch {b * world}, {self.sampler.batches_per_epoch} steps/epoch, {steps}, "
                           f"peak lr {cfg.optim.base_lr * b * world / 256:.2e} (= {cfg.optim.base_lr} x {b * world}/256), "
