@@ -52,3 +52,11 @@ def test_validation_names_the_key(override, key):
 def test_override_without_equals_sign():
     with pytest.raises(ConfigError, match="key=value"):
         load_config(None, ["optim.epochs"])
+
+
+def test_a_yaml_boolean_word_given_to_a_string_key_stays_that_word():
+    # Regression: trainer.name=off named the run 'False' (YAML 1.1 reads off/on/yes/no as booleans).
+    from sove.config import load_config
+
+    cfg = load_config("fashion_mnist_tiny", ["trainer.name=off", "data.root=Yes", "trainer.progress=off"])
+    assert (cfg.trainer.name, cfg.data.root, cfg.trainer.progress) == ("off", "Yes", False)  # a bool key stays bool

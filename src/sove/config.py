@@ -197,6 +197,27 @@ def preset_descriptions() -> list[tuple[str, str]]:
     return out
 
 
+#: Words YAML 1.1 reads as booleans: a dotlist value ``off`` would become ``False``.
+_YAML_BOOLEANS = {"yes", "no", "on", "off", "true", "false", "y", "n"}
+
+
+def _literal_strings(cfg: DictConfig, overrides: list[str] | tuple[str, ...]) -> list[str]:
+    """``overrides`` with the value of a string key quoted when YAML would read it as a boolean, so
+    ``trainer.name=off`` names the run ``off`` (not ``False``)."""
+    from omegaconf.nodes import StringNode
+
+    out = []
+    for item in overrides:
+        key, _, value = item.partition("=")
+        parent, _, leaf = key.strip().rpartition(".")
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        target = node._get_node(leaf) if isinstance(node, DictConfig) and leaf in node else None
+        if isinstance(target, StringNode) and value.strip().lower() in _YAML_BOOLEANS:
+            item = f"{key}='{value.strip()}'"
+        out.append(item)
+    return out
+
+
 def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     """Merge defaults ⊕ preset YAML ⊕ dotlist overrides, then validate.
 
@@ -225,7 +246,7 @@ def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...
         bad = [o for o in overrides if "=" not in o]
         if bad:
             raise ConfigError(f"override '{bad[0]}' is not of the form key=value")
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(_literal_strings(cfg, overrides)))
         _explicit_length_wins(cfg, overrides)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or getattr(e, "key", None)
