@@ -14,7 +14,12 @@ each a child process through the CLI. The result goes to ``benchmarks/results/<g
 * a cell whose JSON exists is skipped;
 * a run directory with ``checkpoints/last.pt`` but no ``grid_pretrain.json`` (written when
   ``sove pretrain`` exits 0) was interrupted: ``sove pretrain --resume`` continues it exactly;
-* a finished run without the JSON only reruns its evaluations.
+* a finished run without the JSON only reruns its evaluations;
+* Ctrl-C (SIGINT) or SIGTERM stops the grid: the running ``sove pretrain`` receives it (it runs in its own
+  session, so the grid passes the signal on and waits), stops after the current step with a checkpoint,
+  and the grid exits with 128 + the signal number; the same command resumes. The pretraining minutes of
+  a cell sum its segments (``RUN/grid_segments.json``); a cell resumed from a run the grid did not time
+  is marked as a lower bound in the tables.
 
 Budgets: ``methods`` runs each cell for ``--budget`` of wall clock (``trainer.time_budget``: the
 schedules are sized to the pace each run measures, so every method gets the same time; default
@@ -33,6 +38,7 @@ import json
 import os
 import platform
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -59,6 +65,7 @@ GRIDS: dict[str, dict[str, list[str]]] = {
 DEFAULT_SEEDS = {"methods": [0, 1, 2], "ablations": [0, 1]}
 DOCS = {"methods": ROOT / "docs" / "benchmarks.md", "ablations": ROOT / "docs" / "ablations.md"}
 DONE = "grid_pretrain.json"
+SEGMENTS = "grid_segments.json"
 DIAG_POINTS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
@@ -95,19 +102,86 @@ def sove_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "sove", *args]
 
 
+#: signals the grid passes on to the running child: SIGINT / SIGTERM as they are (``sove pretrain`` stops
+#: after the current step with a checkpoint; a second SIGINT stops it at once), SIGHUP (the terminal closed)
+#: as SIGTERM.
+FORWARDED = {signal.SIGINT: signal.SIGINT, signal.SIGTERM: signal.SIGTERM, signal.SIGHUP: signal.SIGTERM}
+
+
+class Stopped(SystemExit):
+    """The grid was stopped by a signal while a child ran; exit status 128 + signum."""
+
+
+def run_child(cmd: list[str]) -> tuple[int, int | None]:
+    """Run ``cmd`` to its end; returns its exit status and the first signal the grid received meanwhile (or None).
+
+    The child runs in its own session, so Ctrl-C in the terminal reaches the grid only, and the grid passes
+    every SIGINT / SIGTERM / SIGHUP on to the child (:data:`FORWARDED`) and waits for it. (With
+    ``subprocess.run`` a Ctrl-C kills the child 0.25 s later with SIGKILL: ``sove pretrain`` had no time to
+    write its stop checkpoint, and the steps since the last periodic one were lost.) A signal the grid
+    ignores (``nohup``, ``cmd &`` in a script) stays ignored.
+    """
+    proc = subprocess.Popen(cmd, start_new_session=True)
+    received: list[int] = []
+
+    def forward(signum: int, frame: Any) -> None:
+        received.append(signum)
+        if proc.poll() is None:
+            proc.send_signal(FORWARDED[signum])
+
+    previous = {}
+    for sig in FORWARDED:
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            previous[sig] = signal.signal(sig, forward)
+    try:
+        rc = proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return rc, (received[0] if received else None)
+
+
 def timed(cmd: list[str], log: list[str]) -> float:
     """Run ``cmd`` (output passed through), append its command line to ``log``; its wall seconds.
 
     Raises:
+        Stopped: the grid received a signal meanwhile (passed on to the command, which was waited for).
         SystemExit: the command failed (its exit status and command line are printed).
     """
+    seconds, rc, sig = timed_status(cmd, log)
+    check(rc, sig, log[-1])
+    return seconds
+
+
+def timed_status(cmd: list[str], log: list[str]) -> tuple[float, int, int | None]:
+    """:func:`timed` without the checks: wall seconds, exit status, signal received (see :func:`run_child`)."""
     log.append(shlex.join(["sove"] + cmd[3:]))
     print(f"[grid] $ {log[-1]}", flush=True)
     start = time.perf_counter()
-    rc = subprocess.run(cmd).returncode
+    rc, sig = run_child(cmd)
+    return time.perf_counter() - start, rc, sig
+
+
+def check(rc: int, sig: int | None, command: str) -> None:
+    """Raise :class:`Stopped` when a signal stopped the grid, SystemExit when the command failed."""
+    if sig is not None:
+        print(f"[grid] stopped by {signal.Signals(sig).name} (exit status of the command: {rc}); finished cells "
+              "are kept and an interrupted pretraining keeps its checkpoint: run the same grid command again to "
+              "resume", file=sys.stderr, flush=True)
+        raise Stopped(128 + sig)
     if rc != 0:
-        raise SystemExit(f"[grid] failed with exit status {rc}: {log[-1]}")
-    return time.perf_counter() - start
+        raise SystemExit(f"[grid] failed with exit status {rc}: {command}")
+
+
+def record_segment(run_dir: Path, seconds: float, rc: int, command: str, fresh: bool) -> list[dict[str, Any]]:
+    """Append one pretraining segment (wall seconds, exit status, command) to ``RUN/grid_segments.json``
+    (started anew by a fresh run) and return them all: a cell interrupted and resumed is timed in full."""
+    path = run_dir / SEGMENTS
+    segments = [] if fresh or not path.is_file() else json.loads(path.read_text())
+    segments.append({"wall_s": seconds, "exit_status": rc, "command": command})
+    if run_dir.is_dir():
+        write_json(path, segments)
+    return segments
 
 
 def diagnostics(run_dir: Path) -> list[dict[str, float]]:
@@ -121,6 +195,17 @@ def diagnostics(run_dir: Path) -> list[dict[str, float]]:
     keys = ("step", "loss/loss") + tuple(k for k in (rows[0] if rows else {}) if k.startswith(("judge_", "concept_")))
     picked = sorted({round(f * (len(rows) - 1)) for f in DIAG_POINTS}) if rows else []
     return [{k: float(rows[i][k]) for k in keys if rows[i].get(k)} for i in picked]
+
+
+def pretrain_summary(segments: list[dict[str, Any]]) -> dict[str, Any]:
+    """What ``grid_pretrain.json`` keeps of a finished pretraining's segments (:func:`record_segment`):
+    the summed wall seconds, whether it was resumed, its first command, the per-segment seconds and whether
+    they cover the whole run (not when the first timed segment is a resume: the grid did not time the
+    segment before it)."""
+    complete = "--resume" not in segments[0]["command"]
+    return {"wall_s": sum(s["wall_s"] for s in segments), "resumed": len(segments) > 1 or not complete,
+            "command": segments[0]["command"], "segments": [s["wall_s"] for s in segments],
+            "wall_complete": complete}
 
 
 def pretrain_command(args: argparse.Namespace, setting: str, seed: int, run_dir: Path) -> list[str] | None:
@@ -147,8 +232,10 @@ def run_cell(args: argparse.Namespace, setting: str, seed: int) -> dict[str, Any
         pre = json.loads((run_dir / DONE).read_text())
         print(f"[grid] {args.grid}/{name}: pretraining finished earlier, evaluations only", flush=True)
     else:
-        seconds = timed(cmd, commands)
-        pre = {"wall_s": seconds, "resumed": "--resume" in cmd, "command": commands[-1]}
+        seconds, rc, sig = timed_status(cmd, commands)
+        segments = record_segment(run_dir, seconds, rc, commands[-1], fresh="--resume" not in cmd)
+        check(rc, sig, commands[-1])
+        pre = pretrain_summary(segments)
         (run_dir / DONE).write_text(json.dumps(pre, indent=2))
     device = ["--device", "cuda"] if machine()["device"] != "cpu" else []
     knn_s = timed(sove_cmd("eval", "knn", "--run", str(run_dir), *device), commands)
@@ -163,6 +250,8 @@ def run_cell(args: argparse.Namespace, setting: str, seed: int) -> dict[str, Any
         "overrides": GRIDS[args.grid][setting], "extra_overrides": list(args.overrides), "budget": args.budget,
         "steps_asked": args.steps,
         "pretrain_command": pre["command"], "pretrain_resumed": pre["resumed"], "commands": commands,
+        "pretrain_segments_s": pre.get("segments", [pre["wall_s"]]),
+        "pretrain_wall_complete": pre.get("wall_complete", not pre["resumed"]),
         "machine": machine(), "run_dir": str(run_dir),
         "wall_s": {"pretrain": pre["wall_s"], "knn": knn_s, "linear": lin_s},
         "steps": checkpoint_step(run_dir / CHECKPOINT_DIR / "last.pt"),

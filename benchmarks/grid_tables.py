@@ -128,9 +128,22 @@ def _machine_line(results: dict[str, dict[int, dict[str, Any]]]) -> str:
     return "; ".join(machines) or "–"
 
 
+#: marks a pretraining time that misses a segment the grid did not time (a lower bound)
+PARTIAL = "*"
+PARTIAL_NOTE = (f"{PARTIAL} pretraining resumed from a checkpoint whose earlier segment the grid did not time: "
+                "a lower bound.")
+
+
+def wall_complete(r: dict[str, Any]) -> bool:
+    """Whether ``wall_s.pretrain`` covers the whole pretraining: the grid timed every segment (result files
+    without ``pretrain_wall_complete`` predate segment timing: complete unless resumed)."""
+    return bool(r.get("pretrain_wall_complete", not r.get("pretrain_resumed", False)))
+
+
 def _minutes(cells: dict[int, dict[str, Any]], key: str) -> str:
     vals = [r["wall_s"][key] / 60 for r in cells.values() if r["wall_s"].get(key) is not None]
-    return f"{np.mean(vals):.1f}" if vals else "–"
+    partial = key == "pretrain" and not all(wall_complete(r) for r in cells.values())
+    return f"{np.mean(vals):.1f}{PARTIAL if partial else ''}" if vals else "–"
 
 
 def methods_markdown(results: dict[str, dict[int, dict[str, Any]]], expected: int) -> str:
@@ -142,10 +155,13 @@ def methods_markdown(results: dict[str, dict[int, dict[str, Any]]], expected: in
         cells = results.get(m, {})
         knn, lin = _values(cells, "knn"), _values(cells, "linear")
         steps = ", ".join(str(r["steps"]) for _, r in sorted(cells.items())) or "–"
-        wall = ", ".join(f"{r['wall_s']['pretrain'] / 60:.1f}" for _, r in sorted(cells.items())) or "–"
+        wall = ", ".join(f"{r['wall_s']['pretrain'] / 60:.1f}{'' if wall_complete(r) else PARTIAL}"
+                         for _, r in sorted(cells.items())) or "–"
         lines.append(f"| {name} | {_seeds(cells, expected)} | {_per_seed(knn)} | {_fmt_ms(list(knn.values()))} | "
                      f"{_per_seed(lin)} | {_fmt_ms(list(lin.values()))} | {steps} | {wall} | "
                      f"{_minutes(cells, 'knn')} | {_minutes(cells, 'linear')} |")
+    if not all(wall_complete(r) for cells in results.values() for r in cells.values()):
+        lines += ["", PARTIAL_NOTE]
     lines += ["", f"Paired by seed; {LEVEL:.0%} CI of the mean difference from the t distribution, n − 1 dof.", "",
               "| difference | metric | seeds paired | per seed | mean [95% CI] |", "|---|---|---|---|---|"]
     for other in ("dino", "ibot"):
@@ -193,6 +209,8 @@ def ablations_markdown(results: dict[str, dict[int, dict[str, Any]]], expected: 
                          f"{_fmt_ms(list(knn.values()))} | {_fmt_ms(list(lin.values()))} | {dk} | {dl} | {v} | "
                          f"{_diag(cells)} | {_minutes(cells, 'pretrain')} |")
         lines.append("")
+    if not all(wall_complete(r) for cells in results.values() for r in cells.values()):
+        lines += [PARTIAL_NOTE, ""]
     return "\n".join(lines + trajectory_markdown(results)).rstrip()
 
 

@@ -4,7 +4,10 @@ and SOVE's judge-weight diagnostics in metrics.csv."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -140,3 +143,74 @@ def test_sove_logs_judge_weight_stats(mode):
         expected.update({"judge_cos/mean": 0.75, "judge_cos/p10": 0.6, "judge_cos/p50": 0.7, "judge_cos/p90": 0.94})
     assert out == pytest.approx(expected, abs=1e-6)
     assert method.metrics(None, step=5) == {}
+
+
+CHILD_SAVES_SLOWLY = """
+import signal, sys, time
+def stop(signum, frame):
+    time.sleep(1.0)  # longer than subprocess.run's 0.25 s grace before SIGKILL
+    open(sys.argv[1], "w").write(str(signum))
+    sys.exit(128 + signum)
+signal.signal(signal.SIGINT, stop)
+signal.signal(signal.SIGTERM, stop)
+print("ready", flush=True)
+time.sleep(30)
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_to_the_grid_lets_the_child_write_its_checkpoint(tmp_path, sig):
+    # regression: with subprocess.run, Ctrl-C killed `sove pretrain` with SIGKILL 0.25 s later, before its
+    # stop checkpoint was written; now the signal is passed on and the child is waited for.
+    script, saved = tmp_path / "child.py", tmp_path / "saved"
+    script.write_text(CHILD_SAVES_SLOWLY)
+    before = signal.getsignal(sig)
+    timer = threading.Timer(1.5, os.kill, (os.getpid(), sig))
+    timer.start()
+    try:
+        rc, received = grid.run_child([sys.executable, str(script), str(saved)])
+    finally:
+        timer.cancel()
+    assert (rc, received, saved.read_text()) == (128 + sig, sig, str(int(sig)))
+    assert signal.getsignal(sig) is before  # the grid's own handler is back
+    with pytest.raises(grid.Stopped) as stop:
+        grid.check(rc, received, "sove pretrain ...")
+    assert stop.value.code == 128 + sig
+    with pytest.raises(SystemExit, match="failed with exit status 2: sove eval knn"):
+        grid.check(2, None, "sove eval knn")
+
+
+def test_an_interrupted_and_resumed_cell_is_timed_in_full(tmp_path):
+    run = tmp_path / "cell"
+    run.mkdir()
+    fresh, resume = "sove pretrain --config x --overwrite", f"sove pretrain --resume {run}"
+    grid.record_segment(run, 100.0, 143, fresh, fresh=True)
+    segments = grid.record_segment(run, 50.0, 0, resume, fresh=False)
+    pre = grid.pretrain_summary(segments)
+    assert (pre["wall_s"], pre["segments"], pre["resumed"], pre["wall_complete"], pre["command"]) == (
+        150.0, [100.0, 50.0], True, True, fresh)
+    assert [s["exit_status"] for s in json.loads((run / grid.SEGMENTS).read_text())] == [143, 0]
+    # a fresh start (--overwrite) forgets the segments of an earlier attempt
+    assert grid.pretrain_summary(grid.record_segment(run, 70.0, 0, fresh, fresh=True))["wall_s"] == 70.0
+    # a resume of a run the grid did not time (no segments file): a lower bound, marked in the tables
+    other = tmp_path / "other"
+    other.mkdir()
+    pre = grid.pretrain_summary(grid.record_segment(other, 30.0, 0, f"sove pretrain --resume {other}", fresh=False))
+    assert (pre["wall_s"], pre["resumed"], pre["wall_complete"]) == (30.0, True, False)
+
+
+def test_tables_mark_a_pretraining_time_that_misses_a_segment(tmp_path):
+    results = tmp_path / "results"
+    for seed in (0, 1):
+        _write(results, _result("ablations", "default", seed, 75.0 + seed, 80.0))
+        r = _result("ablations", "judges3", seed, 74.0, 80.0)
+        if seed == 0:  # a result file written before segment timing, of a resumed run
+            r["pretrain_resumed"] = True
+        _write(results, r)
+    doc = tmp_path / "ablations.md"
+    doc.write_text("<!-- grid:ablations -->\n<!-- /grid:ablations -->\n")
+    grid.tables(results, {"ablations": doc})
+    rows = {line.split(" | ")[0]: line for line in doc.read_text().splitlines() if line.startswith("| judges")}
+    assert rows["| judges 3"].endswith("| 10.0* |") and rows["| judges 9"].endswith("| 10.0 |")
+    assert grid_tables.PARTIAL_NOTE in doc.read_text()
+    assert grid_tables.wall_complete({"pretrain_resumed": True, "pretrain_wall_complete": True})
