@@ -191,3 +191,26 @@ def test_a_failed_resume_restores_the_deterministic_kernel_settings(tmp_path, im
     with pytest.raises(SoveError, match="state dict mismatch"):
         resume(tmp_path / "r", trainer={"max_steps": 4})
     assert not torch.are_deterministic_algorithms_enabled()
+
+
+def test_a_trainer_fitted_again_after_close_keeps_deterministic_kernels(tmp_path, image_folder, tiny_overrides):
+    # Regression: close() restored the process-wide settings and a later fit() of the same Trainer trained
+    # without deterministic kernels although trainer.deterministic=true.
+    from sove.run import prepare_run_dir
+
+    cfg = load_config(None, tiny_overrides + [f"data.root={image_folder}", f"trainer.out_dir={tmp_path}",
+                                              "trainer.loggers=[csv]", "trainer.deterministic=true",
+                                              "trainer.max_steps=2", "trainer.name=d"])
+    trainer = trainer_mod.Trainer(cfg, prepare_run_dir(cfg, overwrite=False))
+    seen = []
+    kernels = trainer.kernels
+    trainer.kernels = lambda: seen.append(torch.are_deterministic_algorithms_enabled()) or kernels()
+    try:
+        assert trainer.fit(deadline=0.0) is None and trainer.step == 1  # stops after the first step
+        trainer.close()
+        assert not torch.are_deterministic_algorithms_enabled()
+        trainer.fit()
+        assert trainer.step == 2 and seen and all(seen)
+    finally:
+        trainer.close()
+    assert not torch.are_deterministic_algorithms_enabled()

@@ -256,6 +256,8 @@ class Trainer(Diagnostics):
             TrainingInterrupted: SIGINT / SIGTERM arrived; the step in progress was finished and saved
                 (:mod:`sove.train.stop`).
         """
+        if self.cfg.trainer.deterministic and self.kernels_before is None:  # again after close()
+            self.kernels_before = use_deterministic_kernels()
         with StopRequest(announce=self.fabric.is_global_zero) as self.stop:
             return self._fit(deadline, self.stop)
 
