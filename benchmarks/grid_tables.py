@@ -201,9 +201,11 @@ def ablations_markdown(results: dict[str, dict[int, dict[str, Any]]], expected: 
                 dk = dl = "(reference)"
                 v = "–"
             else:
-                _, ci_k = diff(results.get(ref, {}), cells, "knn")
+                d_k, ci_k = diff(results.get(ref, {}), cells, "knn")
                 _, ci_l = diff(results.get(ref, {}), cells, "linear")
                 dk, dl, v = _fmt_ci(ci_k), _fmt_ci(ci_l), verdict(ci_k) if ci_k["n"] else "–"
+                if ci_k["n"]:  # descriptive, next to the interval: in how many seeds the paper's sign holds
+                    v += f"; Δ > 0 in {sum(x > 0 for x in d_k.values())} of {ci_k['n']} seeds"
             lines.append(f"| {label} | `{' '.join(over) or '(recipe)'}` | {_seeds(cells, expected)} | "
                          f"{_per_seed(knn)} | "
                          f"{_fmt_ms(list(knn.values()))} | {_fmt_ms(list(lin.values()))} | {dk} | {dl} | {v} | "

@@ -79,7 +79,7 @@ def test_tables_from_json_between_markers(tmp_path):
     assert "| CLS + MIM | `(recipe)` | 3 of 3 (0, 1, 2) | 74.00, 75.00, 76.00 | 75.00 ± 1.00 | 80.00 ± 0.00 " \
            "| (reference) | (reference) | – | 0.980 / 0.990 / 0.995 | – | 0.500 | 10.0 |" in abl
     assert "| CLS only (λ2 = 0) | `loss.patch_weight=0` | 3 of 3 (0, 1, 2) | 71.00, 71.00, 71.00 | 71.00 ± 0.00 " \
-           "| 80.00 ± 0.00 | +4.00 [+1.52, +6.48] | +0.00 [+0.00, +0.00] | reproduced |" in abl
+           "| 80.00 ± 0.00 | +4.00 [+1.52, +6.48] | +0.00 [+0.00, +0.00] | reproduced; Δ > 0 in 3 of 3 seeds |" in abl
     assert "| MIM only (λ1 = 0) | `loss.cls_weight=0` | 0 of 2 | – |" in abl
     assert "| default | 0.990 | – | 0.500 |" in abl  # diagnostics over training: one logged point here
     docs["methods"].write_text("no markers\n")
