@@ -193,24 +193,39 @@ def test_a_failed_resume_restores_the_deterministic_kernel_settings(tmp_path, im
     assert not torch.are_deterministic_algorithms_enabled()
 
 
-def test_a_trainer_fitted_again_after_close_keeps_deterministic_kernels(tmp_path, image_folder, tiny_overrides):
-    # Regression: close() restored the process-wide settings and a later fit() of the same Trainer trained
-    # without deterministic kernels although trainer.deterministic=true.
+def test_a_trainer_fitted_again_after_close_keeps_deterministic_kernels(tmp_path, image_folder, tiny_overrides,
+                                                                       monkeypatch):
+    # Regressions: close() restored the process-wide settings and a later fit() of the same Trainer trained
+    # without deterministic kernels although trainer.deterministic=true; with two such trainers, closing
+    # the first switched them off for the second, and closing the second left them on for the process;
+    # a fit() after close() started loader workers that were no longer stopped at interpreter exit.
     from sove.run import prepare_run_dir
 
-    cfg = load_config(None, tiny_overrides + [f"data.root={image_folder}", f"trainer.out_dir={tmp_path}",
-                                              "trainer.loggers=[csv]", "trainer.deterministic=true",
-                                              "trainer.max_steps=2", "trainer.name=d"])
-    trainer = trainer_mod.Trainer(cfg, prepare_run_dir(cfg, overwrite=False))
-    seen = []
-    kernels = trainer.kernels
-    trainer.kernels = lambda: seen.append(torch.are_deterministic_algorithms_enabled()) or kernels()
+    def make(name):
+        cfg = load_config(None, tiny_overrides + [f"data.root={image_folder}", f"trainer.out_dir={tmp_path}",
+                                                  "trainer.loggers=[csv]", "trainer.deterministic=true",
+                                                  "trainer.max_steps=2", f"trainer.name={name}"])
+        trainer = trainer_mod.Trainer(cfg, prepare_run_dir(cfg, overwrite=False))
+        kernels = trainer.kernels
+        trainer.kernels = lambda: seen[name].append(torch.are_deterministic_algorithms_enabled()) or kernels()
+        return trainer
+
+    seen = {"a": [], "b": []}
+    registered = []
+    monkeypatch.setattr(trainer_mod.atexit, "register", lambda f: registered.append(f) or f)
+    a, b = make("a"), make("b")
     try:
-        assert trainer.fit(deadline=0.0) is None and trainer.step == 1  # stops after the first step
-        trainer.close()
+        assert a.fit(deadline=0.0) is None and a.step == 1  # stops after the first step
+        a.close()
+        assert torch.are_deterministic_algorithms_enabled()  # b still holds them
+        assert b.fit() is not None and b.step == 2
+        b.close()
         assert not torch.are_deterministic_algorithms_enabled()
-        trainer.fit()
-        assert trainer.step == 2 and seen and all(seen)
+        registered.clear()
+        a.fit()
+        assert a.step == 2 and registered == [a.exit_hook]  # its new workers: stopped at exit again
+        assert seen["a"] == [True, True] and seen["b"] == [True, True]
     finally:
-        trainer.close()
+        a.close()
+        b.close()
     assert not torch.are_deterministic_algorithms_enabled()

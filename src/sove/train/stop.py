@@ -97,9 +97,12 @@ class StopRequest:
         self.signum = signum
         if self.announce:
             again = "press Ctrl-C again" if signum == signal.SIGINT else "send SIGINT"
-            print(f"\nsove: {signal.Signals(signum).name} received: stopping after the step in progress with a "
-                  f"checkpoint ({again} to stop at once, losing the steps since the last checkpoint)",
-                  file=sys.stderr, flush=True)
+            try:  # the terminal may be gone (SIGHUP passed on as SIGTERM): the checkpoint still comes first
+                print(f"\nsove: {signal.Signals(signum).name} received: stopping after the step in progress with a "
+                      f"checkpoint ({again} to stop at once, losing the steps since the last checkpoint)",
+                      file=sys.stderr, flush=True)
+            except OSError:
+                pass
 
 
 def ignore_stop_signals(worker_id: int) -> None:

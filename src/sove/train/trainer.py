@@ -74,6 +74,26 @@ def restore_kernels(before: tuple[bool, bool, bool]) -> None:
     torch.backends.cudnn.benchmark = before[2]
 
 
+#: trainers alive with ``trainer.deterministic`` and the settings from before the first of them
+_KERNEL_HOLDERS: dict[str, Any] = {"count": 0, "before": None}
+
+
+def hold_deterministic_kernels() -> None:
+    """One more holder of the deterministic kernels: the first applies :func:`use_deterministic_kernels`."""
+    if _KERNEL_HOLDERS["count"] == 0:
+        _KERNEL_HOLDERS["before"] = use_deterministic_kernels()
+    _KERNEL_HOLDERS["count"] += 1
+
+
+def release_deterministic_kernels() -> None:
+    """One holder fewer: the last restores the settings from before the first (:func:`restore_kernels`), so
+    two trainers closed in any order leave the process as it was."""
+    _KERNEL_HOLDERS["count"] -= 1
+    if _KERNEL_HOLDERS["count"] == 0:
+        restore_kernels(_KERNEL_HOLDERS["before"])
+        _KERNEL_HOLDERS["before"] = None
+
+
 class Trainer(Diagnostics):
     """Owns the networks, optimizer, schedules and loop of one pretraining run; ``method`` the objective."""
 
@@ -156,7 +176,8 @@ class Trainer(Diagnostics):
             steps = (f"steps sized to trainer.time_budget={t.time_budget} by the pace of the first steps"
                      + (f" (stop at trainer.max_steps={t.max_steps})" if t.max_steps else ""))
         # last: a failure above leaves the process-wide settings untouched (close() restores them later)
-        self.kernels_before = use_deterministic_kernels() if t.deterministic else None
+        self.holds_kernels, self.closed = False, False
+        self.hold_kernels()
         self.fabric.print(f"sove {__version__}: method {self.method.name}, {len(self.dataset)} images, "
                           f"global batch {b * world}, {self.sampler.batches_per_epoch} steps/epoch, {steps}, "
                           f"peak lr {cfg.optim.base_lr * b * world / 256:.2e} (= {cfg.optim.base_lr} x {b * world}/256), "
@@ -168,14 +189,22 @@ class Trainer(Diagnostics):
         restore the process-wide kernel settings ``trainer.deterministic`` changed."""
         shut_down_workers(self.torch_loader)
         atexit.unregister(self.exit_hook)
-        if self.kernels_before is not None:
-            restore_kernels(self.kernels_before)
-            self.kernels_before = None
+        self.closed = True
+        if self.holds_kernels:
+            release_deterministic_kernels()
+            self.holds_kernels = False
+
+    def hold_kernels(self) -> None:
+        """With ``trainer.deterministic``: hold the deterministic kernels (:func:`hold_deterministic_kernels`)
+        until :meth:`close`; again in a :meth:`fit` after :meth:`close`."""
+        if self.cfg.trainer.deterministic and not self.holds_kernels:
+            hold_deterministic_kernels()
+            self.holds_kernels = True
 
     def kernels(self) -> ContextManager:
         """Context of a step's forward and backward: with ``trainer.deterministic`` the math SDPA backend
         (the fused attention kernels' CUDA backward is not deterministic), else no change."""
-        if self.kernels_before is None:
+        if not self.holds_kernels:
             return contextlib.nullcontext()
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -256,8 +285,10 @@ class Trainer(Diagnostics):
             TrainingInterrupted: SIGINT / SIGTERM arrived; the step in progress was finished and saved
                 (:mod:`sove.train.stop`).
         """
-        if self.cfg.trainer.deterministic and self.kernels_before is None:  # again after close()
-            self.kernels_before = use_deterministic_kernels()
+        if self.closed:  # fit() after close(): new loader workers, again stopped at interpreter exit
+            atexit.register(self.exit_hook)
+            self.closed = False
+        self.hold_kernels()
         with StopRequest(announce=self.fabric.is_global_zero) as self.stop:
             return self._fit(deadline, self.stop)
 
