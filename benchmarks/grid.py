@@ -17,7 +17,9 @@ each a child process through the CLI. The result goes to ``benchmarks/results/<g
 * a finished run without the JSON only reruns its evaluations;
 * Ctrl-C (SIGINT) or SIGTERM stops the grid: the running ``sove pretrain`` receives it (it runs in its own
   session, so the grid passes the signal on and waits), stops after the current step with a checkpoint,
-  and the grid exits with 128 + the signal number; the same command resumes. The pretraining minutes of
+  and the grid exits with 128 + the signal number; the same command resumes. A second Ctrl-C stops the
+  child at once (losing the steps since its last checkpoint), a third kills it. Closing the terminal
+  passes SIGTERM on, but the child's later output then fails: run long grids under ``nohup`` or tmux. The pretraining minutes of
   a cell sum its segments (``RUN/grid_segments.json``); a cell resumed from a run the grid did not time
   is marked as a lower bound in the tables.
 
@@ -104,8 +106,9 @@ def sove_cmd(*args: str) -> list[str]:
 
 #: signals the grid passes on to the running child: SIGINT / SIGTERM as they are (``sove pretrain`` stops
 #: after the current step with a checkpoint; a second SIGINT stops it at once), SIGHUP (the terminal closed)
-#: as SIGTERM.
+#: as SIGTERM. The third signal kills the child's process group (a child stuck where it cannot react).
 FORWARDED = {signal.SIGINT: signal.SIGINT, signal.SIGTERM: signal.SIGTERM, signal.SIGHUP: signal.SIGTERM}
+KILL_AFTER = 3
 
 
 class Stopped(SystemExit):
@@ -116,24 +119,31 @@ def run_child(cmd: list[str]) -> tuple[int, int | None]:
     """Run ``cmd`` to its end; returns its exit status and the first signal the grid received meanwhile (or None).
 
     The child runs in its own session, so Ctrl-C in the terminal reaches the grid only, and the grid passes
-    every SIGINT / SIGTERM / SIGHUP on to the child (:data:`FORWARDED`) and waits for it. (With
-    ``subprocess.run`` a Ctrl-C kills the child 0.25 s later with SIGKILL: ``sove pretrain`` had no time to
-    write its stop checkpoint, and the steps since the last periodic one were lost.) A signal the grid
-    ignores (``nohup``, ``cmd &`` in a script) stays ignored.
+    every SIGINT / SIGTERM / SIGHUP on to the child (:data:`FORWARDED`; one that arrives while the child
+    starts is passed on once it exists) and waits for it; the :data:`KILL_AFTER`-th signal kills the child's
+    process group. (With ``subprocess.run`` a Ctrl-C killed the child 0.25 s later with SIGKILL: ``sove
+    pretrain`` had no time to write its stop checkpoint, and the steps since the last periodic one were
+    lost.) A signal the grid ignores (``nohup``, ``cmd &`` in a script) stays ignored.
     """
-    proc = subprocess.Popen(cmd, start_new_session=True)
     received: list[int] = []
+    proc: subprocess.Popen | None = None
 
     def forward(signum: int, frame: Any) -> None:
         received.append(signum)
-        if proc.poll() is None:
-            proc.send_signal(FORWARDED[signum])
+        if proc is not None and proc.poll() is None:
+            if len(received) >= KILL_AFTER:
+                os.killpg(proc.pid, signal.SIGKILL)
+            else:
+                proc.send_signal(FORWARDED[signum])
 
     previous = {}
     for sig in FORWARDED:
         if signal.getsignal(sig) is not signal.SIG_IGN:
             previous[sig] = signal.signal(sig, forward)
     try:
+        proc = subprocess.Popen(cmd, start_new_session=True)
+        if received:  # arrived before the child existed
+            proc.send_signal(FORWARDED[received[0]])
         rc = proc.wait()
     finally:
         for sig, handler in previous.items():
@@ -173,12 +183,13 @@ def check(rc: int, sig: int | None, command: str) -> None:
         raise SystemExit(f"[grid] failed with exit status {rc}: {command}")
 
 
-def record_segment(run_dir: Path, seconds: float, rc: int, command: str, fresh: bool) -> list[dict[str, Any]]:
-    """Append one pretraining segment (wall seconds, exit status, command) to ``RUN/grid_segments.json``
-    (started anew by a fresh run) and return them all: a cell interrupted and resumed is timed in full."""
+def record_segment(run_dir: Path, seconds: float, rc: int, command: str, resume: bool) -> list[dict[str, Any]]:
+    """Append one pretraining segment (wall seconds, exit status, command, whether it resumed) to
+    ``RUN/grid_segments.json`` (started anew by a fresh run) and return them all: a cell interrupted and
+    resumed is timed in full."""
     path = run_dir / SEGMENTS
-    segments = [] if fresh or not path.is_file() else json.loads(path.read_text())
-    segments.append({"wall_s": seconds, "exit_status": rc, "command": command})
+    segments = json.loads(path.read_text()) if resume and path.is_file() else []
+    segments.append({"wall_s": seconds, "exit_status": rc, "command": command, "resume": resume})
     if run_dir.is_dir():
         write_json(path, segments)
     return segments
@@ -202,7 +213,7 @@ def pretrain_summary(segments: list[dict[str, Any]]) -> dict[str, Any]:
     the summed wall seconds, whether it was resumed, its first command, the per-segment seconds and whether
     they cover the whole run (not when the first timed segment is a resume: the grid did not time the
     segment before it)."""
-    complete = "--resume" not in segments[0]["command"]
+    complete = not segments[0]["resume"]
     return {"wall_s": sum(s["wall_s"] for s in segments), "resumed": len(segments) > 1 or not complete,
             "command": segments[0]["command"], "segments": [s["wall_s"] for s in segments],
             "wall_complete": complete}
@@ -233,10 +244,11 @@ def run_cell(args: argparse.Namespace, setting: str, seed: int) -> dict[str, Any
         print(f"[grid] {args.grid}/{name}: pretraining finished earlier, evaluations only", flush=True)
     else:
         seconds, rc, sig = timed_status(cmd, commands)
-        segments = record_segment(run_dir, seconds, rc, commands[-1], fresh="--resume" not in cmd)
+        segments = record_segment(run_dir, seconds, rc, commands[-1], resume="--resume" in cmd)
+        if rc == 0:  # finished, even when a signal came during its last step
+            pre = pretrain_summary(segments)
+            (run_dir / DONE).write_text(json.dumps(pre, indent=2))
         check(rc, sig, commands[-1])
-        pre = pretrain_summary(segments)
-        (run_dir / DONE).write_text(json.dumps(pre, indent=2))
     device = ["--device", "cuda"] if machine()["device"] != "cpu" else []
     knn_s = timed(sove_cmd("eval", "knn", "--run", str(run_dir), *device), commands)
     lin_s = timed(sove_cmd("eval", "linear", "--run", str(run_dir), "--epochs", str(args.linear_epochs), *device),

@@ -205,7 +205,7 @@ def ablations_markdown(results: dict[str, dict[int, dict[str, Any]]], expected: 
                 _, ci_l = diff(results.get(ref, {}), cells, "linear")
                 dk, dl, v = _fmt_ci(ci_k), _fmt_ci(ci_l), verdict(ci_k) if ci_k["n"] else "–"
                 if ci_k["n"]:  # descriptive, next to the interval: in how many seeds the paper's sign holds
-                    v += f"; Δ > 0 in {sum(x > 0 for x in d_k.values())} of {ci_k['n']} seeds"
+                    v += f"; Δ > 0 in {sum(x > 0 for x in d_k.values())} of {ci_k['n']} paired seeds"
             lines.append(f"| {label} | `{' '.join(over) or '(recipe)'}` | {_seeds(cells, expected)} | "
                          f"{_per_seed(knn)} | "
                          f"{_fmt_ms(list(knn.values()))} | {_fmt_ms(list(lin.values()))} | {dk} | {dl} | {v} | "

@@ -1,4 +1,4 @@
-"""benchmarks/grid.py (issue #20): paired statistics, tables between markers, resume logic, one real cell;
+"""benchmarks/grid.py: paired statistics, tables between markers, resume logic, one real cell;
 and SOVE's judge-weight diagnostics in metrics.csv."""
 
 from __future__ import annotations
@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -79,7 +81,7 @@ def test_tables_from_json_between_markers(tmp_path):
     assert "| CLS + MIM | `(recipe)` | 3 of 3 (0, 1, 2) | 74.00, 75.00, 76.00 | 75.00 ± 1.00 | 80.00 ± 0.00 " \
            "| (reference) | (reference) | – | 0.980 / 0.990 / 0.995 | – | 0.500 | 10.0 |" in abl
     assert "| CLS only (λ2 = 0) | `loss.patch_weight=0` | 3 of 3 (0, 1, 2) | 71.00, 71.00, 71.00 | 71.00 ± 0.00 " \
-           "| 80.00 ± 0.00 | +4.00 [+1.52, +6.48] | +0.00 [+0.00, +0.00] | reproduced; Δ > 0 in 3 of 3 seeds |" in abl
+           "| 80.00 ± 0.00 | +4.00 [+1.52, +6.48] | +0.00 [+0.00, +0.00] | reproduced; Δ > 0 in 3 of 3 paired seeds |" in abl
     assert "| MIM only (λ1 = 0) | `loss.cls_weight=0` | 0 of 2 | – |" in abl
     assert "| default | 0.990 | – | 0.500 |" in abl  # diagnostics over training: one logged point here
     docs["methods"].write_text("no markers\n")
@@ -145,33 +147,47 @@ def test_sove_logs_judge_weight_stats(mode):
     assert method.metrics(None, step=5) == {}
 
 
-CHILD_SAVES_SLOWLY = """
+CHILD = """
 import signal, sys, time
+from pathlib import Path
+out = Path(sys.argv[1])
 def stop(signum, frame):
     time.sleep(1.0)  # longer than subprocess.run's 0.25 s grace before SIGKILL
-    open(sys.argv[1], "w").write(str(signum))
+    (out / "saved").write_text(str(signum))
     sys.exit(128 + signum)
-signal.signal(signal.SIGINT, stop)
-signal.signal(signal.SIGTERM, stop)
-print("ready", flush=True)
+handler = signal.SIG_IGN if sys.argv[2] == "stuck" else stop
+signal.signal(signal.SIGINT, handler)
+signal.signal(signal.SIGTERM, handler)
+(out / "ready").write_text("")
 time.sleep(30)
 """
+
+
+def _signal_when_ready(ready: Path, signals: list[int]) -> threading.Thread:
+    def send():
+        deadline = time.monotonic() + 20
+        while not ready.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        for sig in signals:
+            os.kill(os.getpid(), sig)
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=send, daemon=True)
+    thread.start()
+    return thread
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_to_the_grid_lets_the_child_write_its_checkpoint(tmp_path, sig):
     # regression: with subprocess.run, Ctrl-C killed `sove pretrain` with SIGKILL 0.25 s later, before its
     # stop checkpoint was written; now the signal is passed on and the child is waited for.
-    script, saved = tmp_path / "child.py", tmp_path / "saved"
-    script.write_text(CHILD_SAVES_SLOWLY)
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
     before = signal.getsignal(sig)
-    timer = threading.Timer(1.5, os.kill, (os.getpid(), sig))
-    timer.start()
-    try:
-        rc, received = grid.run_child([sys.executable, str(script), str(saved)])
-    finally:
-        timer.cancel()
-    assert (rc, received, saved.read_text()) == (128 + sig, sig, str(int(sig)))
+    sender = _signal_when_ready(tmp_path / "ready", [sig])
+    rc, received = grid.run_child([sys.executable, str(script), str(tmp_path), "saves"])
+    sender.join()
+    assert (rc, received, (tmp_path / "saved").read_text()) == (128 + sig, sig, str(int(sig)))
     assert signal.getsignal(sig) is before  # the grid's own handler is back
     with pytest.raises(grid.Stopped) as stop:
         grid.check(rc, received, "sove pretrain ...")
@@ -180,22 +196,52 @@ def test_a_signal_to_the_grid_lets_the_child_write_its_checkpoint(tmp_path, sig)
         grid.check(2, None, "sove eval knn")
 
 
+def test_a_signal_while_the_child_starts_is_passed_on(tmp_path, monkeypatch):
+    # the signal arrives after the child exists but before run_child knows it: passed on once it does (the
+    # child, still starting, dies of it or stops with its handler; before, it ran on after the grid ended)
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    real = subprocess.Popen
+
+    def popen_then_signal(*args, **kwargs):
+        proc = real(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return proc
+
+    monkeypatch.setattr(grid.subprocess, "Popen", popen_then_signal)
+    start = time.monotonic()
+    rc, received = grid.run_child([sys.executable, str(script), str(tmp_path), "saves"])
+    assert received == signal.SIGTERM and rc in (-signal.SIGTERM, 128 + signal.SIGTERM)
+    assert time.monotonic() - start < 20  # not the child's 30 s
+
+
+def test_the_third_signal_kills_a_child_that_does_not_stop(tmp_path):
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    sender = _signal_when_ready(tmp_path / "ready", [signal.SIGINT] * grid.KILL_AFTER)
+    start = time.monotonic()
+    rc, received = grid.run_child([sys.executable, str(script), str(tmp_path), "stuck"])
+    sender.join()
+    assert (rc, received) == (-signal.SIGKILL, signal.SIGINT) and time.monotonic() - start < 20
+    assert not (tmp_path / "saved").exists()
+
+
 def test_an_interrupted_and_resumed_cell_is_timed_in_full(tmp_path):
     run = tmp_path / "cell"
     run.mkdir()
     fresh, resume = "sove pretrain --config x --overwrite", f"sove pretrain --resume {run}"
-    grid.record_segment(run, 100.0, 143, fresh, fresh=True)
-    segments = grid.record_segment(run, 50.0, 0, resume, fresh=False)
+    grid.record_segment(run, 100.0, 143, fresh, resume=False)
+    segments = grid.record_segment(run, 50.0, 0, resume, resume=True)
     pre = grid.pretrain_summary(segments)
     assert (pre["wall_s"], pre["segments"], pre["resumed"], pre["wall_complete"], pre["command"]) == (
         150.0, [100.0, 50.0], True, True, fresh)
     assert [s["exit_status"] for s in json.loads((run / grid.SEGMENTS).read_text())] == [143, 0]
     # a fresh start (--overwrite) forgets the segments of an earlier attempt
-    assert grid.pretrain_summary(grid.record_segment(run, 70.0, 0, fresh, fresh=True))["wall_s"] == 70.0
+    assert grid.pretrain_summary(grid.record_segment(run, 70.0, 0, fresh, resume=False))["wall_s"] == 70.0
     # a resume of a run the grid did not time (no segments file): a lower bound, marked in the tables
     other = tmp_path / "other"
     other.mkdir()
-    pre = grid.pretrain_summary(grid.record_segment(other, 30.0, 0, f"sove pretrain --resume {other}", fresh=False))
+    pre = grid.pretrain_summary(grid.record_segment(other, 30.0, 0, f"sove pretrain --resume {other}", resume=True))
     assert (pre["wall_s"], pre["resumed"], pre["wall_complete"]) == (30.0, True, False)
 
 
