@@ -190,7 +190,8 @@ def ablations_markdown(results: dict[str, dict[int, dict[str, Any]]], expected: 
              f"seed, {LEVEL:.0%} t interval (n − 1 dof); the paper's sign is Δ > 0 (its chosen setting is better). "
              "Verdict from the k-NN Δ. Diagnostics: last logged step, mean over seeds; w_j = weights of the "
              "non-anchor CLS judges (p10 / p50 / p90), cos = their cosine to the anchor (one-hot rows), purity = "
-             "share of judges with the anchor's label.", ""]
+             "share of the non-anchor judges whose image has the anchor's label (task-0 CLS concepts of the "
+             "logged step).", ""]
     for title, ref, rows in ABLATION_GROUPS:
         lines += [f"**{title}**", "", ABLATION_HEADER, "|---" * 13 + "|"]
         for label, setting in rows:
