@@ -8,6 +8,7 @@ the objective in tests/reference.py.
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 from typing import Callable
@@ -45,6 +46,15 @@ def image_folder(tmp_path: Path) -> Path:
 def _few_threads():
     torch.set_num_threads(2)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _sigint_handled():
+    """Every test starts with Python's own SIGINT handler, also when pytest runs in the background of a
+    script (``make test &``), where SIGINT arrives ignored and the stop tests' Ctrl-C would be ignored too."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 @pytest.fixture(scope="session")
