@@ -19,9 +19,9 @@ each a child process through the CLI. The result goes to ``benchmarks/results/<g
   session, so the grid passes the signal on and waits), stops after the current step with a checkpoint,
   and the grid exits with 128 + the signal number; the same command resumes. A second Ctrl-C stops the
   child at once (losing the steps since its last checkpoint), a third kills it. Closing the terminal
-  passes SIGTERM on, but the child's later output then fails: run long grids under ``nohup`` or tmux. The pretraining minutes of
-  a cell sum its segments (``RUN/grid_segments.json``); a cell resumed from a run the grid did not time
-  is marked as a lower bound in the tables.
+  passes SIGTERM on, but the child's later output then fails: run long grids under ``nohup`` or tmux.
+  The pretraining minutes of a cell sum its segments (``RUN/grid_segments.json``); a cell resumed from
+  a run the grid did not time is marked as a lower bound in the tables.
 
 Budgets: ``methods`` runs each cell for ``--budget`` of wall clock (``trainer.time_budget``: the
 schedules are sized to the pace each run measures, so every method gets the same time; default
